@@ -1,0 +1,183 @@
+"""MRCZ compression: the codec enum, blosc chunk headers, the frame-offset index.
+
+MRCZ spec 0.5 (python-mrcz ``specification.rst``): MODE = mrc_mode + 1000 * codec; the
+data section is NZ consecutive c-blosc chunks, one per frame, bitshuffle on. A c-blosc
+1.x chunk starts with a 16-byte header (``README_HEADER.rst``): version, versionlz,
+flags, typesize as uint8, then nbytes, blocksize, cbytes as little-endian uint32, where
+cbytes is the whole chunk including its header. Walking cbytes from chunk to chunk
+gives every frame's offset without decompressing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import blosc
+import numpy as np
+
+from .findings import Finding, error, warning
+
+#: MODE = base mode + MRCZ_MODE_FACTOR * codec (MRCZ spec, "Word 4").
+MRCZ_MODE_FACTOR = 1000
+#: c-blosc 1.x refuses chunks larger than this (BLOSC_MAX_BUFFERSIZE).
+BLOSC_MAX_CHUNK = 2**31 - 1 - 16
+
+
+class Codec(IntEnum):
+    """The MRCZ codec enumeration. The member name, lower-cased, is blosc's cname."""
+
+    NONE = 0
+    BLOSCLZ = 1
+    LZ4 = 2
+    LZ4HC = 3
+    SNAPPY = 4
+    ZLIB = 5
+    ZSTD = 6
+
+    @property
+    def cname(self) -> str:
+        return self.name.lower()
+
+    @property
+    def available(self) -> bool:
+        """Whether this machine's blosc can compress with it (snappy left c-blosc 1.21)."""
+        return self is Codec.NONE or self.cname in blosc.compressor_list()
+
+    @classmethod
+    def from_name(cls, name: str) -> "Codec":
+        try:
+            return CODEC_BY_NAME[name.lower()]
+        except KeyError:
+            raise ValueError(f"unknown codec {name!r}; known: {sorted(CODEC_BY_NAME)}") from None
+
+
+CODEC_BY_NAME: dict[str, Codec] = {codec.cname: codec for codec in Codec}
+
+
+def split_mode(raw_mode: int) -> tuple[int, int]:
+    """(base MRC mode, codec id) of a possibly MRCZ MODE word."""
+    return raw_mode % MRCZ_MODE_FACTOR, raw_mode // MRCZ_MODE_FACTOR
+
+
+def join_mode(mode: int, codec: Codec) -> int:
+    return mode + MRCZ_MODE_FACTOR * int(codec)
+
+
+_CHUNK_HEADER = struct.Struct("<4B3I")
+CHUNK_HEADER_SIZE = _CHUNK_HEADER.size
+#: Byte 0 of a chunk: the c-blosc 1.x format version we read.
+BLOSC1_FORMAT_VERSION = 2
+BLOSC2_FORMAT_VERSION = 5
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    version: int
+    versionlz: int
+    flags: int
+    typesize: int
+    nbytes: int
+    blocksize: int
+    cbytes: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "ChunkHeader":
+        return cls(*_CHUNK_HEADER.unpack(raw[:CHUNK_HEADER_SIZE]))
+
+
+@dataclass(frozen=True)
+class FrameIndex:
+    """Where each compressed frame lives: byte offset and length of its blosc chunk."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def packed_bytes(self) -> int:
+        return sum(self.sizes)
+
+    def to_list(self) -> list[list[int]]:
+        return [[o, s] for o, s in zip(self.offsets, self.sizes)]
+
+    @classmethod
+    def from_list(cls, pairs: list[list[int]]) -> "FrameIndex":
+        return cls(tuple(int(p[0]) for p in pairs), tuple(int(p[1]) for p in pairs))
+
+
+def index_chunks(fd: int, start: int, n_frames: int, frame_nbytes: int,
+                 file_size: int) -> tuple[FrameIndex | None, list[Finding]]:
+    """Walk the chunk headers from ``start`` and index ``n_frames`` frames.
+
+    Each chunk must decompress to exactly ``frame_nbytes`` (what the MRC header implies);
+    a chunk that claims otherwise is refused before any decompression, so a lying chunk
+    cannot inflate past its frame (a decompression bomb). Returns ``None`` with error
+    findings when the walk cannot complete.
+    """
+    findings: list[Finding] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
+    pos = start
+    for k in range(n_frames):
+        raw = os.pread(fd, CHUNK_HEADER_SIZE, pos)
+        where = f"frame {k} (byte {pos})"
+        if len(raw) < CHUNK_HEADER_SIZE:
+            findings.append(error("data", f"{where}: file ends before its blosc chunk header; "
+                                          f"{n_frames - k} of {n_frames} frames missing"))
+            return None, findings
+        chunk = ChunkHeader.parse(raw)
+        if chunk.version == BLOSC2_FORMAT_VERSION:
+            findings.append(error("data", f"{where}: blosc2-format chunk (version 5); only "
+                                          "c-blosc 1.x chunks (version 2) are supported"))
+            return None, findings
+        if chunk.version != BLOSC1_FORMAT_VERSION:
+            findings.append(error("data", f"{where}: not a blosc chunk (format version "
+                                          f"{chunk.version}, expected {BLOSC1_FORMAT_VERSION})"))
+            return None, findings
+        if chunk.nbytes != frame_nbytes:
+            findings.append(error("data", f"{where}: chunk claims {chunk.nbytes} uncompressed "
+                                          f"bytes but a frame is {frame_nbytes}; refusing to "
+                                          "decompress it"))
+            return None, findings
+        if chunk.cbytes < CHUNK_HEADER_SIZE or pos + chunk.cbytes > file_size:
+            findings.append(error("data", f"{where}: chunk of {chunk.cbytes} bytes runs past the "
+                                          f"end of the file ({file_size} bytes); file truncated?"))
+            return None, findings
+        offsets.append(pos)
+        sizes.append(chunk.cbytes)
+        pos += chunk.cbytes
+    if pos < file_size:
+        findings.append(warning("data", f"{file_size - pos} bytes after the last chunk "
+                                        f"(ends at byte {pos}) are ignored"))
+    return FrameIndex(tuple(offsets), tuple(sizes)), findings
+
+
+def compress_frame(frame: np.ndarray, codec: Codec, clevel: int) -> bytes:
+    """One frame -> one blosc chunk, bitshuffled with the pixel size as typesize."""
+    frame = np.ascontiguousarray(frame)
+    if frame.nbytes > BLOSC_MAX_CHUNK:
+        raise ValueError(f"a frame of {frame.nbytes} bytes exceeds blosc's 2 GiB chunk limit")
+    return blosc.compress_ptr(frame.ctypes.data, frame.size, frame.dtype.itemsize,
+                              clevel=clevel, shuffle=blosc.BITSHUFFLE, cname=codec.cname)
+
+
+def decompress_into(chunk: bytes, out: np.ndarray) -> None:
+    """Decompress a chunk into ``out`` (C-contiguous, exactly the frame's size).
+
+    The caller has checked the chunk's nbytes against the frame size (``index_chunks``);
+    this re-checks so that a chunk changed on disk since indexing cannot overflow ``out``.
+    """
+    header = ChunkHeader.parse(chunk)
+    if header.nbytes != out.nbytes or len(chunk) != header.cbytes:
+        raise ValueError(f"chunk holds {header.nbytes} bytes in {header.cbytes}, expected "
+                         f"{out.nbytes} bytes in {len(chunk)}")
+    written = blosc.decompress_ptr(chunk, out.ctypes.data)
+    if written != out.nbytes:
+        raise ValueError(f"chunk decompressed to {written} bytes, expected {out.nbytes}")
+
+
+def set_threads(n: int) -> int:
+    """Set blosc's worker threads (process-wide); returns the previous value."""
+    return blosc.set_nthreads(max(1, n))

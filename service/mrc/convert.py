@@ -1,0 +1,204 @@
+"""Lossless conversion between MRC modes and to/from MRCZ, streamed frame by frame.
+
+The rules (DESIGN section 2): 4-bit counts 0-15 fit exactly in modes 0, 1, 2 and 6, so
+mode 101 converts to any of them with the raw values, never shifted or scaled (IMOD
+``newstack`` shifts by -127 or scales by 2184). A target that cannot hold every possible
+source value (float32 -> int8, say) is allowed only when this file's values survive
+the round trip exactly; the first frame that does not stops the conversion, the partial
+output is removed, and the error lists the modes that are always lossless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import header as hdr
+from .codec import Codec
+from .errors import ConversionError, LossyConversionError
+from .modes import (MODES, always_lossless, cast_to, frames_equal, lossless_targets,
+                    mode_spec, UINT4_MAX)
+from .reader import MrcFile
+from .writer import MRCZ_LABEL, MrcWriter, set_labels
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to produce. Frozen and hashable, so it can key a cache of conversions.
+
+    ``mode=None`` means the source's natural lossless mode (:func:`default_mode`).
+    ``codec`` other than NONE means MRCZ.
+    """
+
+    mode: int | None = None
+    codec: Codec = Codec.NONE
+    clevel: int = 1
+    byte_order: str = "<"
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise ConversionError(f"unknown target mode {self.mode}; known: {sorted(MODES)}")
+        if not 0 <= self.clevel <= 9:
+            raise ConversionError(f"clevel must be 0-9, got {self.clevel}")
+        if not self.codec.available:
+            raise ConversionError(f"codec {self.codec.cname!r} is not available in this blosc "
+                                  f"build; available: {available_codecs()}")
+        if self.byte_order not in ("<", ">"):
+            raise ConversionError(f"byte order must be '<' or '>', got {self.byte_order!r}")
+
+    @property
+    def is_mrcz(self) -> bool:
+        return self.codec is not Codec.NONE
+
+
+def available_codecs() -> list[str]:
+    return [c.cname for c in Codec if c is not Codec.NONE and c.available]
+
+
+def default_mode(source: MrcFile) -> int:
+    """4-bit -> mode 0 (the normalization), IMOD-unsigned bytes -> mode 6, else unchanged."""
+    if source.mode == 101:
+        return 0
+    if source.mode == 0 and source.dtype == np.dtype("u1"):
+        return 6
+    return source.mode
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    output: str
+    source_mode: int
+    target_mode: int
+    codec: str | None
+    clevel: int | None
+    frames: int
+    lossless: str                   # "by type" or "verified on every frame"
+    stats: dict[str, float]
+    data_bytes_in: int
+    file_bytes_out: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _first_difference(original: np.ndarray, converted: np.ndarray, back: np.ndarray,
+                      mode: int) -> str:
+    """Where and what the first unrepresentable value is, for the error message."""
+    if mode_spec(mode).is_packed:
+        bad = (converted > UINT4_MAX) | ~np.equal(back, original)
+    elif original.dtype.names:
+        bad = (back["real"] != original["real"]) | (back["imag"] != original["imag"])
+    else:
+        bad = ~((back == original) | (np.isnan(back) & np.isnan(original))
+                if original.dtype.kind in "fc" else (back == original))
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    value = original[row, col]
+    value = value.item() if hasattr(value, "item") else value
+    return f"row {row}, column {col} holds {value!r}"
+
+
+def _extended_for(source: MrcFile, target: Target) -> tuple[bytes, bytes, int, int, str | None]:
+    """Extended header to carry: (bytes, exttyp, nint, nreal, note if dropped)."""
+    raw, exttyp = source.extended.raw, bytes(source.header["exttyp"])
+    nint, nreal = int(source.header["nint"]), int(source.header["nreal"])
+    if not raw:
+        return b"", b"", 0, 0, None
+    if exttyp == b"json" and not target.is_mrcz:
+        # mrcfile and MRC2014 readers do not know EXTTYP json; its content is MRCZ's own.
+        return b"", b"", 0, 0, "MRCZ JSON extended header not carried into plain MRC"
+    if source.byte_order == target.byte_order or exttyp in (b"json", b"CCP4", b"MRCO"):
+        return raw, exttyp, nint, nreal, None
+    if exttyp == b"SERI":
+        # Every SERI item is a 16-bit short, so swapping shorts swaps the whole header.
+        swapped = np.frombuffer(raw[: len(raw) // 2 * 2], dtype=f"{source.byte_order}i2")
+        return swapped.astype(f"{target.byte_order}i2").tobytes(), exttyp, nint, nreal, None
+    return b"", b"", 0, 0, (f"{source.extended.kind} extended header ({len(raw)} bytes) not "
+                            "carried: changing its byte order needs its full record layout")
+
+
+def _labels_for(source: MrcFile, target: Target, mode: int) -> list[str]:
+    kept = [t for t in hdr.labels(source.header) if not t.startswith("MRCZ")]
+    what = f"mode {source.mode} -> {mode}"
+    if target.is_mrcz:
+        what += f" MRCZ {target.codec.cname}-{target.clevel}"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    ours = f"mrc-ingest: {what}, lossless  {stamp}"
+    return ([MRCZ_LABEL] if target.is_mrcz else []) + kept + [ours]
+
+
+def convert(source: str | os.PathLike | MrcFile, output: str | os.PathLike,
+            target: Target = Target(), *, progress: Progress | None = None) -> ConversionReport:
+    """Convert ``source`` into ``output`` as ``target`` says. The output appears only when
+    complete; on any error nothing is left behind and the source is untouched."""
+    started = time.perf_counter()
+    src = source if isinstance(source, MrcFile) else MrcFile(source)
+    try:
+        return _convert(src, Path(output), target, progress, started)
+    finally:
+        if src is not source:
+            src.close()
+
+
+def _convert(src: MrcFile, output: Path, target: Target, progress: Progress | None,
+             started: float) -> ConversionReport:
+    mode = default_mode(src) if target.mode is None else target.mode
+    spec = mode_spec(mode)
+    safe_modes = lossless_targets(src.mode, src.dtype)
+    if target.is_mrcz and spec.is_packed:
+        raise ConversionError("MRCZ cannot hold 4-bit packed data (python-mrcz refuses it); "
+                              "use mode 0, which bitshuffle compresses as well")
+    if (src.dtype.kind == "c" or src.dtype.names) and not spec.is_complex:
+        raise LossyConversionError(f"complex data (mode {src.mode}) cannot become real "
+                                   f"mode {mode}", safe_modes)
+    by_type = always_lossless(src.mode, src.dtype, mode)
+    ext_raw, exttyp, nint, nreal, note = _extended_for(src, target)
+    writer_header = src.header.copy()
+    set_labels(writer_header, _labels_for(src, target, mode))
+    if src.layout.packing == hdr.PACKED_HALF_WIDTH and int(src.header["mx"]) * 2 == src.layout.nx:
+        # IMOD doubles MX and CELLA.x together for half-width files; do the same.
+        writer_header["mx"] = src.layout.nx
+        writer_header["cella"]["x"] = float(src.header["cella"]["x"]) * 2
+    writer_header["origin"] = hdr.origin(src.header)  # IMOD's inverted origin undone
+    meta = src.extended.metadata or {}
+    if isinstance(meta.get("mz"), int) and int(src.header["mz"]) == 0:
+        writer_header["mz"] = meta["mz"]  # the true MZ an MRCZ file of ours carried
+    if target.is_mrcz and not ext_raw:
+        ext_raw, exttyp = json.dumps({"mz": int(writer_header["mz"])}).encode(), b"json"
+    lay = src.layout
+    with MrcWriter(output, nx=lay.nx, ny=lay.ny, nz=lay.nz, mode=mode, codec=target.codec,
+                   clevel=target.clevel, byte_order=target.byte_order, template=writer_header,
+                   extended_header=ext_raw, exttyp=exttyp, nint=nint, nreal=nreal) as writer:
+        for k, frame in enumerate(src.frames()):
+            converted = cast_to(frame, spec.dtype)
+            if not by_type:
+                back = cast_to(converted, frame.dtype)
+                in_range = not spec.is_packed or int(converted.max()) <= UINT4_MAX
+                if not (in_range and frames_equal(back, frame)):
+                    where = _first_difference(frame, converted, back, mode)
+                    raise LossyConversionError(
+                        f"mode {src.mode} -> {mode} ({spec.name}) would change values: frame "
+                        f"{k}, {where}", safe_modes)
+            writer.write_frame(converted)
+            if progress:
+                progress(k + 1, lay.nz)
+    stats = writer.stats.result()
+    return ConversionReport(
+        source=str(src.path), output=str(output), source_mode=src.mode, target_mode=mode,
+        codec=target.codec.cname if target.is_mrcz else None,
+        clevel=target.clevel if target.is_mrcz else None, frames=lay.nz,
+        lossless="by type" if by_type else "verified on every frame",
+        stats={"dmin": stats.dmin, "dmax": stats.dmax, "dmean": stats.dmean, "rms": stats.rms},
+        data_bytes_in=src.stored_data_nbytes, file_bytes_out=output.stat().st_size,
+        seconds=round(time.perf_counter() - started, 3), notes=[note] if note else [])

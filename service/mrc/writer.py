@@ -1,0 +1,198 @@
+"""Streaming MRC/MRCZ writer: frames go to disk one at a time, exact statistics are
+accumulated on the way, the header is written last, and the file appears under its name
+only when complete (temporary file in the same folder, fsync, rename, fsync folder).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from . import header as hdr
+from .codec import Codec, compress_frame, join_mode
+from .modes import mode_spec, pack_4bit
+from .stats import StatsAccumulator
+
+#: Label 0 of an MRCZ file (MRCZ spec: ``MRCZ<version>`` at byte 224). python-mrcz reads
+#: MZ as "slices" only from 0.5.0 on; we write the spec level we implement.
+MRCZ_LABEL = "MRCZ0.5.0"
+LABEL_SIZE = 80
+MAX_LABELS = 10
+
+
+def set_labels(h: np.record, labels: list[str]) -> None:
+    """Write up to ten 80-character ASCII labels and NLABL (MRC2014 words 56-256).
+    Like IMOD, keep the first nine and the newest when there are too many."""
+    if len(labels) > MAX_LABELS:
+        labels = labels[:MAX_LABELS - 1] + labels[-1:]
+    h["nlabl"] = len(labels)
+    for i in range(MAX_LABELS):
+        text = labels[i] if i < len(labels) else ""
+        h["label"][i] = text.encode("ascii", "replace")[:LABEL_SIZE].ljust(LABEL_SIZE, b" ") \
+            if text else b""
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename durable: fsync the folder that holds the new name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MrcWriter:
+    """Write ``nz`` frames of ``(ny, nx)`` pixels in ``mode`` (MRCZ when ``codec`` is not
+    NONE). ``template`` supplies the descriptive fields (cell, sampling, origin, ISPG,
+    labels, MRCZ microscope words); the writer owns sizes, mode, stats, NSYMBT, MACHST,
+    NVERSION, the IMOD stamp and flags.
+
+    Use as a context manager: a clean exit commits, an exception removes the
+    temporary file and leaves nothing under ``path``.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, nx: int, ny: int, nz: int, mode: int,
+                 codec: Codec = Codec.NONE, clevel: int = 1, byte_order: str = "<",
+                 template: np.record | None = None, extended_header: bytes = b"",
+                 exttyp: bytes = b"", nint: int = 0, nreal: int = 0):
+        if min(nx, ny, nz) <= 0:
+            raise ValueError(f"dimensions must be positive, got {nx} x {ny} x {nz}")
+        self.spec = mode_spec(mode)
+        if codec is not Codec.NONE and self.spec.is_packed:
+            raise ValueError("4-bit data cannot go into MRCZ chunks (python-mrcz cannot read "
+                             "it back); write mode 0 instead")
+        if codec is not Codec.NONE and not codec.available:
+            raise ValueError(f"codec {codec.cname!r} is not available in this blosc build")
+        self.path = Path(path)
+        self.nx, self.ny, self.nz = nx, ny, nz
+        self.mode, self.codec, self.clevel = mode, codec, clevel
+        self.byte_order = byte_order
+        self.file_dtype = self.spec.dtype.newbyteorder(byte_order)
+        self.header = self._initial_header(template, extended_header, exttyp, nint, nreal)
+        self.extended_header = extended_header
+        self.stats = StatsAccumulator()
+        self.frames_written = 0
+        self.packed_bytes = 0
+        self.temp_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.part")
+        self._file: BinaryIO | None = open(self.temp_path, "xb")
+        try:
+            self._file.write(bytes(hdr.HEADER_SIZE))
+            self._file.write(extended_header)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _initial_header(self, template: np.record | None, extended_header: bytes,
+                        exttyp: bytes, nint: int, nreal: int) -> np.record:
+        h = hdr.new_header(self.byte_order)
+        if template is not None:
+            for name in ("nxstart", "nystart", "nzstart", "mx", "my", "mz", "cella", "cellb",
+                         "ispg", "origin", "nlabl", "label", "mrcz_voltage", "mrcz_c3",
+                         "mrcz_gain"):
+                h[name] = template[name]
+        spacing = hdr.voxel_size(h) if template is not None else (0.0, 0.0, 0.0)
+        h["nx"], h["ny"], h["nz"] = self.nx, self.ny, self.nz
+        h["mode"] = join_mode(self.mode, self.codec)
+        # MRC2014: MX/MY are the sampling along X/Y; 0 would make the pixel size
+        # CELLA/0. Keep a positive value from the template, else the image size.
+        if h["mx"] <= 0:
+            h["mx"] = self.nx
+        if h["my"] <= 0:
+            h["my"] = self.ny
+        if self.codec is not Codec.NONE:
+            # python-mrcz reads MZ as "slices per frame": 0 makes mrcz.readMRC return one
+            # (nz, ny, nx) array; the true MZ travels in the JSON extended header.
+            h["mz"] = 0
+        elif h["mz"] <= 0:
+            h["mz"] = 1 if int(h["ispg"]) == 0 else self.nz
+        # Whatever M we settled on, CELLA keeps the spacing a reader derives.
+        for axis, size, value in zip("xyz", (self.nx, self.ny, self.nz), spacing):
+            m = int(h[f"m{axis}"])
+            h["cella"][axis] = value * (m if m > 0 else size)
+        if tuple(h["cellb"]) == (0.0, 0.0, 0.0):
+            h["cellb"] = (90.0, 90.0, 90.0)
+        h["nsymbt"] = len(extended_header)
+        h["exttyp"] = exttyp if extended_header else b""
+        h["nint"], h["nreal"] = (nint, nreal) if extended_header else (0, 0)
+        flags = hdr.ImodFlag.SIGNED_BYTES if self.mode == 0 else 0
+        h["imod_flags"] = int(flags)
+        # IMOD: files using non-MRC2014 modes should carry NVERSION 0.
+        h["nversion"] = hdr.NVERSION if self.spec.mrc2014 else 0
+        return h
+
+    # -- frames -------------------------------------------------------------------
+
+    def write_frame(self, frame: np.ndarray) -> None:
+        """Append one frame. Its dtype must be the mode's (any byte order); for mode 101,
+        uint8 counts 0-15. Conversion and loss checks belong to the caller."""
+        if self._file is None:
+            raise ValueError("writer is closed")
+        if self.frames_written >= self.nz:
+            raise ValueError(f"all {self.nz} frames were already written")
+        if frame.shape != (self.ny, self.nx):
+            raise ValueError(f"frame shape {frame.shape} != ({self.ny}, {self.nx})")
+        if frame.dtype.newbyteorder("=") != self.spec.dtype.newbyteorder("="):
+            raise TypeError(f"mode {self.mode} frames are {self.spec.dtype}, got {frame.dtype}")
+        self.stats.add(frame)
+        if self.spec.is_packed:
+            stored = pack_4bit(frame)
+        else:
+            stored = np.ascontiguousarray(frame, dtype=self.file_dtype)
+        if self.codec is Codec.NONE:
+            self._file.write(memoryview(stored).cast("B"))
+        else:
+            chunk = compress_frame(stored, self.codec, self.clevel)
+            self._file.write(chunk)
+            self.packed_bytes += len(chunk)
+        self.frames_written += 1
+
+    # -- ending -------------------------------------------------------------------
+
+    def commit(self) -> Path:
+        """Write the final header, fsync, and rename into place. Returns the path."""
+        if self._file is None:
+            raise ValueError("writer is closed")
+        if self.frames_written != self.nz:
+            self.abort()
+            raise ValueError(f"only {self.frames_written} of {self.nz} frames were written")
+        h = self.header
+        h["dmin"], h["dmax"], h["dmean"], h["rms"] = self.stats.result().as_tuple()
+        if self.codec is not Codec.NONE:
+            h["mrcz_packed_bytes"] = self.packed_bytes
+        f = self._file
+        try:
+            f.seek(0)
+            f.write(h.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            self._file = None
+            os.replace(self.temp_path, self.path)
+            fsync_directory(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file; nothing appears under the target name."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "MrcWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
