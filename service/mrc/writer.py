@@ -94,7 +94,7 @@ class MrcWriter:
                          "ispg", "origin", "nlabl", "label", "mrcz_voltage", "mrcz_c3",
                          "mrcz_gain"):
                 h[name] = template[name]
-        spacing = hdr.voxel_size(h) if template is not None else (0.0, 0.0, 0.0)
+        spacing = hdr.voxel_size(template) if template is not None else (0.0, 0.0, 0.0)
         h["nx"], h["ny"], h["nz"] = self.nx, self.ny, self.nz
         h["mode"] = join_mode(self.mode, self.codec)
         # MRC2014: MX/MY are the sampling along X/Y; 0 would make the pixel size

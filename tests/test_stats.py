@@ -1,0 +1,59 @@
+"""Running statistics against numpy's float64 results over the whole array."""
+
+import numpy as np
+import pytest
+
+from service.mrc.modes import COMPLEX_INT16
+from service.mrc.stats import StatsAccumulator
+
+
+def accumulate(data):
+    acc = StatsAccumulator()
+    for frame in data:
+        acc.add(frame)
+    return acc.result()
+
+
+@pytest.mark.parametrize("dtype", ["i1", "u1", "i2", "u2", "i4", "u4", "f2", "f4"])
+def test_matches_numpy(dtype):
+    rng = np.random.default_rng(0)
+    if np.dtype(dtype).kind == "f":
+        data = rng.normal(50, 7, size=(5, 33, 40)).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        data = rng.integers(info.min, info.max, size=(5, 33, 40), endpoint=True, dtype=dtype)
+    s = accumulate(data)
+    wide = data.astype(np.float64)
+    assert (s.dmin, s.dmax) == (wide.min(), wide.max())
+    assert s.dmean == pytest.approx(wide.mean(), rel=1e-12)
+    assert s.rms == pytest.approx(wide.std(), rel=1e-9)
+    assert s.count == data.size
+
+
+def test_large_mean_small_spread_stays_accurate():
+    """Sum-of-squares would cancel catastrophically here; block moments do not."""
+    data = (1e6 + np.random.default_rng(1).normal(0, 0.01, size=(4, 300, 300))).astype("f8")
+    s = accumulate(data.astype(np.float32))
+    assert s.rms == pytest.approx(data.astype(np.float32).astype(np.float64).std(), rel=1e-6)
+
+
+def test_blocks_larger_than_one_chunk():
+    data = np.arange(3 * 1200 * 1000, dtype=np.int16).reshape(3, 1200, 1000) % 1000
+    s = accumulate(data)
+    assert s.dmean == pytest.approx(data.astype(np.float64).mean(), rel=1e-15)
+    assert s.rms == pytest.approx(data.astype(np.float64).std(), rel=1e-12)
+
+
+def test_complex_only_rms_is_defined():
+    rng = np.random.default_rng(2)
+    data = (rng.normal(size=(2, 8, 8)) + 1j * rng.normal(size=(2, 8, 8))).astype(np.complex64)
+    s = accumulate(data)
+    assert (s.dmin, s.dmax, s.dmean) == (0.0, -1.0, -2.0)
+    assert s.rms == pytest.approx(np.std(data.astype(np.complex128)), rel=1e-9)
+    pairs = np.zeros((1, 4, 4), dtype=COMPLEX_INT16)
+    pairs["real"], pairs["imag"] = 3, -4
+    assert accumulate(pairs).rms == 0.0
+
+
+def test_empty_is_undetermined():
+    assert StatsAccumulator().result().as_tuple() == (0.0, -1.0, -2.0, -1.0)
