@@ -214,3 +214,13 @@ def test_fuzzed_headers_never_raise(tmp_path_factory, seed_files, which, edits, 
     assert all(f.severity in Severity for f in findings)
     report = inspect(path, deep=False)
     assert isinstance(report["valid"], bool)
+
+
+def test_corrupt_chunk_flags_become_findings_not_exceptions(tmp_path):
+    """Found by the fuzz test: blosc raises its own extension error type."""
+    path, _ = mrcz_file(tmp_path)
+    patch(path, chunk_offset(path, 0) + 2, "B", 0)
+    errors = [f for f in validate(path) if f.severity is Severity.ERROR]
+    assert errors and "frame 0" in errors[0].message
+    with MrcFile(path) as f, pytest.raises(FormatError, match="corrupt blosc chunk"):
+        f.read_frame(0)

@@ -260,3 +260,13 @@ def test_existing_output_is_replaced_atomically(tmp_path):
     convert(src, out)
     with mrcfile.open(out) as m:
         assert m.data.shape == (2, 2, 2)
+
+
+def test_compression_does_not_depend_on_blosc_global_state(tmp_path):
+    """python-mrcz changes blosc's process-wide blocksize; our output must not change."""
+    src = write_raw_mrc(tmp_path / "p.mrc", counting_movie((3, 128, 128)), 101)
+    convert(src, tmp_path / "a.mrcz", Target(codec=Codec.ZSTD))
+    mrcz.writeMRC(np.zeros((2, 4, 4), np.int16), tmp_path / "t.mrcz", compressor="zstd")
+    convert(src, tmp_path / "b.mrcz", Target(codec=Codec.ZSTD))
+    a, b = (tmp_path / "a.mrcz").read_bytes(), (tmp_path / "b.mrcz").read_bytes()
+    assert a[1024:] == b[1024:]
