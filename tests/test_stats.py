@@ -57,3 +57,18 @@ def test_complex_only_rms_is_defined():
 
 def test_empty_is_undetermined():
     assert StatsAccumulator().result().as_tuple() == (0.0, -1.0, -2.0, -1.0)
+
+
+@pytest.mark.parametrize("dtype, value", [("i1", -128), ("i1", 127), ("u1", 255)])
+def test_8bit_rows_are_exact_at_the_float32_limit(dtype, value):
+    """Rows of extreme bytes sum exactly to the 2**24 bound of the float32 path; the
+    size is not a multiple of the row length, so the integer tail is exercised too."""
+    data = np.full((2, 1500, 1399), value, dtype=dtype)
+    data[1, 0, :7] = 0
+    s = accumulate(data)
+    wide = data.astype(np.float64)
+    n = data.size
+    total, squares = int(data.astype(np.int64).sum()), int((data.astype(np.int64) ** 2).sum())
+    assert s.dmean == total / n
+    assert s.rms == pytest.approx(((squares * n - total * total) / (n * n)) ** 0.5, rel=1e-15)
+    assert s.rms == pytest.approx(wide.std(), rel=1e-9)

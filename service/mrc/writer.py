@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -53,6 +54,10 @@ class MrcWriter:
 
     Use as a context manager: a clean exit commits, an exception removes the
     temporary file and leaves nothing under ``path``.
+
+    Encoding (4-bit packing, byte swapping, blosc) and the write of frame k run on one
+    background thread while the caller decodes frame k+1 and the statistics of frame k
+    are taken; at most one frame is in flight, so memory stays bounded.
     """
 
     def __init__(self, path: str | os.PathLike, *, nx: int, ny: int, nz: int, mode: int,
@@ -78,6 +83,8 @@ class MrcWriter:
         self.frames_written = 0
         self.packed_bytes = 0
         self.temp_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.part")
+        self._pending: Future | None = None
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrc-writer")
         self._file: BinaryIO | None = open(self.temp_path, "xb")
         try:
             self._file.write(bytes(hdr.HEADER_SIZE))
@@ -126,9 +133,13 @@ class MrcWriter:
 
     # -- frames -------------------------------------------------------------------
 
-    def write_frame(self, frame: np.ndarray) -> None:
+    def write_frame(self, frame: np.ndarray, *, owned: bool = False) -> None:
         """Append one frame. Its dtype must be the mode's (any byte order); for mode 101,
-        uint8 counts 0-15. Conversion and loss checks belong to the caller."""
+        uint8 counts 0-15. Conversion and loss checks belong to the caller.
+
+        The frame is encoded in the background: pass ``owned=True`` only when nobody
+        will modify the array afterwards; otherwise the writer keeps a copy if needed.
+        """
         if self._file is None:
             raise ValueError("writer is closed")
         if self.frames_written >= self.nz:
@@ -137,7 +148,15 @@ class MrcWriter:
             raise ValueError(f"frame shape {frame.shape} != ({self.ny}, {self.nx})")
         if frame.dtype.newbyteorder("=") != self.spec.dtype.newbyteorder("="):
             raise TypeError(f"mode {self.mode} frames are {self.spec.dtype}, got {frame.dtype}")
+        if not owned:
+            frame = frame.copy()  # the encoder reads it later; the caller may reuse it
+        self._wait()
+        self._pending = self._encoder.submit(self._encode_and_write, frame)
         self.stats.add(frame)
+        self.frames_written += 1
+
+    def _encode_and_write(self, frame: np.ndarray) -> None:
+        assert self._file is not None
         if self.spec.is_packed:
             stored = pack_4bit(frame)
         else:
@@ -148,7 +167,12 @@ class MrcWriter:
             chunk = compress_frame(stored, self.codec, self.clevel)
             self._file.write(chunk)
             self.packed_bytes += len(chunk)
-        self.frames_written += 1
+
+    def _wait(self) -> None:
+        """Finish the frame in flight; its error, if any, surfaces here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     # -- ending -------------------------------------------------------------------
 
@@ -156,6 +180,11 @@ class MrcWriter:
         """Write the final header, fsync, and rename into place. Returns the path."""
         if self._file is None:
             raise ValueError("writer is closed")
+        try:
+            self._wait()
+        except BaseException:
+            self.abort()
+            raise
         if self.frames_written != self.nz:
             self.abort()
             raise ValueError(f"only {self.frames_written} of {self.nz} frames were written")
@@ -171,6 +200,7 @@ class MrcWriter:
             os.fsync(f.fileno())
             f.close()
             self._file = None
+            self._encoder.shutdown()
             os.replace(self.temp_path, self.path)
             fsync_directory(self.path.parent)
         except BaseException:
@@ -180,6 +210,11 @@ class MrcWriter:
 
     def abort(self) -> None:
         """Drop the temporary file; nothing appears under the target name."""
+        try:
+            self._wait()
+        except BaseException:
+            pass  # already failing; the frame in flight is being discarded with the file
+        self._encoder.shutdown()
         if self._file is not None:
             self._file.close()
             self._file = None
