@@ -296,3 +296,11 @@ def test_caller_may_reuse_its_buffer(tmp_path):
             w.write_frame(buf)  # not owned: the writer must not see later changes
     with mrcfile.open(out) as m:
         assert [int(frame[0, 0]) for frame in m.data] == [0, 1, 2, 3]
+
+
+def test_converting_onto_the_input_is_refused(tmp_path):
+    src = write_raw_mrc(tmp_path / "s.mrc", synthetic(1, (2, 2, 2)), 1)
+    before = src.read_bytes()
+    with pytest.raises(ConversionError, match="is the input file"):
+        convert(src, tmp_path / "." / "s.mrc")
+    assert src.read_bytes() == before

@@ -103,13 +103,6 @@ class FrameIndex:
     def packed_bytes(self) -> int:
         return sum(self.sizes)
 
-    def to_list(self) -> list[list[int]]:
-        return [[o, s] for o, s in zip(self.offsets, self.sizes)]
-
-    @classmethod
-    def from_list(cls, pairs: list[list[int]]) -> "FrameIndex":
-        return cls(tuple(int(p[0]) for p in pairs), tuple(int(p[1]) for p in pairs))
-
 
 def index_chunks(fd: int, start: int, n_frames: int, frame_nbytes: int,
                  file_size: int) -> tuple[FrameIndex | None, list[Finding]]:

@@ -143,6 +143,10 @@ def convert(source: str | os.PathLike | MrcFile, output: str | os.PathLike,
     """Convert ``source`` into ``output`` as ``target`` says. The output appears only when
     complete; on any error nothing is left behind and the source is untouched."""
     started = time.perf_counter()
+    src_path = source.path if isinstance(source, MrcFile) else Path(source)
+    if Path(output).resolve() == src_path.resolve():
+        raise ConversionError(f"output {os.fspath(output)!r} is the input file; choose "
+                              "another name (the input is never overwritten)")
     src = source if isinstance(source, MrcFile) else MrcFile(source)
     try:
         return _convert(src, Path(output), target, progress, started)

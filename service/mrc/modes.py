@@ -55,7 +55,6 @@ MODE_TABLE: tuple[ModeSpec, ...] = (
 )
 
 MODES: dict[int, ModeSpec] = {spec.code: spec for spec in MODE_TABLE}
-MODE_BY_NAME: dict[str, ModeSpec] = {spec.name: spec for spec in MODE_TABLE}
 #: numpy dtype -> mode, for dtypes that name exactly one mode (uint8 is 101's decoded
 #: form but also IMOD's unsigned mode 0, so it is deliberately absent).
 MODE_BY_DTYPE: dict[np.dtype, int] = {

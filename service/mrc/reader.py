@@ -225,6 +225,7 @@ class MrcFile:
             "mode": lay.mode,
             "header_mode": stored_header_mode,
             "mode_name": mode_spec(lay.mode).name,
+            "mode_description": mode_spec(lay.mode).note,
             "dtype": str(lay.dtype),
             "nx": lay.nx, "ny": lay.ny, "nz": lay.nz,
             "frames": lay.nz,

@@ -78,7 +78,6 @@ class MrcWriter:
         self.byte_order = byte_order
         self.file_dtype = self.spec.dtype.newbyteorder(byte_order)
         self.header = self._initial_header(template, extended_header, exttyp, nint, nreal)
-        self.extended_header = extended_header
         self.stats = StatsAccumulator()
         self.frames_written = 0
         self.packed_bytes = 0
