@@ -23,8 +23,8 @@ import numpy as np
 from . import header as hdr
 from .codec import Codec
 from .errors import ConversionError, LossyConversionError
-from .modes import (MODES, always_lossless, cast_to, frames_equal, lossless_targets,
-                    mode_spec, UINT4_MAX)
+from .modes import (MODES, UINT4_MAX, always_lossless, cast_to, differences, frames_equal,
+                    lossless_targets, mode_spec)
 from .reader import MrcFile
 from .writer import MRCZ_LABEL, MrcWriter, set_labels
 
@@ -96,13 +96,9 @@ class ConversionReport:
 def _first_difference(original: np.ndarray, converted: np.ndarray, back: np.ndarray,
                       mode: int) -> str:
     """Where and what the first unrepresentable value is, for the error message."""
+    bad = differences(back, original)
     if mode_spec(mode).is_packed:
-        bad = (converted > UINT4_MAX) | ~np.equal(back, original)
-    elif original.dtype.names:
-        bad = (back["real"] != original["real"]) | (back["imag"] != original["imag"])
-    else:
-        bad = ~((back == original) | (np.isnan(back) & np.isnan(original))
-                if original.dtype.kind in "fc" else (back == original))
+        bad |= converted > UINT4_MAX
     row, col = (int(i) for i in np.argwhere(bad)[0])
     value = original[row, col]
     value = value.item() if hasattr(value, "item") else value
