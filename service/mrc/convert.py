@@ -23,7 +23,7 @@ import numpy as np
 from . import header as hdr
 from .codec import Codec
 from .errors import ConversionError, LossyConversionError
-from .modes import (MODES, UINT4_MAX, always_lossless, cast_to, differences, frames_equal,
+from .modes import (MODES, UINT4_MAX, always_lossless, cast_to, differences,
                     lossless_targets, mode_spec)
 from .reader import MrcFile
 from .writer import MRCZ_LABEL, MrcWriter, set_labels
@@ -93,12 +93,17 @@ class ConversionReport:
         return asdict(self)
 
 
-def _first_difference(original: np.ndarray, converted: np.ndarray, back: np.ndarray,
-                      mode: int) -> str:
-    """Where and what the first unrepresentable value is, for the error message."""
-    bad = differences(back, original)
+def _changed_pixels(original: np.ndarray, converted: np.ndarray, mode: int) -> np.ndarray:
+    """Mask of pixels the conversion would not keep: the round trip back to the source
+    dtype differs, or (4-bit target) the value does not fit in 0-15."""
+    bad = differences(cast_to(converted, original.dtype), original)
     if mode_spec(mode).is_packed:
         bad |= converted > UINT4_MAX
+    return bad
+
+
+def _describe_first(bad: np.ndarray, original: np.ndarray) -> str:
+    """Where and what the first unrepresentable value is, for the error message."""
     row, col = (int(i) for i in np.argwhere(bad)[0])
     value = original[row, col]
     value = value.item() if hasattr(value, "item") else value
@@ -186,13 +191,11 @@ def _convert(src: MrcFile, output: Path, target: Target, progress: Progress | No
         for k, frame in enumerate(src.frames()):
             converted = frame.view(spec.dtype) if view_counts else cast_to(frame, spec.dtype)
             if not by_type:
-                back = cast_to(converted, frame.dtype)
-                in_range = not spec.is_packed or int(converted.max()) <= UINT4_MAX
-                if not (in_range and frames_equal(back, frame)):
-                    where = _first_difference(frame, converted, back, mode)
+                bad = _changed_pixels(frame, converted, mode)
+                if bad.any():
                     raise LossyConversionError(
                         f"mode {src.mode} -> {mode} ({spec.name}) would change values: frame "
-                        f"{k}, {where}", safe_modes)
+                        f"{k}, {_describe_first(bad, frame)}", safe_modes)
             writer.write_frame(converted, owned=True)  # fresh arrays from the reader
             if progress:
                 progress(k + 1, lay.nz)

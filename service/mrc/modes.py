@@ -195,8 +195,3 @@ def differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.dtype.kind in "fc" and b.dtype.kind in "fc":
         unequal &= ~(np.isnan(a) & np.isnan(b))
     return unequal
-
-
-def frames_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    """Exact equality in the sense of :func:`differences`."""
-    return a.shape == b.shape and not differences(a, b).any()

@@ -136,8 +136,8 @@ class MrcWriter:
         """Append one frame. Its dtype must be the mode's (any byte order); for mode 101,
         uint8 counts 0-15. Conversion and loss checks belong to the caller.
 
-        The frame is encoded in the background: pass ``owned=True`` only when nobody
-        will modify the array afterwards; otherwise the writer keeps a copy if needed.
+        The frame is encoded in the background, so the writer copies it unless
+        ``owned=True`` promises that nobody modifies the array afterwards.
         """
         if self._file is None:
             raise ValueError("writer is closed")
