@@ -1,4 +1,4 @@
-"""``mrc-ingest`` command line: inspect and convert MRC/MRCZ files.
+"""``mrc-ingest`` command line: serve the API; inspect and convert MRC/MRCZ files.
 
 Exit codes: 0 success; 1 the input is bad or the conversion was refused (one line on
 stderr says why); 2 the command line itself is wrong.
@@ -39,7 +39,38 @@ def _parser() -> argparse.ArgumentParser:
                                                                  "(default 1)")
     p_convert.add_argument("--big-endian", action="store_true",
                            help="write big-endian (default little-endian)")
+
+    p_serve = sub.add_parser("serve", help="run the HTTP service (settings from "
+                                           "MRC_INGEST_* environment variables)")
+    p_serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 "
+                                                             "to listen on every interface")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--data-dir", type=Path, default=None,
+                         help="overrides MRC_INGEST_DATA_DIR (default ./mrc-ingest-data)")
+    p_serve.add_argument("--workers", type=int, default=None,
+                         help="processing threads; overrides MRC_INGEST_WORKERS")
+    p_serve.add_argument("--log-level", default="info")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn  # the web stack loads only for this command
+
+    from .api import create_app
+    from .config import Settings
+
+    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("workers", args.workers))
+                 if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValueError as exc:
+        return _fail(f"bad settings: {exc}")
+    print(f"mrc-ingest: data in {settings.data_dir.resolve()}, catalog "
+          f"{settings.catalog_url}, {settings.workers} workers; http://{args.host}:"
+          f"{args.port}/docs", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port,
+                log_level=args.log_level, timeout_graceful_shutdown=10)
+    return 0
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -76,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "inspect":
             return _inspect(args)
         return _convert(args, parser)

@@ -205,6 +205,6 @@ def _convert(src: MrcFile, output: Path, target: Target, progress: Progress | No
         codec=target.codec.cname if target.is_mrcz else None,
         clevel=target.clevel if target.is_mrcz else None, frames=lay.nz,
         lossless="by type" if by_type else "verified on every frame",
-        stats={"dmin": stats.dmin, "dmax": stats.dmax, "dmean": stats.dmean, "rms": stats.rms},
+        stats=stats.to_dict(),
         data_bytes_in=src.stored_data_nbytes, file_bytes_out=output.stat().st_size,
         seconds=round(time.perf_counter() - started, 3), notes=[note] if note else [])

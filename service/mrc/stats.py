@@ -34,6 +34,9 @@ class Stats:
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.dmin, self.dmax, self.dmean, self.rms)
 
+    def to_dict(self) -> dict[str, float]:
+        return dict(zip(("dmin", "dmax", "dmean", "rms"), self.as_tuple()))
+
 
 class _Moments:
     """Count, mean and sum of squared deviations, mergeable (Chan et al. 1979)."""

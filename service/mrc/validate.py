@@ -123,43 +123,69 @@ def check_stats(h: np.record, actual: Stats) -> list[Finding]:
     return found
 
 
-def _scan(src: MrcFile, progress: Callable[[int, int], None] | None
-          ) -> tuple[Stats | None, list[Finding]]:
+def check_header_bytes(raw: bytes) -> tuple[hdr.Layout | None, list[Finding]]:
+    """The door check on the first 1024 bytes of an upload, before anything is stored:
+    a layout when they are an MRC/MRCZ header (byte order, positive sizes, known mode),
+    else None with findings that say why. Field-level findings come with the layout."""
+    if len(raw) < hdr.HEADER_SIZE:
+        return None, [error("header", f"{len(raw)} bytes received, fewer than the "
+                                      f"{hdr.HEADER_SIZE}-byte MRC header")]
+    raw = bytes(raw[:hdr.HEADER_SIZE])
+    byte_order, findings = hdr.detect_byte_order(raw)
+    if byte_order is None:
+        return None, findings
+    h = hdr.parse(raw, byte_order)
+    layout, more = hdr.derive_layout(h, byte_order)
+    findings += more
+    if layout is None:
+        return None, findings
+    return layout, findings + check_header_fields(h, layout)
+
+
+def scan(src: MrcFile, progress: Callable[[int, int], None] | None = None,
+         on_frame: Callable[[np.ndarray], None] | None = None
+         ) -> tuple[Stats | None, list[Finding]]:
+    """Read every frame once: exact statistics (None, with findings, when a frame cannot
+    be read), ``on_frame`` for whatever else wants each frame (the ingest's sum image)."""
     acc = StatsAccumulator()
     for k in range(src.n_frames):
         try:
-            acc.add(src.read_frame(k))
+            frame = src.read_frame(k)
         except FormatError as exc:
             return None, exc.findings
+        acc.add(frame)
+        if on_frame:
+            on_frame(frame)
         if progress:
             progress(k + 1, src.n_frames)
     return acc.result(), []
 
 
-def _open(path: str | os.PathLike) -> tuple[MrcFile | None, list[Finding]]:
+def open_checked(path: str | os.PathLike) -> tuple[MrcFile | None, list[Finding]]:
+    """Open ``path`` and check its header fields: the open file (None when it cannot be
+    read as MRC/MRCZ) and every finding so far."""
     try:
-        return MrcFile(path), []
+        src = MrcFile(path)
     except FormatError as exc:
         extra = check_header_fields(exc.header, None) if exc.header is not None else []
         return None, list(exc.findings) + extra
     except OSError as exc:
         return None, [error("file", f"cannot read {os.fspath(path)!r}: {exc.strerror}")]
+    return src, src.findings + check_header_fields(src.header, src.layout)
 
 
 def _run(path: str | os.PathLike, deep: bool,
          progress: Callable[[int, int], None] | None) -> tuple[dict[str, Any], list[Finding]]:
-    src, findings = _open(path)
+    src, findings = open_checked(path)
     report: dict[str, Any] = {"path": os.fspath(path)}
     if src is not None:
         with src:
             report.update(src.describe())
-            findings = src.findings + check_header_fields(src.header, src.layout)
             if deep:
-                stats, more = _scan(src, progress)
+                stats, more = scan(src, progress)
                 findings += more
                 if stats is not None:
-                    report["stats"] = {"dmin": stats.dmin, "dmax": stats.dmax,
-                                       "dmean": stats.dmean, "rms": stats.rms}
+                    report["stats"] = stats.to_dict()
                     findings += check_stats(src.header, stats)
     report["valid"] = not has_errors(findings)
     report["findings"] = [f.to_dict() for f in findings]

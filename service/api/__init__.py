@@ -1,0 +1,66 @@
+"""The HTTP API: :func:`create_app` builds a FastAPI app around one
+:class:`~service.ingest.IngestService`. Nothing happens at import time."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..config import Settings
+from ..ingest import IngestService
+from ..metrics import Metrics
+from . import datasets, downloads, errors, ops, previews, uploads
+
+__all__ = ["create_app"]
+
+
+class RequestTimer:
+    """Pure ASGI middleware: time to the response start, by route template (so the
+    label set stays small) — it does not wrap or buffer bodies."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                self.metrics.request_seconds.labels(
+                    scope["method"], getattr(route, "path", "unmatched"),
+                    str(message["status"])).observe(time.perf_counter() - started)
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    service = IngestService(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="mrc-ingest", version=__version__, lifespan=lifespan,
+                  description="Ingest, validate, normalize, compress and serve cryo-EM "
+                              "MRC/MRCZ movies.")
+    app.state.service = service
+    errors.install(app)
+    for module in (uploads, datasets, previews, downloads, ops):
+        app.include_router(module.router)
+    app.add_middleware(RequestTimer, metrics=service.metrics)
+    return app

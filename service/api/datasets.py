@@ -1,0 +1,68 @@
+"""The catalog: list, detail, delete."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+
+from ..catalog import DatasetQuery
+from .deps import Service
+from .schemas import DatasetDetail, DatasetPage, ErrorBody, dataset_detail, dataset_summary
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+NOT_FOUND = {404: {"model": ErrorBody}}
+
+
+def _utc_text(moment: datetime | None) -> str | None:
+    """Catalog timestamps are UTC ISO text; a naive time is taken as UTC."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+@router.get("", response_model=DatasetPage, summary="List datasets (filter, sort, paginate)")
+def list_datasets(
+        service: Service,
+        status: Annotated[Literal["queued", "processing", "ready", "rejected", "failed"] | None,
+                          Query()] = None,
+        mode: Annotated[int | None, Query(description="MRC mode as received")] = None,
+        source: Annotated[Literal["upload", "registration"] | None, Query()] = None,
+        name: Annotated[str | None, Query(max_length=200,
+                                          description="substring, case-insensitive")] = None,
+        created_after: Annotated[datetime | None, Query()] = None,
+        created_before: Annotated[datetime | None, Query()] = None,
+        sort: Annotated[Literal["created_at", "name", "size_bytes"], Query()] = "created_at",
+        order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        cursor: Annotated[str | None, Query(max_length=1000,
+                                            description="next_cursor of the previous page")]
+        = None) -> dict[str, Any]:
+    query = DatasetQuery(status=status, mode=mode, source=source, name=name,
+                         created_after=_utc_text(created_after),
+                         created_before=_utc_text(created_before), sort=sort,
+                         descending=order == "desc", limit=limit, cursor=cursor)
+    rows, next_cursor = service.list_datasets(query)
+    links = {}
+    if next_cursor:
+        links["next"] = f"/v1/datasets?cursor={next_cursor}&sort={sort}&order={order}" \
+                        f"&limit={limit}"
+    return {"items": [dataset_summary(r) for r in rows], "next_cursor": next_cursor,
+            "links": links}
+
+
+@router.get("/{dataset_id}", response_model=DatasetDetail, responses=NOT_FOUND,
+            summary="Metadata, statistics, findings and jobs of one dataset")
+def get_dataset(dataset_id: str, service: Service) -> dict[str, Any]:
+    return dataset_detail(service.dataset(dataset_id), service.jobs_of(dataset_id))
+
+
+@router.delete("/{dataset_id}", responses=NOT_FOUND,
+               summary="Delete a dataset, its jobs and its files")
+def delete_dataset(dataset_id: str, service: Service) -> dict[str, Any]:
+    service.delete(dataset_id)
+    return {"deleted": dataset_id}

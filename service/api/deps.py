@@ -1,0 +1,75 @@
+"""Named dependencies and request helpers shared by the routers."""
+
+from __future__ import annotations
+
+from typing import Annotated, AsyncIterator, Literal
+
+from fastapi import Depends, Query, Request
+from starlette.requests import ClientDisconnect
+
+from ..errors import BadRequest, ClientGone
+from ..ingest import IngestService
+from ..mrc import Codec, Target
+
+
+def get_service(request: Request) -> IngestService:
+    return request.app.state.service
+
+
+Service = Annotated[IngestService, Depends(get_service)]
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that hangs up becomes a typed error."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected before the upload completed; nothing "
+                         "was stored") from None
+
+
+def declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise BadRequest(f"Content-Length {value!r} is not a number")
+    return int(value)
+
+
+class TargetQuery:
+    """``?format=mrc|mrcz&mode=&codec=&clevel=&endian=``: what to convert to. With no
+    parameter at all, :attr:`given` is False (the file as stored is wanted)."""
+
+    def __init__(self,
+                 format: Annotated[Literal["mrc", "mrcz"] | None, Query(
+                     description="mrc (plain) or mrcz (blosc-compressed)")] = None,
+                 mode: Annotated[int | None, Query(description="target MRC mode; default: "
+                                                   "the natural lossless one (4-bit -> 0)")]
+                 = None,
+                 codec: Annotated[str | None, Query(description="MRCZ codec (zstd, lz4, "
+                                                    "lz4hc, zlib, blosclz); implies mrcz")]
+                 = None,
+                 clevel: Annotated[int | None, Query(ge=0, le=9)] = None,
+                 endian: Annotated[Literal["little", "big"] | None, Query()] = None):
+        self.given = any(v is not None for v in (format, mode, codec, clevel, endian))
+        self.format, self.mode, self.codec = format, mode, codec
+        self.clevel, self.endian = clevel, endian
+
+    def target(self, default_codec: Codec) -> Target:
+        if self.format == "mrc" and self.codec is not None:
+            raise BadRequest("codec applies to format=mrcz only")
+        mrcz = self.format == "mrcz" or (self.format is None and self.codec is not None)
+        codec = Codec.NONE
+        if mrcz:
+            try:
+                codec = Codec.from_name(self.codec) if self.codec else (
+                    default_codec if default_codec is not Codec.NONE else Codec.ZSTD)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+        elif self.clevel is not None:
+            raise BadRequest("clevel applies to format=mrcz only")
+        return Target(mode=self.mode, codec=codec,
+                      clevel=1 if self.clevel is None else self.clevel,
+                      byte_order=">" if self.endian == "big" else "<")

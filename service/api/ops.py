@@ -1,0 +1,30 @@
+"""Operations: health and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Response
+
+from .. import __version__
+from ..metrics import CONTENT_TYPE
+from .deps import Service
+from .schemas import Health
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness and readiness")
+def healthz(service: Service) -> dict[str, Any]:
+    snap = service.snapshot()
+    return {"status": "ok", "version": __version__,
+            "catalog": "ok" if service.catalog and service.catalog.ping() else "down",
+            "workers": service.settings.workers, "queue_depth": snap["queue_depth"],
+            "data_free_bytes": snap["free_bytes"]}
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus text format")
+async def metrics(service: Service) -> Response:
+    body = await anyio.to_thread.run_sync(service.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE)

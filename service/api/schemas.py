@@ -1,0 +1,157 @@
+"""Response and request shapes (for validation and /docs), and the functions that turn
+catalog rows into them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="stable error code, e.g. not_mrc, invalid_mrc, too_large")
+    detail: Any = Field(description="what was wrong and where")
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+    fraction: float | None
+
+
+class Job(BaseModel):
+    id: str
+    kind: Literal["ingest", "convert"]
+    dataset_id: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: Progress
+    target: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    links: dict[str, str]
+
+
+class DatasetSummary(BaseModel):
+    id: str
+    name: str
+    source: Literal["upload", "registration"]
+    status: Literal["queued", "processing", "ready", "rejected", "failed"]
+    created_at: str
+    updated_at: str
+    size_bytes: int = Field(description="the file as received")
+    stored_bytes: int | None = Field(None, description="the archive copy, when one is kept")
+    compression_ratio: float | None = Field(None, description="size_bytes / stored_bytes")
+    sha256: str | None = None
+    mode: int | None = None
+    dtype: str | None = None
+    nx: int | None = None
+    ny: int | None = None
+    frames: int | None = None
+    pixel_size_angstrom: float | None = None
+    links: dict[str, str]
+
+
+class DatasetDetail(DatasetSummary):
+    byte_order: str | None = None
+    file: dict[str, Any] | None = Field(None, description="header and derived facts")
+    stats: dict[str, float] | None = Field(None, description="exact, over every frame")
+    findings: list[dict[str, str]] = Field(default_factory=list)
+    archive: dict[str, Any] | None = None
+    timings: dict[str, float] | None = None
+    normalize: bool | None = None
+    jobs: list[Job] = Field(default_factory=list)
+
+
+class DatasetPage(BaseModel):
+    items: list[DatasetSummary]
+    next_cursor: str | None
+    links: dict[str, str]
+
+
+class Accepted(BaseModel):
+    dataset: DatasetSummary
+    job: Job | None
+    duplicate: bool = Field(description="the same bytes were uploaded before; this is "
+                                        "that dataset")
+
+
+class ConversionAccepted(BaseModel):
+    dataset: DatasetSummary
+    job: Job
+    duplicate: bool
+
+
+class RegistrationIn(BaseModel):
+    path: str = Field(description="absolute path inside one of the allowed roots")
+    normalize: bool | None = Field(None, description="override the default normalization "
+                                                      "policy for this dataset")
+
+
+class ConversionIn(BaseModel):
+    dataset_id: str
+    format: Literal["mrc", "mrcz"] = "mrc"
+    mode: int | None = None
+    codec: str | None = None
+    clevel: int = Field(1, ge=0, le=9)
+    endian: Literal["little", "big"] = "little"
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    catalog: str
+    workers: int
+    queue_depth: int
+    data_free_bytes: int
+
+
+def dataset_links(dataset_id: str) -> dict[str, str]:
+    base = f"/v1/datasets/{dataset_id}"
+    return {"self": base, "download": f"{base}/download", "frame0": f"{base}/frames/0.png",
+            "sum": f"{base}/sum.png"}
+
+
+def dataset_summary(row: dict[str, Any]) -> dict[str, Any]:
+    stored = row.get("stored_bytes")
+    return {
+        "id": row["id"], "name": row["name"], "source": row["source"],
+        "status": row["status"], "created_at": row["created_at"],
+        "updated_at": row["updated_at"], "size_bytes": row["size_bytes"],
+        "stored_bytes": stored,
+        "compression_ratio": round(row["size_bytes"] / stored, 4) if stored else None,
+        "sha256": row["sha256"], "mode": row["mode"], "dtype": row["dtype"],
+        "nx": row["nx"], "ny": row["ny"], "frames": row["nz"],
+        "pixel_size_angstrom": row["pixel_size"], "links": dataset_links(row["id"]),
+    }
+
+
+def dataset_detail(row: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    info = row["info"]
+    described = info.get("file")
+    findings = info.get("findings", info.get("header_findings", []))
+    return {
+        **dataset_summary(row),
+        "byte_order": described["byte_order"] if described else None,
+        "file": described, "stats": info.get("stats"), "findings": findings,
+        "archive": info.get("archive"), "timings": info.get("timings"),
+        "normalize": info.get("normalize"), "jobs": [job_view(j) for j in jobs],
+    }
+
+
+def job_view(row: dict[str, Any]) -> dict[str, Any]:
+    done, total = row["done"], row["total"]
+    links = {"self": f"/v1/jobs/{row['id']}", "dataset": f"/v1/datasets/{row['dataset_id']}"}
+    if row["kind"] == "convert":
+        links["result"] = f"/v1/jobs/{row['id']}/result"
+    return {
+        "id": row["id"], "kind": row["kind"], "dataset_id": row["dataset_id"],
+        "state": row["state"],
+        "progress": {"done": done, "total": total,
+                     "fraction": round(done / total, 4) if total else None},
+        "target": row["target"], "error": row["error"], "result": row["result"],
+        "created_at": row["created_at"], "started_at": row["started_at"],
+        "finished_at": row["finished_at"], "links": links,
+    }

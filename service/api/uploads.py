@@ -1,0 +1,62 @@
+"""Uploads (raw PUT and multipart POST) and registrations of files on shared storage."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+
+from ..uploads import MultipartFile, parse_digest
+from .deps import Service, body_chunks, declared_length
+from .schemas import Accepted, ErrorBody, RegistrationIn, dataset_summary, job_view
+
+router = APIRouter(prefix="/v1", tags=["uploads"])
+
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in (
+        (400, "bad file name, digest mismatch, malformed multipart, client went away"),
+        (413, "larger than the configured maximum"),
+        (415, "the body does not start with an MRC/MRCZ header (nothing stored)"),
+        (422, "invalid parameters"))}
+
+Normalize = Annotated[bool | None, Query(description="override the default normalization "
+                                                     "policy (4-bit -> mode 0) for this file")]
+
+
+def accepted_response(result: dict[str, Any], response: Response) -> dict[str, Any]:
+    """202 with Location for a new dataset; 200 when these bytes were already here."""
+    dataset = result["dataset"]
+    response.status_code = 200 if result["duplicate"] else 202
+    response.headers["Location"] = f"/v1/datasets/{dataset['id']}"
+    return {"dataset": dataset_summary(dataset),
+            "job": job_view(result["job"]) if result["job"] else None,
+            "duplicate": result["duplicate"]}
+
+
+@router.put("/uploads/{filename}", status_code=202, response_model=Accepted,
+            responses=UPLOAD_ERRORS, summary="Upload a movie as the raw body (curl -T)")
+async def put_upload(filename: str, request: Request, response: Response, service: Service,
+                     normalize: Normalize = None) -> dict[str, Any]:
+    """Streamed to disk, SHA-256 computed on the way (checked against ``X-Content-SHA256``
+    or ``Content-Digest: sha-256=:…:`` if sent); the header is checked as soon as its 1024
+    bytes arrive."""
+    result = await service.accept_upload(filename, body_chunks(request), parse_digest(
+        request.headers), normalize, declared_length(request))
+    return accepted_response(result, response)
+
+
+@router.post("/uploads", status_code=202, response_model=Accepted, responses=UPLOAD_ERRORS,
+             summary="Upload a movie as multipart/form-data (curl -F file=@movie.mrc)")
+async def post_upload(request: Request, response: Response, service: Service,
+                      normalize: Normalize = None) -> dict[str, Any]:
+    body = MultipartFile(request.headers.get("content-type", ""), body_chunks(request))
+    result = await service.accept_upload(None, body, parse_digest(request.headers),
+                                         normalize, declared_length(request))
+    return accepted_response(result, response)
+
+
+@router.post("/registrations", status_code=202, response_model=Accepted,
+             responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+             summary="Register a file already on allowed shared storage")
+def register(body: RegistrationIn, response: Response, service: Service) -> dict[str, Any]:
+    return accepted_response(service.register(body.path, body.normalize), response)

@@ -1,0 +1,241 @@
+"""The catalog: datasets and jobs, behind this one module (SQLAlchemy Core).
+
+SQLite is the embedded default (WAL, so readers never wait for the worker threads that
+write progress); any SQLAlchemy URL works, so a PostgreSQL backend needs no change in
+the routers or the pipeline. Rows go in and out as plain dicts; the JSON column ``info``
+holds what only the detail view needs (header, findings, stats, files, timings), the
+other columns are what lists filter and sort on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+metadata = sa.MetaData()
+
+datasets = sa.Table(
+    "datasets", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),       # upload | registration
+    sa.Column("status", sa.String(16), nullable=False),       # see DATASET_STATES
+    sa.Column("created_at", sa.String(32), nullable=False),   # ISO 8601 UTC, sortable text
+    sa.Column("updated_at", sa.String(32), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),   # the file as received
+    sa.Column("sha256", sa.String(64)),
+    sa.Column("path", sa.Text, nullable=False),               # the file as received
+    sa.Column("mode", sa.Integer),
+    sa.Column("nx", sa.Integer),
+    sa.Column("ny", sa.Integer),
+    sa.Column("nz", sa.Integer),
+    sa.Column("dtype", sa.String(32)),
+    sa.Column("pixel_size", sa.Float),                        # Å, X axis
+    sa.Column("stored_bytes", sa.BigInteger),                 # archive copy, if any
+    sa.Column("info", sa.JSON, nullable=False, default=dict),
+)
+for cols in (("created_at", "id"), ("status", "created_at", "id"), ("mode", "created_at", "id"),
+             ("source", "created_at", "id"), ("name", "id"), ("size_bytes", "id"), ("sha256",)):
+    sa.Index(f"ix_datasets_{'_'.join(cols)}", *(datasets.c[c] for c in cols))
+
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),         # ingest | convert
+    sa.Column("dataset_id", sa.String(32), nullable=False, index=True),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("target", sa.JSON),                             # convert: the Target fields
+    sa.Column("done", sa.Integer, nullable=False, default=0),  # frames processed
+    sa.Column("total", sa.Integer, nullable=False, default=0),
+    sa.Column("error", sa.JSON),                              # {"error": code, "detail": ...}
+    sa.Column("result", sa.JSON),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("started_at", sa.String(32)),
+    sa.Column("finished_at", sa.String(32)),
+)
+
+DATASET_STATES = ("queued", "processing", "ready", "rejected", "failed")
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+UNFINISHED_JOB_STATES = ("queued", "running")
+SORT_KEYS = ("created_at", "name", "size_bytes")
+SUMMARY_COLUMNS = [c for c in datasets.c if c.name not in ("info", "path")]
+
+
+def now() -> str:
+    """Current UTC time as fixed-width ISO 8601 text, so text order is time order."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+class CursorError(ValueError):
+    """A pagination cursor that this catalog did not issue (or for another sort)."""
+
+
+@dataclass(frozen=True)
+class DatasetQuery:
+    status: str | None = None
+    mode: int | None = None
+    source: str | None = None
+    name: str | None = None            # substring, case-insensitive
+    created_after: str | None = None   # ISO text, exclusive
+    created_before: str | None = None  # ISO text, exclusive
+    sort: str = "created_at"
+    descending: bool = True
+    limit: int = 50
+    cursor: str | None = None
+
+
+def _encode_cursor(sort: str, value: Any, row_id: str) -> str:
+    raw = json.dumps([sort, value, row_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, sort: str) -> tuple[Any, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        cursor_sort, value, row_id = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise CursorError(f"cursor {cursor!r} is not one this service issued") from exc
+    if cursor_sort != sort or not isinstance(row_id, str):
+        raise CursorError(f"cursor was issued for sort={cursor_sort!r}, not sort={sort!r}")
+    return value, row_id
+
+
+class Catalog:
+    """Datasets and jobs. Thread-safe: every call takes its own connection from the
+    engine's pool, so routes (thread pool) and workers can call it concurrently."""
+
+    def __init__(self, url: str):
+        self.url = url
+        is_sqlite = url.startswith("sqlite")
+        self.engine: Engine = sa.create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30} if is_sqlite else {})
+        if is_sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(1)).scalar() == 1
+
+    # -- datasets ---------------------------------------------------------------------
+
+    def add_dataset(self, **row: Any) -> dict[str, Any] | None:
+        stamp = now()
+        row = {"created_at": stamp, "updated_at": stamp, "info": {}, **row}
+        with self.engine.begin() as conn:
+            conn.execute(datasets.insert().values(**row))
+        return self.get_dataset(row["id"])
+
+    def update_dataset(self, dataset_id: str, **fields: Any) -> bool:
+        fields["updated_at"] = now()
+        with self.engine.begin() as conn:
+            result = conn.execute(datasets.update().where(datasets.c.id == dataset_id)
+                                  .values(**fields))
+        return result.rowcount > 0
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(datasets).where(datasets.c.id == dataset_id)).first()
+        return dict(row._mapping) if row else None
+
+    def find_by_sha256(self, sha256: str, statuses: Iterable[str]) -> dict[str, Any] | None:
+        query = (sa.select(datasets).where(datasets.c.sha256 == sha256,
+                                           datasets.c.status.in_(list(statuses)))
+                 .order_by(datasets.c.created_at).limit(1))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return dict(row._mapping) if row else None
+
+    def delete_dataset(self, dataset_id: str) -> bool:
+        with self.engine.begin() as conn:
+            conn.execute(jobs.delete().where(jobs.c.dataset_id == dataset_id))
+            result = conn.execute(datasets.delete().where(datasets.c.id == dataset_id))
+        return result.rowcount > 0
+
+    def list_datasets(self, q: DatasetQuery) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of dataset summaries, and the cursor of the next page (None at the
+        end). Keyset pagination on (sort key, id): stable while rows are added."""
+        if q.sort not in SORT_KEYS:
+            raise CursorError(f"sort must be one of {SORT_KEYS}, got {q.sort!r}")
+        key, tie = datasets.c[q.sort], datasets.c.id
+        query = sa.select(*SUMMARY_COLUMNS)
+        for column, value in (("status", q.status), ("mode", q.mode), ("source", q.source)):
+            if value is not None:
+                query = query.where(datasets.c[column] == value)
+        if q.name:
+            escaped = q.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(datasets.c.name.ilike(f"%{escaped}%", escape="\\"))
+        if q.created_after:
+            query = query.where(datasets.c.created_at > q.created_after)
+        if q.created_before:
+            query = query.where(datasets.c.created_at < q.created_before)
+        if q.cursor:
+            value, row_id = _decode_cursor(q.cursor, q.sort)
+            if q.descending:
+                query = query.where(sa.or_(key < value, sa.and_(key == value, tie < row_id)))
+            else:
+                query = query.where(sa.or_(key > value, sa.and_(key == value, tie > row_id)))
+        order = (key.desc(), tie.desc()) if q.descending else (key.asc(), tie.asc())
+        query = query.order_by(*order).limit(q.limit + 1)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        if len(rows) <= q.limit:
+            return rows, None
+        rows = rows[:q.limit]
+        return rows, _encode_cursor(q.sort, rows[-1][q.sort], rows[-1]["id"])
+
+    def count_datasets_by_status(self) -> dict[str, int]:
+        query = sa.select(datasets.c.status, sa.func.count()).group_by(datasets.c.status)
+        with self.engine.connect() as conn:
+            counts = dict(conn.execute(query).all())
+        return {state: counts.get(state, 0) for state in DATASET_STATES}
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def add_job(self, **row: Any) -> dict[str, Any] | None:
+        row = {"state": "queued", "done": 0, "total": 0, "created_at": now(), **row}
+        with self.engine.begin() as conn:
+            conn.execute(jobs.insert().values(**row))
+        return self.get_job(row["id"])
+
+    def update_job(self, job_id: str, **fields: Any) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(jobs.update().where(jobs.c.id == job_id).values(**fields))
+        return result.rowcount > 0
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return dict(row._mapping) if row else None
+
+    def jobs_in_states(self, states: Iterable[str],
+                       dataset_id: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(jobs).where(jobs.c.state.in_(list(states)))
+        if dataset_id is not None:
+            query = query.where(jobs.c.dataset_id == dataset_id)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query.order_by(jobs.c.created_at))]
+
+    def count_jobs_by_state(self) -> dict[str, int]:
+        query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
+        with self.engine.connect() as conn:
+            counts = dict(conn.execute(query).all())
+        return {state: counts.get(state, 0) for state in JOB_STATES}
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

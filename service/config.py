@@ -1,0 +1,62 @@
+"""Service settings, read from the environment (prefix ``MRC_INGEST_``) by pydantic-settings.
+
+Nothing reads the environment at import time: :func:`service.api.create_app` takes a
+:class:`Settings` (tests build their own), and ``mrc-ingest serve`` builds one from the
+environment. Lists such as ``MRC_INGEST_ALLOWED_ROOTS`` are JSON (``'["/shared"]'``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .mrc import Codec
+from .mrc.codec import CODEC_BY_NAME
+
+GiB = 1 << 30
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MRC_INGEST_", extra="ignore")
+
+    data_dir: Path = Field(Path("mrc-ingest-data"),
+                           description="uploads, archives, conversions and the SQLite catalog")
+    database_url: str | None = Field(None, description="SQLAlchemy URL of the catalog; "
+                                     "default sqlite:///<data_dir>/catalog.sqlite3")
+    allowed_roots: list[Path] = Field(default_factory=list,
+                                      description="folders from which POST /v1/registrations "
+                                                  "may register files (symlinks resolved)")
+    workers: int = Field(2, ge=1, le=64, description="processing thread-pool size")
+    max_upload_bytes: int = Field(64 * GiB, gt=1024, description="largest accepted upload")
+    normalize: bool = Field(True, description="default policy: store 4-bit (mode 101) data "
+                                              "normalized to mode 0, losslessly")
+    archive_codec: str = Field("zstd", description="MRCZ codec of the archive copy kept for "
+                                                   "each dataset, or 'none' for no archive")
+    archive_clevel: int = Field(1, ge=0, le=9)
+    conversion_cache_bytes: int = Field(32 * GiB, ge=0, description="converted downloads "
+                                        "kept for reuse; least recently used go first")
+    preview_cache_items: int = Field(256, ge=0, description="PNG previews kept in memory")
+    sum_preview_size: int = Field(1024, ge=64, le=8192, description="longest side of the "
+                                  "frame sum computed at ingest")
+
+    @field_validator("archive_codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        value = value.lower()
+        if value != "none":
+            codec = CODEC_BY_NAME.get(value)
+            if codec is None or not codec.available:
+                usable = [c.cname for c in Codec if c is not Codec.NONE and c.available]
+                raise ValueError(f"archive codec {value!r} unknown or unavailable; use one "
+                                 f"of {usable} or 'none'")
+        return value
+
+    @property
+    def archive(self) -> Codec:
+        return Codec.NONE if self.archive_codec == "none" else CODEC_BY_NAME[self.archive_codec]
+
+    @property
+    def catalog_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'catalog.sqlite3'}"

@@ -1,0 +1,96 @@
+"""Typed errors of the service layer. Each carries its HTTP status and a stable error
+code; the API maps them (and the format core's errors) to ``{"error", "detail"}`` in one
+place (:mod:`service.api.errors`). Nothing below the routers raises HTTPException."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .mrc import ConversionError, FormatError, FrameIndexError, LossyConversionError, MrcError
+
+
+class ServiceError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: Any):
+        self.detail = detail
+        super().__init__(detail if isinstance(detail, str) else repr(detail))
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class DigestMismatch(ServiceError):
+    status, code = 400, "digest_mismatch"
+
+
+class PathNotAllowed(ServiceError):
+    status, code = 403, "path_not_allowed"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
+
+
+class TooLarge(ServiceError):
+    status, code = 413, "too_large"
+
+
+class NotMrc(ServiceError):
+    """The body does not start with an MRC/MRCZ header; nothing was stored."""
+    status, code = 415, "not_mrc"
+
+
+class Unprocessable(ServiceError):
+    status, code = 422, "unprocessable"
+
+
+class ClientGone(ServiceError):
+    """The client closed the connection mid-upload; nothing was stored."""
+    status, code = 400, "upload_incomplete"
+
+
+class InvalidMrc(ServiceError):
+    status, code = 422, "invalid_mrc"
+
+
+class ConversionRefused(ServiceError):
+    status, code = 422, "conversion_refused"
+
+
+class LossyConversion(ServiceError):
+    status, code = 422, "lossy_conversion"
+
+
+class FrameNotFound(ServiceError):
+    status, code = 404, "frame_not_found"
+
+
+def from_core(exc: MrcError) -> ServiceError:
+    """The service error for a format-core error: the one place that maps them."""
+    if isinstance(exc, FrameIndexError):
+        return FrameNotFound(str(exc))
+    if isinstance(exc, LossyConversionError):
+        return LossyConversion({"message": str(exc), "lossless_targets": exc.lossless_targets})
+    if isinstance(exc, ConversionError):
+        return ConversionRefused(str(exc))
+    if isinstance(exc, FormatError):
+        return InvalidMrc({"message": str(exc),
+                           "findings": [f.to_dict() for f in exc.findings]})
+    return InvalidMrc(str(exc))
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """``{"error": code, "detail": ...}`` for any exception (jobs record the same shape
+    the API returns)."""
+    if isinstance(exc, MrcError):
+        exc = from_core(exc)
+    if isinstance(exc, ServiceError):
+        return {"error": exc.code, "detail": exc.detail}
+    return {"error": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}

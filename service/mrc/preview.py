@@ -1,0 +1,83 @@
+"""Frame -> 8-bit preview image: binning by block means and robust (percentile) contrast.
+
+Pure numpy; the PNG encoding lives in the service (Pillow). Binning averages f x f
+blocks (the remainder rows/columns past the last whole block are dropped), which keeps
+shot-noise statistics honest where resampling filters would smear them. Contrast clips
+at percentiles, so a few hot pixels do not flatten the whole image to black.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def bin_factors(ny: int, nx: int, max_side: int) -> tuple[int, int]:
+    """Smallest integer factor that brings the longest side down to ``max_side``, per
+    axis (capped by the axis length, so a thin strip keeps at least one row)."""
+    factor = max(1, math.ceil(max(ny, nx) / max(1, max_side)))
+    return min(factor, ny), min(factor, nx)
+
+
+def real_values(frame: np.ndarray) -> np.ndarray:
+    """What a preview shows: the magnitude of complex data, the values otherwise."""
+    if frame.dtype.names:  # mode 3, complex int16 pairs
+        return np.hypot(frame["re"].astype(np.float32), frame["im"].astype(np.float32))
+    if frame.dtype.kind == "c":
+        return np.abs(frame).astype(np.float32)
+    return frame
+
+
+def block_sum(frame: np.ndarray, fy: int, fx: int) -> np.ndarray:
+    """Sums of ``fy`` x ``fx`` blocks, as float64 (exact for integer data)."""
+    values = real_values(frame)
+    h, w = values.shape[0] // fy, values.shape[1] // fx
+    if fy == fx == 1:
+        return values.astype(np.float64)
+    # Sum along the contiguous axis first, then rows: one pass, small temporaries.
+    cropped = values[: h * fy, : w * fx]
+    cols = cropped.reshape(h * fy, w, fx).sum(axis=2, dtype=np.float64)
+    return cols.reshape(h, fy, w).sum(axis=1)
+
+
+def binned(frame: np.ndarray, max_side: int) -> np.ndarray:
+    """Block means of ``frame`` with the longest side at most ``max_side``."""
+    fy, fx = bin_factors(frame.shape[0], frame.shape[1], max_side)
+    return block_sum(frame, fy, fx) / float(fy * fx)
+
+
+class BinnedSum:
+    """Running sum of frames at preview resolution: the "sum" image a dashboard shows
+    (motion-uncorrected), kept small (``max_side``) so a 5 GB movie costs a few MB."""
+
+    def __init__(self, ny: int, nx: int, max_side: int):
+        self.fy, self.fx = bin_factors(ny, nx, max_side)
+        self.total: np.ndarray | None = None
+        self.frames = 0
+
+    def add(self, frame: np.ndarray) -> None:
+        block = block_sum(frame, self.fy, self.fx)
+        if self.total is None:
+            self.total = block
+        else:
+            self.total += block
+        self.frames += 1
+
+
+def contrast_u8(image: np.ndarray, low_percent: float = 0.5,
+                high_percent: float = 99.5) -> np.ndarray:
+    """Map ``image`` to 0-255 with the given percentiles as black and white. Non-finite
+    pixels (NaN, inf) are shown black; a flat image is mid-grey."""
+    values = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, dtype=np.uint8)
+    sample = values[finite] if not finite.all() else values
+    lo, hi = np.percentile(sample, [low_percent, high_percent])
+    if not hi > lo:
+        lo, hi = sample.min(), sample.max()
+    if not hi > lo:
+        return np.where(finite, 128, 0).astype(np.uint8)
+    scaled = (np.where(finite, values, lo) - lo) * (255.0 / (hi - lo))
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,233 @@
+"""One path for every upload (raw PUT, multipart POST): stream to a temporary file in
+large blocks, hash while writing, check the MRC header the moment its 1024 bytes are in.
+
+The event loop only gathers network chunks into 4 MiB blocks; hashing (hashlib releases
+the GIL) and writing run on a worker thread while the next block arrives, so a 5 GB
+movie never sits in memory and the loop stays free. Nothing is created on disk until the
+header check has passed; any failure removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import AsyncIterator
+
+import anyio
+from python_multipart import MultipartParser
+from python_multipart.multipart import parse_options_header
+
+from .errors import BadRequest, DigestMismatch, NotMrc, TooLarge
+from .mrc.findings import Finding
+from .mrc.header import HEADER_SIZE, Layout
+from .mrc.validate import check_header_bytes
+from .storage import PART_SUFFIX
+
+BLOCK = 4 << 20
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,199}$")
+
+
+def check_filename(name: str) -> str:
+    """A plain file name: no folders, no leading dot, a conservative character set (it
+    becomes a path on disk and a Content-Disposition value)."""
+    name = name.strip()
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise BadRequest(f"file name {name!r} is not allowed: use letters, digits and "
+                         "'._+-', start with a letter or digit, at most 200 characters, "
+                         "no folders")
+    return name
+
+
+def parse_digest(headers: dict[str, str]) -> str | None:
+    """The client's SHA-256 of the body, hex, from ``X-Content-SHA256: <hex>`` or
+    ``Content-Digest``/``Repr-Digest: sha-256=:<base64>:`` (RFC 9530) or
+    ``Digest: SHA-256=<base64>`` (RFC 3230); None when none is sent."""
+    value = headers.get("x-content-sha256")
+    if value is not None:
+        value = value.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise BadRequest("X-Content-SHA256 must be 64 hex digits")
+        return value
+    for name in ("content-digest", "repr-digest", "digest"):
+        header = headers.get(name)
+        if header is None:
+            continue
+        for item in header.split(","):
+            algo, _, encoded = item.strip().partition("=")
+            if algo.strip().lower() != "sha-256":
+                continue
+            try:
+                raw = base64.b64decode(encoded.strip().strip(":"), validate=True)
+            except binascii.Error:
+                raise BadRequest(f"{name}: sha-256 value is not base64") from None
+            if len(raw) != 32:
+                raise BadRequest(f"{name}: sha-256 value must be 32 bytes")
+            return raw.hex()
+        raise BadRequest(f"{name} header carries no sha-256 digest (the only one supported)")
+    return None
+
+
+class UploadSink:
+    """Bytes of one upload on their way to ``incoming/<token>.part``."""
+
+    def __init__(self, incoming: Path, max_bytes: int, expected_sha256: str | None = None):
+        self.incoming = incoming
+        self.max_bytes = max_bytes
+        self.expected_sha256 = expected_sha256
+        self.path = incoming / f"{secrets.token_hex(12)}{PART_SUFFIX}"
+        self.received = 0
+        self.layout: Layout | None = None
+        self.header_findings: list[Finding] = []
+        self.sha256 = ""
+        self._hash = hashlib.sha256()
+        self._fd = -1
+
+    # -- on the event loop ------------------------------------------------------------
+
+    def count(self, n: int) -> None:
+        self.received += n
+        if self.received > self.max_bytes:
+            raise TooLarge(f"upload exceeds the limit of {self.max_bytes} bytes")
+
+    def check_header(self, first: bytes) -> None:
+        layout, findings = check_header_bytes(first)
+        if layout is None:
+            raise NotMrc({"message": "the body does not start with an MRC/MRCZ header; "
+                                     "nothing was stored",
+                          "findings": [f.to_dict() for f in findings]})
+        self.layout, self.header_findings = layout, findings
+
+    async def receive(self, chunks: AsyncIterator[bytes]) -> None:
+        """Consume ``chunks`` to the end; on return the file is complete and fsynced."""
+        buffer = bytearray()
+        pending: asyncio.Future | None = None
+        try:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                self.count(len(chunk))
+                buffer += chunk
+                if self.layout is None and len(buffer) >= HEADER_SIZE:
+                    self.check_header(bytes(buffer[:HEADER_SIZE]))
+                if self.layout is not None and len(buffer) >= BLOCK:
+                    if pending is not None:
+                        await pending
+                    block, buffer = bytes(buffer), bytearray()
+                    pending = asyncio.ensure_future(anyio.to_thread.run_sync(self.write, block))
+            if pending is not None:
+                await pending
+                pending = None
+            if self.layout is None:
+                self.check_header(bytes(buffer))  # fewer than 1024 bytes: always refused
+            await anyio.to_thread.run_sync(self.finish, bytes(buffer))
+        except BaseException:
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
+            await anyio.to_thread.run_sync(self.discard)
+            raise
+
+    # -- on a worker thread -----------------------------------------------------------
+
+    def write(self, block: bytes) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._hash.update(block)
+        view = memoryview(block)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def finish(self, tail: bytes) -> None:
+        self.write(tail)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        self.sha256 = self._hash.hexdigest()
+        if self.expected_sha256 and self.expected_sha256 != self.sha256:
+            raise DigestMismatch(f"the body's SHA-256 is {self.sha256}, the client said "
+                                 f"{self.expected_sha256}; nothing was stored")
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+class MultipartFile:
+    """The first file part of a ``multipart/form-data`` body, as an async stream of its
+    bytes, parsed incrementally (python-multipart) straight from the request stream."""
+
+    def __init__(self, content_type: str, body: AsyncIterator[bytes]):
+        kind, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        if kind != b"multipart/form-data" or not boundary:
+            raise BadRequest("expected a multipart/form-data body with a boundary "
+                             "(curl -F file=@movie.mrc)")
+        self.body = body
+        self.filename: str | None = None
+        self._chunks: list[bytes] = []
+        self._headers: dict[bytes, bytes] = {}
+        self._field = b""
+        self._in_file = False
+        self._file_done = False
+        self._name_checked = False
+        self._parser = MultipartParser(boundary, callbacks={
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        })
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field = data[start:end].lower()
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._headers[self._field] = self._headers.get(self._field, b"") + data[start:end]
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        filename = options.get(b"filename")
+        if filename is not None and self.filename is None and not self._file_done:
+            self.filename = filename.decode("utf-8", "replace").replace("\\", "/")
+            self.filename = self.filename.rsplit("/", 1)[-1]
+            self._in_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file:
+            self._chunks.append(data[start:end])
+
+    def _part_end(self) -> None:
+        if self._in_file:
+            self._in_file, self._file_done = False, True
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.body:
+            try:
+                self._parser.write(chunk)
+            except Exception as exc:  # python-multipart's parse errors
+                raise BadRequest(f"malformed multipart body: {exc}") from None
+            if self.filename is not None and not self._name_checked:
+                self.filename = check_filename(self.filename)  # before the bulk arrives
+                self._name_checked = True
+            if self._chunks:
+                data, self._chunks = b"".join(self._chunks), []
+                yield data
+        self._parser.finalize()
+        if self._chunks:
+            data, self._chunks = b"".join(self._chunks), []
+            yield data
+        if self.filename is None:
+            raise BadRequest("the multipart body has no file part (use -F file=@movie.mrc)")
+        if not self._file_done:
+            raise BadRequest("the multipart body ended inside the file part")
