@@ -35,10 +35,18 @@ def block_sum(frame: np.ndarray, fy: int, fx: int) -> np.ndarray:
     h, w = values.shape[0] // fy, values.shape[1] // fx
     if fy == fx == 1:
         return values.astype(np.float64)
-    # Sum along the contiguous axis first, then rows: one pass, small temporaries.
+    # fx strided adds, then fy: whole-array numpy ops (a reduction over a short inner
+    # axis is several times slower).
+    # Small integers (4-bit counts, bytes, 16-bit) add exactly and twice as fast in int32.
+    small_int = values.dtype.kind in "iu" and values.dtype.itemsize <= 2 and fy * fx <= 32768
     cropped = values[: h * fy, : w * fx]
-    cols = cropped.reshape(h * fy, w, fx).sum(axis=2, dtype=np.float64)
-    return cols.reshape(h, fy, w).sum(axis=1)
+    cols = cropped[:, 0::fx].astype(np.int32 if small_int else np.float64)
+    for j in range(1, fx):
+        cols += cropped[:, j::fx]
+    out = cols[0::fy].copy()
+    for i in range(1, fy):
+        out += cols[i::fy]
+    return out.astype(np.float64, copy=False)
 
 
 def binned(frame: np.ndarray, max_side: int) -> np.ndarray:
