@@ -215,6 +215,8 @@ def bench_list(work: Path, rows: int) -> None:
                 "mode=101, source=registration": {"mode": 101, "source": "registration"},
                 "sort=size_bytes asc": {"sort": "size_bytes", "order": "asc"},
                 "name contains 'sq7_mov99'": {"name": "sq7_mov99"},
+                "name matching no row": {"name": "no-such-grid"},
+                "name contains 'GRID3_SQ' (~10%)": {"name": "GRID3_SQ"},
             }
             results = {label: latencies(client, "/v1/datasets", n, **params)
                        for label, params in cases.items()}
@@ -264,17 +266,24 @@ def bench_busy_loop(work: Path) -> None:
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dir", type=Path, default=None,
                         help="work folder (default: a temporary folder under the cwd)")
+    parser.add_argument("--only", nargs="+", default=["put", "preview", "list", "busy"],
+                        choices=["put", "preview", "list", "busy"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-service-", dir=args.dir or Path.cwd()))
     try:
-        bench_put_and_rss(work, 32 if args.quick else 256)
-        bench_previews(work)
-        bench_list(work, 10_000 if args.quick else 100_000)
-        bench_busy_loop(work)
+        if "put" in args.only:
+            bench_put_and_rss(work, 32 if args.quick else 256)
+        if "preview" in args.only:
+            bench_previews(work)
+        if "list" in args.only:
+            bench_list(work, 10_000 if args.quick else 100_000)
+        if "busy" in args.only:
+            bench_busy_loop(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -41,8 +41,11 @@ datasets = sa.Table(
     sa.Column("stored_bytes", sa.BigInteger),                 # archive copy, if any
     sa.Column("info", sa.JSON, nullable=False, default=dict),
 )
+# Newest-first listing under any one or two equality filters walks one index in order.
 for cols in (("created_at", "id"), ("status", "created_at", "id"), ("mode", "created_at", "id"),
-             ("source", "created_at", "id"), ("name", "id"), ("size_bytes", "id"), ("sha256",)):
+             ("source", "created_at", "id"), ("status", "mode", "created_at", "id"),
+             ("status", "source", "created_at", "id"), ("mode", "source", "created_at", "id"),
+             ("name", "id"), ("size_bytes", "id"), ("sha256",)):
     sa.Index(f"ix_datasets_{'_'.join(cols)}", *(datasets.c[c] for c in cols))
 
 jobs = sa.Table(
@@ -65,6 +68,24 @@ DATASET_STATES = ("queued", "processing", "ready", "rejected", "failed")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED_JOB_STATES = ("queued", "running")
 SORT_KEYS = ("created_at", "name", "size_bytes")
+#: A name substring matching at most this many rows is looked up in the trigram index;
+#: a commoner one is found faster by walking the sort order and testing each name.
+RARE_NAME_ROWS = 2000
+
+# SQLite only: a trigram full-text index over names, so a substring that matches few or
+# no rows does not scan the whole table (external content; kept in step by triggers).
+_SQLITE_NAME_INDEX = [
+    "CREATE VIRTUAL TABLE IF NOT EXISTS datasets_name USING fts5(name, tokenize='trigram', "
+    "content='datasets', content_rowid='rowid')",
+    "CREATE TRIGGER IF NOT EXISTS datasets_name_ai AFTER INSERT ON datasets BEGIN "
+    "INSERT INTO datasets_name(rowid, name) VALUES (new.rowid, new.name); END",
+    "CREATE TRIGGER IF NOT EXISTS datasets_name_ad AFTER DELETE ON datasets BEGIN "
+    "INSERT INTO datasets_name(datasets_name, rowid, name) VALUES ('delete', old.rowid, "
+    "old.name); END",
+    "CREATE TRIGGER IF NOT EXISTS datasets_name_au AFTER UPDATE OF name ON datasets BEGIN "
+    "INSERT INTO datasets_name(datasets_name, rowid, name) VALUES ('delete', old.rowid, "
+    "old.name); INSERT INTO datasets_name(rowid, name) VALUES (new.rowid, new.name); END",
+]
 SUMMARY_COLUMNS = [c for c in datasets.c if c.name not in ("info", "path")]
 
 
@@ -119,6 +140,16 @@ class Catalog:
         if is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        self.name_index = is_sqlite and _trigram_available(self.engine)
+        if self.name_index:
+            with self.engine.begin() as conn:
+                existed = conn.exec_driver_sql(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'datasets_name'").first()
+                for statement in _SQLITE_NAME_INDEX:
+                    conn.exec_driver_sql(statement)
+                if not existed:  # a catalog from before the index: fill it once
+                    conn.exec_driver_sql("INSERT INTO datasets_name(datasets_name) "
+                                         "VALUES ('rebuild')")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -173,8 +204,7 @@ class Catalog:
             if value is not None:
                 query = query.where(datasets.c[column] == value)
         if q.name:
-            escaped = q.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            query = query.where(datasets.c.name.ilike(f"%{escaped}%", escape="\\"))
+            query = query.where(self._name_condition(q.name))
         if q.created_after:
             query = query.where(datasets.c.created_at > q.created_after)
         if q.created_before:
@@ -193,6 +223,22 @@ class Catalog:
             return rows, None
         rows = rows[:q.limit]
         return rows, _encode_cursor(q.sort, rows[-1][q.sort], rows[-1]["id"])
+
+    def _name_condition(self, text: str) -> sa.ColumnElement[bool]:
+        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+        like = datasets.c.name.ilike(pattern, escape="\\")
+        if not self.name_index or len(text) < 3:  # trigrams need three characters
+            return like
+        # Without ESCAPE (which the trigram index cannot serve) '%' and '_' in the text act
+        # as wildcards here: a superset, which the exact LIKE above then narrows.
+        with self.engine.connect() as conn:
+            rowids = conn.exec_driver_sql(
+                "SELECT rowid FROM datasets_name WHERE name LIKE ? LIMIT ?",
+                (f"%{text}%", RARE_NAME_ROWS + 1)).scalars().all()
+        if len(rowids) > RARE_NAME_ROWS:
+            return like
+        return sa.and_(sa.literal_column("datasets.rowid").in_(rowids), like)
 
     def count_datasets_by_status(self) -> dict[str, int]:
         query = sa.select(datasets.c.status, sa.func.count()).group_by(datasets.c.status)
@@ -231,6 +277,18 @@ class Catalog:
         with self.engine.connect() as conn:
             counts = dict(conn.execute(query).all())
         return {state: counts.get(state, 0) for state in JOB_STATES}
+
+
+def _trigram_available(engine: Engine) -> bool:
+    """FTS5 with the trigram tokenizer needs SQLite >= 3.34 built with FTS5."""
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE VIRTUAL TABLE temp.trigram_probe USING "
+                                 "fts5(x, tokenize='trigram')")
+            conn.exec_driver_sql("DROP TABLE temp.trigram_probe")
+        return True
+    except sa.exc.OperationalError:
+        return False
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
