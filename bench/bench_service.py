@@ -216,7 +216,7 @@ def bench_list(work: Path, rows: int) -> None:
                 "sort=size_bytes asc": {"sort": "size_bytes", "order": "asc"},
                 "name contains 'sq7_mov99'": {"name": "sq7_mov99"},
                 "name matching no row": {"name": "no-such-grid"},
-                "name contains 'GRID3_SQ' (~10%)": {"name": "GRID3_SQ"},
+                "name contains 'GRID3_SQ' (~3%) ": {"name": "GRID3_SQ"},
             }
             results = {label: latencies(client, "/v1/datasets", n, **params)
                        for label, params in cases.items()}

@@ -71,6 +71,8 @@ SORT_KEYS = ("created_at", "name", "size_bytes")
 #: A name substring matching at most this many rows is looked up in the trigram index;
 #: a commoner one is found faster by walking the sort order and testing each name.
 RARE_NAME_ROWS = 2000
+#: ... and a page of a common one is looked for first among this many rows in sort order.
+NAME_WINDOW = 5000
 
 # SQLite only: a trigram full-text index over names, so a substring that matches few or
 # no rows does not scan the whole table (external content; kept in step by triggers).
@@ -203,8 +205,6 @@ class Catalog:
         for column, value in (("status", q.status), ("mode", q.mode), ("source", q.source)):
             if value is not None:
                 query = query.where(datasets.c[column] == value)
-        if q.name:
-            query = query.where(self._name_condition(q.name))
         if q.created_after:
             query = query.where(datasets.c.created_at > q.created_after)
         if q.created_before:
@@ -216,18 +216,36 @@ class Catalog:
             else:
                 query = query.where(sa.or_(key > value, sa.and_(key == value, tie > row_id)))
         order = (key.desc(), tie.desc()) if q.descending else (key.asc(), tie.asc())
-        query = query.order_by(*order).limit(q.limit + 1)
-        with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
+        rows = None
+        if q.name:
+            rows = self._common_name_page(query.order_by(*order), q)
+            if rows is None:
+                query = query.where(self._name_condition(q.name))
+        if rows is None:
+            with self.engine.connect() as conn:
+                rows = [dict(r._mapping) for r in
+                        conn.execute(query.order_by(*order).limit(q.limit + 1))]
         if len(rows) <= q.limit:
             return rows, None
         rows = rows[:q.limit]
         return rows, _encode_cursor(q.sort, rows[-1][q.sort], rows[-1]["id"])
 
+    def _common_name_page(self, ordered: sa.Select, q: DatasetQuery) -> list[dict] | None:
+        """A full page for a common name substring, found among the next NAME_WINDOW rows
+        in sort order; None when that window holds too few matches (a rarer substring,
+        which the trigram index serves instead)."""
+        window = ordered.limit(NAME_WINDOW).subquery()
+        inner_key, inner_tie = window.c[q.sort], window.c.id
+        order = (inner_key.desc(), inner_tie.desc()) if q.descending else \
+            (inner_key.asc(), inner_tie.asc())
+        page = (sa.select(window).where(window.c.name.ilike(_like_pattern(q.name), escape="\\"))
+                .order_by(*order).limit(q.limit + 1))
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(page)]
+        return rows if len(rows) > q.limit else None
+
     def _name_condition(self, text: str) -> sa.ColumnElement[bool]:
-        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        pattern = f"%{escaped}%"
-        like = datasets.c.name.ilike(pattern, escape="\\")
+        like = datasets.c.name.ilike(_like_pattern(text), escape="\\")
         if not self.name_index or len(text) < 3:  # trigrams need three characters
             return like
         # Without ESCAPE (which the trigram index cannot serve) '%' and '_' in the text act
@@ -277,6 +295,12 @@ class Catalog:
         with self.engine.connect() as conn:
             counts = dict(conn.execute(query).all())
         return {state: counts.get(state, 0) for state in JOB_STATES}
+
+
+def _like_pattern(text: str) -> str:
+    """``%text%`` with LIKE's own wildcards in ``text`` escaped (escape character ``\\``)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 def _trigram_available(engine: Engine) -> bool:
