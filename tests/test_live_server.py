@@ -78,12 +78,13 @@ def server(tmp_path_factory):
             proc.kill()
             raise RuntimeError("the server did not start")
         time.sleep(0.1)
-    yield base
+    yield base, data_dir
     proc.terminate()
     proc.wait(timeout=30)
 
 
 def test_stream_300mb_movie_through_put(server, movie):
+    server, _data_dir = server
     path, sha = movie
     size = path.stat().st_size
     assert size >= 300 * 10**6
@@ -134,3 +135,24 @@ def test_stream_300mb_movie_through_put(server, movie):
     assert values.shape == (NZ, NY, NX) and values.dtype == np.int8
     for k in (0, 17, NZ - 1):
         assert np.array_equal(values[k], unpacked(packed_frame(k)))
+
+
+def test_client_hanging_up_mid_upload_leaves_nothing(server, movie):
+    """A microscope PC that loses the network mid-movie: the partial upload is removed,
+    no dataset appears, and the server keeps serving."""
+    base, data_dir = server
+    path, _ = movie
+    host, port = base.removeprefix("http://").split(":")
+    before = httpx.get(f"{base}/v1/datasets").json()["items"]
+    with socket.create_connection((host, int(port))) as sock, open(path, "rb") as f:
+        sock.sendall(f"PUT /v1/uploads/cut.mrc HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Length: {path.stat().st_size}\r\n\r\n".encode())
+        for _ in range(20):  # 20 MiB of a 304 MiB body, then the cable is pulled
+            sock.sendall(f.read(1 << 20))
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while any((data_dir / "incoming").iterdir()):
+        assert time.monotonic() < deadline, list((data_dir / "incoming").iterdir())
+        time.sleep(0.05)
+    assert httpx.get(f"{base}/v1/datasets").json()["items"] == before
+    assert httpx.get(f"{base}/healthz").status_code == 200
