@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.mrc import Codec, MrcFile, MrcWriter, Target, convert  # noqa: E402
+from service.mrc import Codec, MrcFile, MrcWriter  # noqa: E402
 from service.mrc import codec as codec_mod  # noqa: E402
 from service.mrc.modes import unpack_4bit  # noqa: E402
 from service.mrc.stats import StatsAccumulator  # noqa: E402

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.catalog import Catalog, now  # noqa: E402
 from service.config import Settings  # noqa: E402
+from tests.api_helpers import start_server  # noqa: E402
 from tests.reference import raw_header  # noqa: E402
 
 NX = NY = 4096
@@ -51,29 +50,9 @@ def write_movie(path: Path, frames: int, mode: int = 101) -> None:
         os.fsync(f.fileno())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, data_dir: Path, workers: int = 2):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-             "--data-dir", str(data_dir), "--workers", str(workers), "--log-level", "warning"],
-            cwd=Path(__file__).resolve().parents[1])
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base}/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
+        self.proc, self.base = start_server(data_dir, "--workers", str(workers))
 
     def status_kb(self, field: str) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

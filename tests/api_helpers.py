@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 
 from service.api import create_app
@@ -40,3 +44,31 @@ def upload_and_wait(client, path: Path, name: str | None = None, **params) -> di
 
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, *args: str, timeout: float = 60.0
+                 ) -> tuple[subprocess.Popen, str]:
+    """``mrc-ingest serve`` in its own process on a free loopback port, once /healthz
+    answers; returns the process and the base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+                             "--data-dir", str(data_dir), "--log-level", "warning", *args],
+                            cwd=Path(__file__).resolve().parents[1])
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.1)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.api_helpers import start_server
 from tests.reference import raw_header
 
 NX = NY = 4096
@@ -35,12 +33,6 @@ def unpacked(packed: np.ndarray) -> np.ndarray:
     out[:, 0::2] = packed & 0x0F
     out[:, 1::2] = packed >> 4
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,22 +54,7 @@ def movie(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("live-data")
-    port = free_port()
-    env = {**os.environ, "MRC_INGEST_WORKERS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-                             "--data-dir", str(data_dir), "--log-level", "warning"], env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("the server did not start")
-        time.sleep(0.1)
+    proc, base = start_server(data_dir, "--workers", "2")
     yield base, data_dir
     proc.terminate()
     proc.wait(timeout=30)

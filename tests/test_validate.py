@@ -2,7 +2,6 @@
 
 import struct
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -10,7 +9,7 @@ import mrcz
 
 from service.mrc import FormatError, MrcFile, Severity, convert, inspect, validate
 from service.mrc.header import HEADER_DTYPE
-from tests.reference import raw_header, synthetic, write_raw_mrc
+from tests.reference import synthetic, write_raw_mrc
 
 
 def fields(findings, severity=None):
