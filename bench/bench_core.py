@@ -98,6 +98,17 @@ def bench_mrcz(folder: Path, nz: int, n: int, codec: str, clevel: int) -> Path:
             for frame in movie:
                 w.write_frame(frame, owned=True)
 
+    known = StatsAccumulator()
+    for frame in movie:
+        known.add(frame)
+    known_stats = known.result()
+
+    def ours_known_stats() -> None:
+        with MrcWriter(ours_path, nx=n, ny=n, nz=nz, mode=0, codec=codec_enum,
+                       clevel=clevel, known_stats=known_stats) as w:
+            for frame in movie:
+                w.write_frame(frame, owned=True)
+
     def ours_encode_only() -> None:
         for frame in movie:
             codec_mod.compress_frame(frame, codec_enum, clevel)
@@ -114,10 +125,13 @@ def bench_mrcz(folder: Path, nz: int, n: int, codec: str, clevel: int) -> Path:
 
     t_ours, t_ref = best_of(ours, 3), best_of(ref, 3)
     t_encode, t_stats = best_of(ours_encode_only, 3), best_of(stats_only, 3)
+    t_known = best_of(ours_known_stats, 3)
     size_ours, size_ref = ours_path.stat().st_size, ref_path.stat().st_size
     label = f"{codec}-{clevel}"
     row(f"MRCZ write {nz}x{n}^2 lam=1 {label}, MB/s", f"{raw / t_ours / 1e6:.0f}",
         f"mrcz {raw / t_ref / 1e6:.0f}", f"{t_ref / t_ours:.2f}x", ">= 1.0x")
+    row("  with stats known (ingest's archive write), MB/s", f"{raw / t_known / 1e6:.0f}",
+        f"mrcz {raw / t_ref / 1e6:.0f}", f"{t_ref / t_known:.2f}x", ">= 1.0x")
     row("  of which: encode only (blosc chunks), MB/s", f"{raw / t_encode / 1e6:.0f}",
         f"mrcz {raw / t_ref / 1e6:.0f}", f"{t_ref / t_encode:.2f}x",
         "mrcz: stats of frame 0 only")

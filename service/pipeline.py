@@ -160,7 +160,7 @@ class Pipeline:
                 archive_started = time.perf_counter()
                 nz = src.n_frames
                 report = mrc.convert(src, self.storage.archive_path(dataset_id, target.is_mrcz),
-                                     target,
+                                     target, known_stats=stats,
                                      progress=lambda done, _n: ctx.progress(nz + done, total))
                 info["timings"]["archive_s"] = round(time.perf_counter() - archive_started, 3)
                 archive_bytes = report.file_bytes_out

@@ -15,6 +15,7 @@ import mrcz
 from service.mrc import (Codec, ConversionError, LossyConversionError, MrcFile, MrcWriter,
                          Target, convert)
 from service.mrc.header import IMOD_STAMP, ImodFlag
+from service.mrc.stats import Stats
 from tests.reference import counting_movie, synthetic, write_raw_mrc
 
 CODECS = [c for c in Codec if c is not Codec.NONE and c.available]
@@ -304,3 +305,16 @@ def test_converting_onto_the_input_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="is the input file"):
         convert(src, tmp_path / "." / "s.mrc")
     assert src.read_bytes() == before
+
+
+def test_known_stats_skip_the_writers_pass_and_land_in_the_header(tmp_path):
+    """Ingest hands the statistics it computed while validating to the archive write;
+    the header must then hold exactly what the writer would have computed itself."""
+    data = counting_movie((3, 16, 20))
+    src = write_raw_mrc(tmp_path / "m.mrc", data, 101)
+    computed = convert(src, tmp_path / "a.mrcz", Target(codec=Codec.ZSTD))
+    known = Stats(**computed.stats, count=data.size)
+    given = convert(src, tmp_path / "b.mrcz", Target(codec=Codec.ZSTD), known_stats=known)
+    assert given.stats == computed.stats
+    with MrcFile(tmp_path / "a.mrcz") as a, MrcFile(tmp_path / "b.mrcz") as b:
+        assert a.header.tobytes() == b.header.tobytes()

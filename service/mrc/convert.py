@@ -26,6 +26,7 @@ from .errors import ConversionError, LossyConversionError
 from .modes import (MODES, UINT4_MAX, always_lossless, cast_to, differences,
                     lossless_targets, mode_spec)
 from .reader import MrcFile
+from .stats import Stats
 from .writer import MRCZ_LABEL, MrcWriter, set_labels
 
 Progress = Callable[[int, int], None]
@@ -140,9 +141,13 @@ def _labels_for(source: MrcFile, target: Target, mode: int) -> list[str]:
 
 
 def convert(source: str | os.PathLike | MrcFile, output: str | os.PathLike,
-            target: Target = Target(), *, progress: Progress | None = None) -> ConversionReport:
+            target: Target = Target(), *, progress: Progress | None = None,
+            known_stats: Stats | None = None) -> ConversionReport:
     """Convert ``source`` into ``output`` as ``target`` says. The output appears only when
-    complete; on any error nothing is left behind and the source is untouched."""
+    complete; on any error nothing is left behind and the source is untouched.
+
+    ``known_stats``: the source's exact statistics, if already computed (every
+    conversion here keeps the values, so they are the output's too)."""
     started = time.perf_counter()
     src_path = source.path if isinstance(source, MrcFile) else Path(source)
     if Path(output).resolve() == src_path.resolve():
@@ -150,14 +155,14 @@ def convert(source: str | os.PathLike | MrcFile, output: str | os.PathLike,
                               "another name (the input is never overwritten)")
     src = source if isinstance(source, MrcFile) else MrcFile(source)
     try:
-        return _convert(src, Path(output), target, progress, started)
+        return _convert(src, Path(output), target, progress, started, known_stats)
     finally:
         if src is not source:
             src.close()
 
 
 def _convert(src: MrcFile, output: Path, target: Target, progress: Progress | None,
-             started: float) -> ConversionReport:
+             started: float, known_stats: Stats | None) -> ConversionReport:
     mode = default_mode(src) if target.mode is None else target.mode
     spec = mode_spec(mode)
     safe_modes = lossless_targets(src.mode, src.dtype)
@@ -184,7 +189,8 @@ def _convert(src: MrcFile, output: Path, target: Target, progress: Progress | No
     lay = src.layout
     with MrcWriter(output, nx=lay.nx, ny=lay.ny, nz=lay.nz, mode=mode, codec=target.codec,
                    clevel=target.clevel, byte_order=target.byte_order, template=writer_header,
-                   extended_header=ext_raw, exttyp=exttyp, nint=nint, nreal=nreal) as writer:
+                   extended_header=ext_raw, exttyp=exttyp, nint=nint, nreal=nreal,
+                   known_stats=known_stats) as writer:
         # 4-bit counts (0-15) read as uint8 are already valid int8 bytes: view, not copy,
         # which keeps one fewer K2 super-resolution frame (57 MB) in memory.
         view_counts = bool(src.layout.packing) and spec.dtype.itemsize == 1
@@ -199,7 +205,7 @@ def _convert(src: MrcFile, output: Path, target: Target, progress: Progress | No
             writer.write_frame(converted, owned=True)  # fresh arrays from the reader
             if progress:
                 progress(k + 1, lay.nz)
-    stats = writer.stats.result()
+    stats = writer.final_stats
     return ConversionReport(
         source=str(src.path), output=str(output), source_mode=src.mode, target_mode=mode,
         codec=target.codec.cname if target.is_mrcz else None,

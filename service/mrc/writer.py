@@ -16,7 +16,7 @@ import numpy as np
 from . import header as hdr
 from .codec import Codec, compress_frame, join_mode
 from .modes import mode_spec, pack_4bit
-from .stats import StatsAccumulator
+from .stats import Stats, StatsAccumulator
 
 #: Label 0 of an MRCZ file (MRCZ spec: ``MRCZ<version>`` at byte 224). python-mrcz reads
 #: MZ as "slices" only from 0.5.0 on; we write the spec level we implement.
@@ -63,7 +63,8 @@ class MrcWriter:
     def __init__(self, path: str | os.PathLike, *, nx: int, ny: int, nz: int, mode: int,
                  codec: Codec = Codec.NONE, clevel: int = 1, byte_order: str = "<",
                  template: np.record | None = None, extended_header: bytes = b"",
-                 exttyp: bytes = b"", nint: int = 0, nreal: int = 0):
+                 exttyp: bytes = b"", nint: int = 0, nreal: int = 0,
+                 known_stats: Stats | None = None):
         if min(nx, ny, nz) <= 0:
             raise ValueError(f"dimensions must be positive, got {nx} x {ny} x {nz}")
         self.spec = mode_spec(mode)
@@ -79,6 +80,10 @@ class MrcWriter:
         self.file_dtype = self.spec.dtype.newbyteorder(byte_order)
         self.header = self._initial_header(template, extended_header, exttyp, nint, nreal)
         self.stats = StatsAccumulator()
+        #: exact statistics of the frames to be written, when the caller already has them
+        #: (ingest computed them while validating; a lossless conversion keeps every
+        #: value): the writer then skips its own pass, which costs as much CPU as zstd-1.
+        self.known_stats = known_stats
         self.frames_written = 0
         self.packed_bytes = 0
         self.temp_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.part")
@@ -151,7 +156,8 @@ class MrcWriter:
             frame = frame.copy()  # the encoder reads it later; the caller may reuse it
         self._wait()
         self._pending = self._encoder.submit(self._encode_and_write, frame)
-        self.stats.add(frame)
+        if self.known_stats is None:
+            self.stats.add(frame)
         self.frames_written += 1
 
     def _encode_and_write(self, frame: np.ndarray) -> None:
@@ -188,7 +194,7 @@ class MrcWriter:
             self.abort()
             raise ValueError(f"only {self.frames_written} of {self.nz} frames were written")
         h = self.header
-        h["dmin"], h["dmax"], h["dmean"], h["rms"] = self.stats.result().as_tuple()
+        h["dmin"], h["dmax"], h["dmean"], h["rms"] = self.final_stats.as_tuple()
         if self.codec is not Codec.NONE:
             h["mrcz_packed_bytes"] = self.packed_bytes
         f = self._file
@@ -206,6 +212,10 @@ class MrcWriter:
             self.abort()
             raise
         return self.path
+
+    @property
+    def final_stats(self) -> Stats:
+        return self.known_stats if self.known_stats is not None else self.stats.result()
 
     def abort(self) -> None:
         """Drop the temporary file; nothing appears under the target name."""
