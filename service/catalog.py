@@ -189,6 +189,14 @@ class Catalog:
             row = conn.execute(query).first()
         return dict(row._mapping) if row else None
 
+    def find_registration(self, path: str, statuses: Iterable[str]) -> list[dict[str, Any]]:
+        query = (sa.select(datasets).where(datasets.c.source == "registration",
+                                           datasets.c.path == path,
+                                           datasets.c.status.in_(list(statuses)))
+                 .order_by(datasets.c.created_at))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
     def delete_dataset(self, dataset_id: str) -> bool:
         with self.engine.begin() as conn:
             conn.execute(jobs.delete().where(jobs.c.dataset_id == dataset_id))

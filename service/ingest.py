@@ -26,7 +26,8 @@ from .jobs import JobFailed, JobQueue
 from .metrics import Metrics
 from .mrc.preview import binned, contrast_u8
 from .mrc.writer import fsync_directory
-from .pipeline import Pipeline, check_source_unchanged, target_from_dict, target_to_dict
+from .pipeline import (Pipeline, check_source_unchanged, source_fingerprint, target_from_dict,
+                       target_to_dict)
 from .storage import Storage, resolve_registration
 from .uploads import UploadSink, check_filename
 
@@ -167,6 +168,13 @@ class IngestService:
 
     def register(self, path: str, normalize: bool | None) -> dict[str, Any]:
         real = resolve_registration(path, self.settings.allowed_roots)
+        current = source_fingerprint(real)
+        for existing in self._catalog().find_registration(str(real), LIVE_STATUSES):
+            # The same file, unchanged since (or still queued): that dataset, not a twin.
+            if existing["info"].get("source_fingerprint", current) == current:
+                jobs = self._catalog().jobs_in_states(("queued", "running"), existing["id"])
+                return {"dataset": existing, "job": jobs[0] if jobs else None,
+                        "duplicate": True}
         info: dict[str, Any] = {"registered_path": path}
         if normalize is not None:
             info["normalize"] = normalize

@@ -206,6 +206,11 @@ def test_register_inside_allowed_root(client, shared, movie101):
     assert frame.status_code == 200
     with mrcfile.open(_save(frame, shared)) as m:
         assert np.array_equal(m.data, data)
+    # Registering the same unchanged file again (by another path) answers that dataset.
+    again = client.post("/v1/registrations",
+                        json={"path": str(shared / "scope1/../scope1/movie.mrc")})
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.json()["dataset"]["id"] == ds["id"]
     # Deleting the dataset never touches the registered file.
     assert client.delete(f"/v1/datasets/{ds['id']}").status_code == 200
     assert target.exists()
@@ -259,6 +264,12 @@ def test_registered_file_changed_later_is_detected(client, shared, movie101):
         f.write(b"\x00" * 10)
     detail = error_of(client.get(f"/v1/datasets/{ds_id}/download"), 409, "conflict")
     assert "changed" in detail
+    fresh = client.post("/v1/registrations", json={"path": str(target)})  # as advised
+    assert fresh.status_code == 202 and fresh.json()["dataset"]["id"] != ds_id
+    wait_job(client, fresh.json()["job"]["id"])
+    redone = client.get(fresh.headers["location"]).json()
+    assert redone["status"] == "ready"  # 10 trailing bytes: a warning, not an error
+    assert any(f["field"] == "data" and f["severity"] == "warning" for f in redone["findings"])
 
 
 # -- catalog ---------------------------------------------------------------------------
