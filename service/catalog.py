@@ -298,6 +298,13 @@ class Catalog:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query.order_by(jobs.c.created_at))]
 
+    def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(jobs.c.state == state)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
     def count_jobs_by_state(self) -> dict[str, int]:
         query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
         with self.engine.connect() as conn:

@@ -1,4 +1,5 @@
-"""``mrc-ingest`` command line: serve the API; inspect and convert MRC/MRCZ files.
+"""``mrc-ingest`` command line: serve the API, make API tokens; inspect and convert
+MRC/MRCZ files.
 
 Exit codes: 0 success; 1 the input is bad or the conversion was refused (one line on
 stderr says why); 2 the command line itself is wrong.
@@ -50,7 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--workers", type=int, default=None,
                          help="processing threads; overrides MRC_INGEST_WORKERS")
     p_serve.add_argument("--log-level", default="info")
+
+    p_token = sub.add_parser("token", help="make a new API token and print the settings "
+                                           "entry (its hash) for MRC_INGEST_TOKENS")
+    p_token.add_argument("--name", required=True, help="who uses it, e.g. scope1-pc")
+    p_token.add_argument("--role", required=True, choices=["read", "write", "admin"])
     return parser
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import hash_token, new_token
+
+    token = new_token()
+    entry = {"name": args.name, "role": args.role, "sha256": hash_token(token)}
+    print(f"token (give it to {args.name}; it is not stored anywhere): {token}")
+    print(f"settings entry (add it to the MRC_INGEST_TOKENS JSON list): {json.dumps(entry)}")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -65,6 +84,10 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except ValueError as exc:
         return _fail(f"bad settings: {exc}")
+    if not settings.tokens and args.host not in LOOPBACK_HOSTS:
+        return _fail(f"refusing to listen on {args.host} without API tokens: anyone on the "
+                     "network could upload and delete. Make tokens with 'mrc-ingest token' "
+                     "and set MRC_INGEST_TOKENS, or listen on 127.0.0.1", 2)
     print(f"mrc-ingest: data in {settings.data_dir.resolve()}, catalog "
           f"{settings.catalog_url}, {settings.workers} workers; http://{args.host}:"
           f"{args.port}/docs", file=sys.stderr)
@@ -109,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "token":
+            return _token(args)
         if args.command == "inspect":
             return _inspect(args)
         return _convert(args, parser)

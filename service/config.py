@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .auth import TokenSpec
 from .mrc import Codec
 from .mrc.codec import CODEC_BY_NAME
 
@@ -38,6 +39,12 @@ class Settings(BaseSettings):
     conversion_cache_bytes: int = Field(32 * GiB, ge=0, description="converted downloads "
                                         "kept for reuse; least recently used go first")
     preview_cache_items: int = Field(256, ge=0, description="PNG previews kept in memory")
+    tokens: list[TokenSpec] = Field(default_factory=list, description="API tokens as JSON: "
+                                    '[{"name": "scope1", "role": "write", "sha256": "<hex>"}]'
+                                    "; make one with `mrc-ingest token`. None: the API is "
+                                    "open and binds to loopback only")
+    allow_hard_links: bool = Field(False, description="register files with more than one "
+                                   "hard link (one may sit outside the allowed roots)")
     sum_preview_size: int = Field(1024, ge=64, le=8192, description="longest side of the "
                                   "frame sum computed at ingest")
 

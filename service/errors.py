@@ -12,6 +12,7 @@ from .mrc import ConversionError, FormatError, FrameIndexError, LossyConversionE
 class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
+    headers: dict[str, str] = {}
 
     def __init__(self, detail: Any):
         self.detail = detail
@@ -24,6 +25,15 @@ class BadRequest(ServiceError):
 
 class DigestMismatch(ServiceError):
     status, code = 400, "digest_mismatch"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="mrc-ingest"'}
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
 
 
 class PathNotAllowed(ServiceError):
@@ -45,6 +55,11 @@ class TooLarge(ServiceError):
 class NotMrc(ServiceError):
     """The body does not start with an MRC/MRCZ header; nothing was stored."""
     status, code = 415, "not_mrc"
+
+
+class InsufficientStorage(ServiceError):
+    """The disk filled up; what was being written is removed, nothing stored is harmed."""
+    status, code = 507, "insufficient_storage"
 
 
 class Unprocessable(ServiceError):

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from . import mrc
+from .auth import Authenticator
 from .catalog import JOB_STATES, Catalog, CursorError, DatasetQuery
 from .config import Settings
 from .errors import BadRequest, Conflict, NotFound, ServiceError, TooLarge, from_core
@@ -90,6 +91,7 @@ class IngestService:
         self.catalog: Catalog | None = None
         self.queue: JobQueue | None = None
         self.previews = PreviewCache(settings.preview_cache_items)
+        self.auth = Authenticator(settings.tokens)
         self.metrics = Metrics(self.snapshot)
 
     # -- lifetime ---------------------------------------------------------------------
@@ -167,7 +169,8 @@ class IngestService:
         return {"dataset": dataset, "job": job, "duplicate": False}
 
     def register(self, path: str, normalize: bool | None) -> dict[str, Any]:
-        real = resolve_registration(path, self.settings.allowed_roots)
+        real = resolve_registration(path, self.settings.allowed_roots,
+                                    self.settings.allow_hard_links)
         current = source_fingerprint(real)
         for existing in self._catalog().find_registration(str(real), LIVE_STATUSES):
             # The same file, unchanged since (or still queued): that dataset, not a twin.
@@ -222,6 +225,9 @@ class IngestService:
         if row is None:
             raise NotFound(f"no job {job_id!r}")
         return row
+
+    def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        return self._catalog().list_jobs(state, limit)
 
     def jobs_of(self, dataset_id: str) -> list[dict[str, Any]]:
         return self._catalog().jobs_in_states(JOB_STATES, dataset_id=dataset_id)

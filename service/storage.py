@@ -90,9 +90,12 @@ class Storage:
         return shutil.disk_usage(self.root).free
 
 
-def resolve_registration(path: str, allowed_roots: list[Path]) -> Path:
+def resolve_registration(path: str, allowed_roots: list[Path],
+                         allow_hard_links: bool = False) -> Path:
     """The real path of a file to register, if it lies inside an allowed root once every
-    symlink is resolved (a link inside a root pointing outside it is refused)."""
+    symlink and ``..`` is resolved (a link inside a root pointing outside it is refused).
+    A file with several hard links is refused unless allowed: another name of the same
+    data may lie outside the roots, and no path tells which came first."""
     if not allowed_roots:
         raise PathNotAllowed("registration is disabled: no allowed roots are configured "
                              "(set MRC_INGEST_ALLOWED_ROOTS)")
@@ -111,6 +114,11 @@ def resolve_registration(path: str, allowed_roots: list[Path]) -> Path:
                              f"roots {[str(r) for r in roots]}")
     if not real.is_file():
         raise Unprocessable(f"{path!r} is not a regular file")
+    links = real.stat().st_nlink
+    if links > 1 and not allow_hard_links:
+        raise PathNotAllowed(f"{path!r} has {links} hard links; another of them may lie "
+                             "outside the allowed roots (set MRC_INGEST_ALLOW_HARD_LINKS if "
+                             "your storage uses hard links on purpose)")
     if not os.access(real, os.R_OK):
         raise PathNotAllowed(f"{path!r} is not readable by the service")
     return real

@@ -36,8 +36,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,199}$")
 def check_filename(name: str) -> str:
     """A plain file name: no folders, no leading dot, a conservative character set (it
     becomes a path on disk and a Content-Disposition value)."""
-    name = name.strip()
-    if not _SAFE_NAME.match(name) or ".." in name:
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise BadRequest(f"file name {name!r} is not allowed: use letters, digits and "
                          "'._+-', start with a letter or digit, at most 200 characters, "
                          "no folders")

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from ..catalog import DatasetQuery
-from .deps import Service
+from .deps import ADMIN, READ, Service
 from .schemas import DatasetDetail, DatasetPage, ErrorBody, dataset_detail, dataset_summary
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -25,7 +25,8 @@ def _utc_text(moment: datetime | None) -> str | None:
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
-@router.get("", response_model=DatasetPage, summary="List datasets (filter, sort, paginate)")
+@router.get("", response_model=DatasetPage, summary="List datasets (filter, sort, paginate)",
+            dependencies=[READ])
 def list_datasets(
         service: Service,
         status: Annotated[Literal["queued", "processing", "ready", "rejected", "failed"] | None,
@@ -56,13 +57,14 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetDetail, responses=NOT_FOUND,
-            summary="Metadata, statistics, findings and jobs of one dataset")
+            summary="Metadata, statistics, findings and jobs of one dataset",
+            dependencies=[READ])
 def get_dataset(dataset_id: str, service: Service) -> dict[str, Any]:
     return dataset_detail(service.dataset(dataset_id), service.jobs_of(dataset_id))
 
 
 @router.delete("/{dataset_id}", responses=NOT_FOUND,
-               summary="Delete a dataset, its jobs and its files")
+               summary="Delete a dataset, its jobs and its files", dependencies=[ADMIN])
 def delete_dataset(dataset_id: str, service: Service) -> dict[str, Any]:
     service.delete(dataset_id)
     return {"deleted": dataset_id}

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Annotated, AsyncIterator, Literal
 
 from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import ClientDisconnect
 
+from ..auth import Role
 from ..errors import BadRequest, ClientGone
 from ..ingest import IngestService
 from ..mrc import Codec, Target
@@ -17,6 +19,19 @@ def get_service(request: Request) -> IngestService:
 
 
 Service = Annotated[IngestService, Depends(get_service)]
+
+_bearer = HTTPBearer(auto_error=False, description="an API token (mrc-ingest token)")
+
+
+def _allow(role: Role):
+    async def check(request: Request, _credentials: Annotated[
+            HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        request.app.state.service.auth.check(request.headers.get("authorization"), role)
+    return Depends(check)
+
+
+#: Route dependencies: the least role a route needs (read < write < admin).
+READ, WRITE, ADMIN = _allow(Role.READ), _allow(Role.WRITE), _allow(Role.ADMIN)
 
 
 async def body_chunks(request: Request) -> AsyncIterator[bytes]:

@@ -1,5 +1,5 @@
 """Downloads: the file as received (with HTTP Range), or a lossless conversion; and
-conversion jobs for curl users (upload + target in one request)."""
+conversion requests for curl users (upload + target in one request)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from pydantic import ValidationError
 
 from ..ingest import download_name
 from ..uploads import MultipartFile, parse_digest
-from .deps import Service, TargetQuery, body_chunks, declared_length
-from .schemas import (ConversionAccepted, ConversionIn, ErrorBody, Job, dataset_summary,
-                      job_view)
+from .deps import READ, WRITE, Service, TargetQuery, body_chunks, declared_length
+from .schemas import ConversionAccepted, ConversionIn, ErrorBody, dataset_summary, job_view
 
 router = APIRouter(prefix="/v1", tags=["downloads"])
 
@@ -30,7 +29,8 @@ def file_response(path: Path, filename: str) -> FileResponse:
 
 
 @router.get("/datasets/{dataset_id}/download", response_class=FileResponse, responses=FILE,
-            summary="The file as received, or converted (?format=&mode=&codec=&clevel=)")
+            summary="The file as received, or converted (?format=&mode=&codec=&clevel=)",
+            dependencies=[READ])
 async def download(dataset_id: str, service: Service,
                    target: Annotated[TargetQuery, Depends()]) -> FileResponse:
     """No parameters: the bytes exactly as received (``Range`` supported). Otherwise a
@@ -48,7 +48,8 @@ async def download(dataset_id: str, service: Service,
 @router.post("/conversions", status_code=202, response_model=ConversionAccepted,
              responses={code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422)},
              summary="Convert: upload (multipart) + target in one request, or a JSON "
-                     "{dataset_id, format, mode, ...} for a stored dataset")
+                     "{dataset_id, format, mode, ...} for a stored dataset",
+            dependencies=[WRITE])
 async def create_conversion(request: Request, response: Response, service: Service,
                             target: Annotated[TargetQuery, Depends()]) -> dict[str, Any]:
     """``curl -F file=@movie.mrc 'http://host/v1/conversions?mode=1'`` uploads and queues
@@ -74,15 +75,3 @@ async def create_conversion(request: Request, response: Response, service: Servi
     job = await anyio.to_thread.run_sync(service.request_conversion, dataset["id"], wanted)
     response.headers["Location"] = f"/v1/jobs/{job['id']}"
     return {"dataset": dataset_summary(dataset), "job": job_view(job), "duplicate": duplicate}
-
-
-@router.get("/jobs/{job_id}", response_model=Job, responses={404: {"model": ErrorBody}},
-            summary="State and progress of a job")
-def get_job(job_id: str, service: Service) -> dict[str, Any]:
-    return job_view(service.job(job_id))
-
-
-@router.get("/jobs/{job_id}/result", response_class=FileResponse, responses=FILE,
-            summary="The file a finished conversion job produced")
-def job_result(job_id: str, service: Service) -> FileResponse:
-    return file_response(*service.job_result_file(job_id))

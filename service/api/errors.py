@@ -25,7 +25,9 @@ def error_response(status: int, code: str, detail: object) -> JSONResponse:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_req: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.detail)
+        response = error_response(exc.status, exc.code, exc.detail)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(MrcError)
     async def _core(_req: Request, exc: MrcError) -> JSONResponse:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 
 from .. import __version__
 from ..metrics import CONTENT_TYPE
-from .deps import Service
+from .deps import READ, Service
 from .schemas import Health
 
 router = APIRouter(tags=["operations"])
@@ -25,7 +25,8 @@ def healthz(service: Service) -> dict[str, Any]:
             "data_free_bytes": service.storage.free_bytes()}
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus text format")
+@router.get("/metrics", response_class=Response, summary="Prometheus text format",
+            dependencies=[READ])
 async def metrics(service: Service) -> Response:
     body = await anyio.to_thread.run_sync(service.metrics.render)
     return Response(body, media_type=CONTENT_TYPE)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from .deps import Service
+from .deps import READ, Service
 from .schemas import ErrorBody
 
 router = APIRouter(prefix="/v1/datasets", tags=["previews"])
@@ -27,7 +27,8 @@ def png_response(request: Request, png: bytes, etag: str) -> Response:
 
 
 @router.get("/{dataset_id}/frames/{k}.png", responses=PNG, response_class=Response,
-            summary="Frame k (0-based; negative counts from the end) as PNG")
+            summary="Frame k (0-based; negative counts from the end) as PNG",
+            dependencies=[READ])
 def frame_png(dataset_id: str, k: int, request: Request, service: Service, size: Size = 512,
               clip: Clip = 0.5) -> Response:
     png = service.frame_png(dataset_id, k, size, clip)
@@ -35,7 +36,8 @@ def frame_png(dataset_id: str, k: int, request: Request, service: Service, size:
 
 
 @router.get("/{dataset_id}/sum.png", responses=PNG, response_class=Response,
-            summary="Sum of all frames as PNG")
+            summary="Sum of all frames as PNG",
+            dependencies=[READ])
 def sum_png(dataset_id: str, request: Request, service: Service, size: Size = 512,
             clip: Clip = 0.5) -> Response:
     png = service.sum_png(dataset_id, size, clip)

@@ -34,6 +34,10 @@ class Job(BaseModel):
     links: dict[str, str]
 
 
+class JobPage(BaseModel):
+    items: list[Job]
+
+
 class DatasetSummary(BaseModel):
     id: str
     name: str

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from ..uploads import MultipartFile, parse_digest
-from .deps import Service, body_chunks, declared_length
+from .deps import WRITE, Service, body_chunks, declared_length
 from .schemas import Accepted, ErrorBody, RegistrationIn, dataset_summary, job_view
 
 router = APIRouter(prefix="/v1", tags=["uploads"])
@@ -34,7 +34,8 @@ def accepted_response(result: dict[str, Any], response: Response) -> dict[str, A
 
 
 @router.put("/uploads/{filename}", status_code=202, response_model=Accepted,
-            responses=UPLOAD_ERRORS, summary="Upload a movie as the raw body (curl -T)")
+            responses=UPLOAD_ERRORS, summary="Upload a movie as the raw body (curl -T)",
+            dependencies=[WRITE])
 async def put_upload(filename: str, request: Request, response: Response, service: Service,
                      normalize: Normalize = None) -> dict[str, Any]:
     """Streamed to disk, SHA-256 computed on the way (checked against ``X-Content-SHA256``
@@ -46,7 +47,8 @@ async def put_upload(filename: str, request: Request, response: Response, servic
 
 
 @router.post("/uploads", status_code=202, response_model=Accepted, responses=UPLOAD_ERRORS,
-             summary="Upload a movie as multipart/form-data (curl -F file=@movie.mrc)")
+             summary="Upload a movie as multipart/form-data (curl -F file=@movie.mrc)",
+            dependencies=[WRITE])
 async def post_upload(request: Request, response: Response, service: Service,
                       normalize: Normalize = None) -> dict[str, Any]:
     body = MultipartFile(request.headers.get("content-type", ""), body_chunks(request))
@@ -57,6 +59,7 @@ async def post_upload(request: Request, response: Response, service: Service,
 
 @router.post("/registrations", status_code=202, response_model=Accepted,
              responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}},
-             summary="Register a file already on allowed shared storage")
+             summary="Register a file already on allowed shared storage",
+            dependencies=[WRITE])
 def register(body: RegistrationIn, response: Response, service: Service) -> dict[str, Any]:
     return accepted_response(service.register(body.path, body.normalize), response)
