@@ -4,6 +4,7 @@ place (:mod:`service.api.errors`). Nothing below the routers raises HTTPExceptio
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from .mrc import ConversionError, FormatError, FrameIndexError, LossyConversionError, MrcError
@@ -101,11 +102,23 @@ def from_core(exc: MrcError) -> ServiceError:
     return InvalidMrc(str(exc))
 
 
+def to_service_error(exc: BaseException) -> ServiceError | None:
+    """The typed error for ``exc`` when it is one a client should see as 4xx/5xx with a
+    reason (ours, the core's, a full disk); None for a bug."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, MrcError):
+        return from_core(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(f"the disk is full ({exc.strerror}); what was being "
+                                   "written was removed, nothing stored before was touched")
+    return None
+
+
 def error_body(exc: BaseException) -> dict[str, Any]:
     """``{"error": code, "detail": ...}`` for any exception (jobs record the same shape
     the API returns)."""
-    if isinstance(exc, MrcError):
-        exc = from_core(exc)
-    if isinstance(exc, ServiceError):
-        return {"error": exc.code, "detail": exc.detail}
+    mapped = to_service_error(exc)
+    if mapped is not None:
+        return {"error": mapped.code, "detail": mapped.detail}
     return {"error": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}

@@ -22,7 +22,8 @@ from . import mrc
 from .auth import Authenticator
 from .catalog import JOB_STATES, Catalog, CursorError, DatasetQuery
 from .config import Settings
-from .errors import BadRequest, Conflict, NotFound, ServiceError, TooLarge, from_core
+from .errors import (BadRequest, Conflict, NotFound, ServiceError, TooLarge, from_core,
+                     to_service_error)
 from .jobs import JobFailed, JobQueue
 from .metrics import Metrics
 from .mrc.preview import binned, contrast_u8
@@ -313,9 +314,10 @@ class IngestService:
         try:
             await asyncio.wrap_future(future)
         except JobFailed as exc:
-            cause = exc.__cause__
-            raise (from_core(cause) if isinstance(cause, mrc.MrcError) else cause
-                   if isinstance(cause, ServiceError) else exc) from None
+            mapped = to_service_error(exc.__cause__) if exc.__cause__ else None
+            if mapped is None:
+                raise
+            raise mapped from None
         path = self.stored_conversion(dataset, target)
         if path is None:  # evicted between conversion and now: cache far too small
             raise Conflict("the conversion was evicted before it could be served; raise "

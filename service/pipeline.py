@@ -21,7 +21,7 @@ import numpy as np
 from . import mrc
 from .catalog import Catalog
 from .config import Settings
-from .errors import Conflict, NotFound
+from .errors import Conflict, NotFound, error_body
 from .jobs import JobCancelled, JobContext, JobDeferred
 from .mrc.convert import default_mode
 from .mrc.findings import Finding, has_errors
@@ -115,7 +115,7 @@ class Pipeline:
             raise
         except Exception as exc:
             self.catalog.update_dataset(dataset_id, status="failed",
-                                        info={**info, "error": f"{type(exc).__name__}: {exc}"})
+                                        info={**info, "error": error_body(exc)})
             self._release_conversions(dataset_id)
             raise
         self._release_conversions(dataset_id)

@@ -23,7 +23,7 @@ import anyio
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
-from .errors import BadRequest, DigestMismatch, NotMrc, TooLarge
+from .errors import BadRequest, DigestMismatch, NotMrc, TooLarge, to_service_error
 from .mrc.findings import Finding
 from .mrc.header import HEADER_SIZE, Layout
 from .mrc.validate import check_header_bytes
@@ -134,16 +134,22 @@ class UploadSink:
     # -- on a worker thread -----------------------------------------------------------
 
     def write(self, block: bytes) -> None:
-        if self._fd < 0:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        self._hash.update(block)
-        view = memoryview(block)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            self._hash.update(block)
+            view = memoryview(block)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise to_service_error(exc) or exc from None
 
     def finish(self, tail: bytes) -> None:
         self.write(tail)
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise to_service_error(exc) or exc from None
         os.close(self._fd)
         self._fd = -1
         self.sha256 = self._hash.hexdigest()

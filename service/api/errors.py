@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ServiceError, from_core
+from ..errors import ServiceError, from_core, to_service_error
 from ..mrc import MrcError
 
 log = logging.getLogger("mrc_ingest.api")
@@ -51,6 +51,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
+        mapped = to_service_error(exc)  # a full disk, say, raised as a plain OSError
+        if mapped is not None:
+            return error_response(mapped.status, mapped.code, mapped.detail)
         log.exception("unhandled error on %s %s", req.method, req.url.path)
         return error_response(500, "internal_error", f"{type(exc).__name__}; see the "
                                                      "server log")

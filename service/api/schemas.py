@@ -66,6 +66,8 @@ class DatasetDetail(DatasetSummary):
     archive: dict[str, Any] | None = None
     timings: dict[str, float] | None = None
     normalize: bool | None = None
+    error: dict[str, Any] | None = Field(None, description="why processing failed "
+                                         "(status failed)")
     jobs: list[Job] = Field(default_factory=list)
 
 
@@ -141,7 +143,8 @@ def dataset_detail(row: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str,
         "byte_order": described["byte_order"] if described else None,
         "file": described, "stats": info.get("stats"), "findings": findings,
         "archive": info.get("archive"), "timings": info.get("timings"),
-        "normalize": info.get("normalize"), "jobs": [job_view(j) for j in jobs],
+        "normalize": info.get("normalize"), "error": info.get("error"),
+        "jobs": [job_view(j) for j in jobs],
     }
 
 
