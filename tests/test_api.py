@@ -573,3 +573,17 @@ def test_openapi_docs(client):
         assert path in schema["paths"], path
     assert client.get("/docs").status_code == 200
     assert os.environ.get("MRC_INGEST_DATA_DIR") is None  # tests never read the env
+
+
+@pytest.mark.parametrize("mode", [3, 4])
+def test_previews_of_complex_data_show_the_magnitude(client, tmp_path, mode):
+    data = synthetic(mode, (2, 12, 10))
+    ds = upload_and_wait(client, write_raw_mrc(tmp_path / "c.mrc", data, mode))
+    assert ds["status"] == "ready"
+    response = client.get(f"/v1/datasets/{ds['id']}/frames/1.png", params={"clip": 0})
+    assert response.status_code == 200
+    image = np.asarray(Image.open(io.BytesIO(response.content)))
+    magnitude = (np.hypot(data[1, ..., 0].astype(np.float64), data[1, ..., 1]) if mode == 3
+                 else np.abs(data[1]).astype(np.float64))
+    assert np.abs(image.astype(int) - reference_preview(magnitude, 0)).max() <= 1
+    assert client.get(f"/v1/datasets/{ds['id']}/sum.png").status_code == 200

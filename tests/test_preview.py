@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from service.mrc import MODES
 from service.mrc.preview import BinnedSum, bin_factors, binned, block_sum, contrast_u8
 from tests.reference import synthetic
 
@@ -14,7 +15,7 @@ def test_block_sum_matches_reshape_sum(mode, shape, fy, fx):
     frame = synthetic(mode, (1,) + shape)[0]
     if mode == 3:
         values = np.hypot(frame[..., 0].astype(np.float64), frame[..., 1].astype(np.float64))
-        frame = frame.astype(np.int16).view([("re", "<i2"), ("im", "<i2")])[..., 0]
+        frame = np.ascontiguousarray(frame, dtype=np.int16).view(MODES[3].dtype)[..., 0]
     elif mode == 4:
         values = np.abs(frame).astype(np.float64)
     else:

@@ -23,12 +23,14 @@ def bin_factors(ny: int, nx: int, max_side: int) -> tuple[int, int]:
 def real_values(frame: np.ndarray) -> np.ndarray:
     """What a preview shows: the magnitude of complex data, the values otherwise."""
     if frame.dtype.names:  # mode 3, complex int16 pairs
-        return np.hypot(frame["re"].astype(np.float32), frame["im"].astype(np.float32))
+        real, imag = (frame[name].astype(np.float32) for name in frame.dtype.names)
+        return np.hypot(real, imag)
     if frame.dtype.kind == "c":
         return np.abs(frame).astype(np.float32)
     return frame
 
 
+@np.errstate(invalid="ignore", over="ignore")  # NaN/inf pixels stay NaN/inf, silently
 def block_sum(frame: np.ndarray, fy: int, fx: int) -> np.ndarray:
     """Sums of ``fy`` x ``fx`` blocks, as float64 (exact for integer data)."""
     values = real_values(frame)
@@ -64,6 +66,7 @@ class BinnedSum:
         self.total: np.ndarray | None = None
         self.frames = 0
 
+    @np.errstate(invalid="ignore")  # inf + -inf pixels make NaN, as they should
     def add(self, frame: np.ndarray) -> None:
         block = block_sum(frame, self.fy, self.fx)
         if self.total is None:

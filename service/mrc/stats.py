@@ -46,6 +46,7 @@ class _Moments:
     def __init__(self) -> None:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
 
+    @np.errstate(invalid="ignore", over="ignore")  # NaN/inf data give NaN/inf stats
     def add_block(self, block: np.ndarray) -> None:
         x = block.astype(np.float64)
         n_b = x.size
