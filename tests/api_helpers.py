@@ -9,13 +9,15 @@ import time
 from pathlib import Path
 
 import httpx
-from fastapi.testclient import TestClient
 
 from service.api import create_app
 from service.config import Settings
 
 
-def make_client(data_dir: Path, **settings) -> TestClient:
+def make_client(data_dir: Path, **settings):
+    """A TestClient (httpx under the hood) on a fresh app; use it as a context manager."""
+    from fastapi.testclient import TestClient
+
     settings.setdefault("workers", 2)
     return TestClient(create_app(Settings(data_dir=data_dir, **settings)))
 

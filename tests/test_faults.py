@@ -26,7 +26,7 @@ def disk_full(*_args, **_kwargs):
 
 class DiskFullOs:
     """``os`` as the upload sink sees it, on a disk with no room left for data."""
-    write = staticmethod(disk_full)
+    write = writev = staticmethod(disk_full)
 
     def __getattr__(self, name):
         return getattr(os, name)
