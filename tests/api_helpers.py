@@ -74,3 +74,37 @@ def start_server(data_dir: Path, *args: str, timeout: float = 60.0
             proc.kill()
             raise RuntimeError("the server did not start")
         time.sleep(0.1)
+
+
+def assert_consistent(data_dir: Path) -> None:
+    """The catalog and the data folder agree: every dataset's files exist, every folder
+    belongs to a dataset, nothing temporary or half-received is left."""
+    from service.catalog import DatasetQuery, Catalog
+    from service.config import Settings
+
+    catalog = Catalog(Settings(data_dir=data_dir).catalog_url)
+    try:
+        rows, cursor = [], None
+        while True:
+            page, cursor = catalog.list_datasets(DatasetQuery(limit=1000, cursor=cursor))
+            rows += page
+            if cursor is None:
+                break
+        ids = {row["id"] for row in rows}
+        for row in rows:
+            full = catalog.get_dataset(row["id"])
+            assert Path(full["path"]).is_file(), full
+            if full["source"] == "upload":
+                assert Path(full["path"]).parent == data_dir.resolve() / "datasets" / full["id"]
+            if full["status"] == "ready":
+                assert (data_dir / "datasets" / full["id"] / "sum.npy").is_file(), full["id"]
+                if full["info"].get("archive"):
+                    archives = list((data_dir / "datasets" / full["id"]).glob("archive.mrc*"))
+                    assert len(archives) == 1, full["id"]
+        for folder in ("datasets", "conversions"):
+            for child in (data_dir / folder).iterdir():
+                assert child.name in ids, f"{folder}/{child.name} belongs to no dataset"
+        assert list((data_dir / "incoming").iterdir()) == []
+        assert [p for p in data_dir.rglob("*.part")] == []
+    finally:
+        catalog.close()

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from service.mrc.writer import MrcWriter
-from tests.api_helpers import files_under, make_client, start_server, upload_and_wait, wait_job
+from tests.api_helpers import (assert_consistent, files_under, make_client, start_server,
+                               upload_and_wait, wait_job)
 from tests.reference import counting_movie, raw_header, write_raw_mrc
 
 
@@ -57,6 +58,7 @@ def test_disk_full_during_upload(tmp_path, movie, monkeypatch):
         assert [d["id"] for d in c.get("/v1/datasets").json()["items"]] == [stored["id"]]
         assert hashlib.sha256(first_file.read_bytes()).hexdigest() == stored["sha256"]
         assert c.get("/healthz").status_code == 200
+    assert_consistent(tmp_path / "data")
 
 
 def test_disk_full_during_ingest_archive(tmp_path, movie, monkeypatch):
@@ -75,6 +77,7 @@ def test_disk_full_during_ingest_archive(tmp_path, movie, monkeypatch):
         assert temp_files(tmp_path / "data") == []
         assert c.get("/healthz").status_code == 200
         assert c.get("/v1/datasets", params={"status": "failed"}).json()["items"]
+    assert_consistent(tmp_path / "data")
 
 
 def test_disk_full_during_a_download_conversion(tmp_path, movie, monkeypatch):
@@ -90,6 +93,7 @@ def test_disk_full_during_a_download_conversion(tmp_path, movie, monkeypatch):
         monkeypatch.undo()
         again = c.get(f"/v1/datasets/{ds['id']}/download", params={"mode": 1})
         assert again.status_code == 200  # and it recovers once there is room
+    assert_consistent(tmp_path / "data")
 
 
 def test_sigkill_mid_conversion_then_restart(tmp_path):
@@ -141,7 +145,7 @@ def test_sigkill_mid_conversion_then_restart(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert temp_files(data_dir) == []
+    assert_consistent(data_dir)
     with mrcfile.mmap(str(out)) as m:
         assert m.data.dtype == np.float32 and m.data.shape == (frames, n, n)
         assert np.array_equal(m.data[frames - 1], counts[frames - 1])

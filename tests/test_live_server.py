@@ -133,3 +133,4 @@ def test_client_hanging_up_mid_upload_leaves_nothing(server, movie):
         time.sleep(0.05)
     assert httpx.get(f"{base}/v1/datasets").json()["items"] == before
     assert httpx.get(f"{base}/healthz").status_code == 200
+    assert [p for p in data_dir.rglob("*.part")] == []

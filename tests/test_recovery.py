@@ -9,7 +9,7 @@ import numpy as np
 
 from service.catalog import Catalog
 from service.config import Settings
-from tests.api_helpers import make_client, upload_and_wait, wait_job
+from tests.api_helpers import assert_consistent, make_client, upload_and_wait, wait_job
 from tests.reference import counting_movie, write_raw_mrc
 
 
@@ -46,6 +46,7 @@ def test_interrupted_jobs_rerun_and_stale_temp_files_go(tmp_path):
         result = c.get(f"/v1/jobs/{convert['id']}/result")
         assert result.status_code == 200
     assert not any(p.exists() for p in stale)
+    assert_consistent(data_dir)
     values, _ = mrcz.readMRC(str(archive))
     assert np.array_equal(values, data)
 
