@@ -39,14 +39,29 @@ datasets = sa.Table(
     sa.Column("dtype", sa.String(32)),
     sa.Column("pixel_size", sa.Float),                        # Å, X axis
     sa.Column("stored_bytes", sa.BigInteger),                 # archive copy, if any
+    sa.Column("voltage_kv", sa.Float),                        # from sidecars / ext. header
+    sa.Column("total_dose", sa.Float),                        # e-/Å², all images
     sa.Column("info", sa.JSON, nullable=False, default=dict),
 )
 # Newest-first listing under any one or two equality filters walks one index in order.
 for cols in (("created_at", "id"), ("status", "created_at", "id"), ("mode", "created_at", "id"),
              ("source", "created_at", "id"), ("status", "mode", "created_at", "id"),
              ("status", "source", "created_at", "id"), ("mode", "source", "created_at", "id"),
-             ("name", "id"), ("size_bytes", "id"), ("sha256",)):
+             ("name", "id"), ("size_bytes", "id"), ("sha256",),
+             ("voltage_kv", "created_at", "id"), ("total_dose",)):
     sa.Index(f"ix_datasets_{'_'.join(cols)}", *(datasets.c[c] for c in cols))
+
+#: SerialEM .mdoc / Direct Electron info.txt files, attached to their movie's dataset
+#: (dataset_id) or waiting for it to arrive (dataset_id NULL).
+sidecars = sa.Table(
+    "sidecars", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),          # mdoc | de_info
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("dataset_id", sa.String(32), index=True),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
 
 jobs = sa.Table(
     "jobs", metadata,
@@ -104,6 +119,9 @@ class CursorError(ValueError):
 class DatasetQuery:
     status: str | None = None
     mode: int | None = None
+    voltage_kv: float | None = None
+    min_dose: float | None = None
+    max_dose: float | None = None
     source: str | None = None
     name: str | None = None            # substring, case-insensitive
     created_after: str | None = None   # ISO text, exclusive
@@ -142,6 +160,7 @@ class Catalog:
         if is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self.name_index = is_sqlite and _trigram_available(self.engine)
         if self.name_index:
             with self.engine.begin() as conn:
@@ -200,6 +219,7 @@ class Catalog:
     def delete_dataset(self, dataset_id: str) -> bool:
         with self.engine.begin() as conn:
             conn.execute(jobs.delete().where(jobs.c.dataset_id == dataset_id))
+            conn.execute(sidecars.delete().where(sidecars.c.dataset_id == dataset_id))
             result = conn.execute(datasets.delete().where(datasets.c.id == dataset_id))
         return result.rowcount > 0
 
@@ -213,6 +233,12 @@ class Catalog:
         for column, value in (("status", q.status), ("mode", q.mode), ("source", q.source)):
             if value is not None:
                 query = query.where(datasets.c[column] == value)
+        if q.voltage_kv is not None:
+            query = query.where(datasets.c.voltage_kv == q.voltage_kv)
+        if q.min_dose is not None:
+            query = query.where(datasets.c.total_dose >= q.min_dose)
+        if q.max_dose is not None:
+            query = query.where(datasets.c.total_dose <= q.max_dose)
         if q.created_after:
             query = query.where(datasets.c.created_at > q.created_after)
         if q.created_before:
@@ -272,6 +298,38 @@ class Catalog:
             counts = dict(conn.execute(query).all())
         return {state: counts.get(state, 0) for state in DATASET_STATES}
 
+    # -- sidecars ---------------------------------------------------------------------
+
+    def add_sidecar(self, **row: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sidecars.insert().values(created_at=now(), **row))
+
+    def sidecars_of(self, dataset_id: str) -> list[dict[str, Any]]:
+        query = (sa.select(sidecars).where(sidecars.c.dataset_id == dataset_id)
+                 .order_by(sidecars.c.created_at))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def pending_sidecars(self) -> list[dict[str, Any]]:
+        query = sa.select(sidecars).where(sidecars.c.dataset_id.is_(None))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query.order_by(sidecars.c.created_at))]
+
+    def attach_sidecar(self, sidecar_id: str, dataset_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sidecars.update().where(sidecars.c.id == sidecar_id)
+                         .values(dataset_id=dataset_id))
+
+    def datasets_named_like(self, prefix: str) -> list[dict[str, Any]]:
+        """Live datasets whose name starts with ``prefix`` (sidecar matching)."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = (sa.select(datasets).where(datasets.c.name.like(f"{escaped}%", escape="\\"),
+                                           datasets.c.status.in_(("queued", "processing",
+                                                                  "ready")))
+                 .order_by(datasets.c.created_at.desc()))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
     # -- jobs -------------------------------------------------------------------------
 
     def add_job(self, **row: Any) -> dict[str, Any] | None:
@@ -310,6 +368,20 @@ class Catalog:
         with self.engine.connect() as conn:
             counts = dict(conn.execute(query).all())
         return {state: counts.get(state, 0) for state in JOB_STATES}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Catalogs made by an older version lack newer (nullable) columns: add them."""
+    inspector = sa.inspect(engine)
+    for table in (datasets, jobs, sidecars):
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
+                                         f"{column.type.compile(engine.dialect)}")
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
 
 
 def _like_pattern(text: str) -> str:

@@ -30,6 +30,8 @@ from .mrc.preview import binned, contrast_u8
 from .mrc.writer import fsync_directory
 from .pipeline import (Pipeline, check_source_unchanged, source_fingerprint, target_from_dict,
                        target_to_dict)
+from .sidecars import (SIDECAR_MAX_BYTES, beside, belongs_to, decode_text, name_prefix,
+                       sidecar_kind)
 from .storage import Storage, resolve_registration
 from .uploads import UploadSink, check_filename
 
@@ -91,6 +93,7 @@ class IngestService:
         self.storage = Storage(settings.data_dir)
         self.catalog: Catalog | None = None
         self.queue: JobQueue | None = None
+        self.pipeline: Pipeline | None = None
         self.previews = PreviewCache(settings.preview_cache_items)
         self.auth = Authenticator(settings.tokens)
         self.metrics = Metrics(self.snapshot)
@@ -100,7 +103,7 @@ class IngestService:
     def start(self) -> None:
         self.storage.prepare()
         self.catalog = Catalog(self.settings.catalog_url)
-        pipeline = Pipeline(self.settings, self.catalog, self.storage)
+        self.pipeline = pipeline = Pipeline(self.settings, self.catalog, self.storage)
         self.queue = JobQueue(self.catalog, self.settings.workers, pipeline,
                               on_finish=self.metrics.job_finished)
         pipeline.submit = self.queue.submit
@@ -129,6 +132,8 @@ class IngestService:
         None: ``chunks`` is a :class:`MultipartFile`, which names (and checks) it."""
         if filename is not None:
             filename = check_filename(filename)
+            if sidecar_kind(filename):
+                return await self._accept_sidecar(filename, chunks)
         if declared_size is not None and declared_size > self.settings.max_upload_bytes:
             self.metrics.uploads.labels("too_large").inc()
             raise TooLarge(f"Content-Length {declared_size} exceeds the limit of "
@@ -142,6 +147,43 @@ class IngestService:
             raise
         name = filename if filename is not None else getattr(chunks, "filename")
         return await asyncio.to_thread(self._commit_upload, sink, name, normalize)
+
+    async def _accept_sidecar(self, filename: str,
+                              chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        """A SerialEM .mdoc or Direct Electron info.txt: small text, kept in the catalog,
+        attached to its movie's dataset now or when the movie arrives."""
+        parts, size = [], 0
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > SIDECAR_MAX_BYTES:
+                raise TooLarge(f"{filename}: a sidecar may be at most {SIDECAR_MAX_BYTES} "
+                               "bytes")
+            parts.append(chunk)
+        text = decode_text(b"".join(parts))
+        if "\x00" in text:
+            raise BadRequest(f"{filename}: a sidecar is text; this body holds NUL bytes")
+        return await asyncio.to_thread(self._store_sidecar, filename, text)
+
+    def _store_sidecar(self, filename: str, text: str) -> dict[str, Any]:
+        catalog = self._catalog()
+        kind = sidecar_kind(filename)
+        movie = next((d for d in catalog.datasets_named_like(name_prefix(filename))
+                      if belongs_to(filename, d["name"])), None)
+        catalog.add_sidecar(id=new_id(), name=filename, kind=kind, text=text,
+                            dataset_id=movie["id"] if movie else None)
+        if movie is not None:
+            assert self.pipeline is not None
+            movie = self.pipeline.refresh_acquisition(movie["id"])
+        self.metrics.uploads.labels("sidecar").inc()
+        return {"sidecar": {"name": filename, "kind": kind,
+                            "dataset_id": movie["id"] if movie else None},
+                "dataset": movie}
+
+    def _attach_pending_sidecars(self, dataset_id: str, name: str) -> None:
+        catalog = self._catalog()
+        for row in catalog.pending_sidecars():
+            if belongs_to(row["name"], name):
+                catalog.attach_sidecar(row["id"], dataset_id)
 
     def _commit_upload(self, sink: UploadSink, filename: str,
                        normalize: bool | None) -> dict[str, Any]:
@@ -164,6 +206,7 @@ class IngestService:
         dataset = catalog.add_dataset(id=dataset_id, name=filename, source="upload",
                                       status="queued", size_bytes=sink.received,
                                       sha256=sink.sha256, path=str(final), info=info)
+        self._attach_pending_sidecars(dataset_id, filename)
         job = self._queue_job("ingest", dataset_id)
         self.metrics.uploads.labels("accepted").inc()
         self.metrics.upload_bytes.inc(sink.received)
@@ -186,6 +229,10 @@ class IngestService:
         dataset = self._catalog().add_dataset(
             id=dataset_id, name=real.name, source="registration", status="queued",
             size_bytes=real.stat().st_size, path=str(real), info=info)
+        self._attach_pending_sidecars(dataset_id, real.name)
+        for name, text in beside(real):
+            self._catalog().add_sidecar(id=new_id(), name=name, kind=sidecar_kind(name),
+                                        text=text, dataset_id=dataset_id)
         return {"dataset": dataset, "job": self._queue_job("ingest", dataset_id),
                 "duplicate": False}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,11 +25,13 @@ from .config import Settings
 from .errors import Conflict, NotFound, error_body
 from .jobs import JobCancelled, JobContext, JobDeferred
 from .mrc.convert import default_mode
+from .mrc.extended import ExtendedHeader
 from .mrc.findings import Finding, has_errors
 from .mrc.modes import mode_spec
 from .mrc.preview import BinnedSum
 from .mrc.validate import check_stats, open_checked, scan
 from .mrc.writer import fsync_directory
+from .sidecars import acquisition
 from .storage import PART_SUFFIX, Storage, sha256_file
 
 log = logging.getLogger("mrc_ingest.pipeline")
@@ -91,6 +94,7 @@ class Pipeline:
         self.settings, self.catalog, self.storage = settings, catalog, storage
         #: set by the app once the queue exists: re-submits deferred conversions
         self.submit: Callable[[str], Any] = lambda job_id: None
+        self.acquisition_lock = threading.Lock()
 
     def __call__(self, job: dict[str, Any], ctx: JobContext) -> dict[str, Any] | None:
         if job["kind"] == "ingest":
@@ -152,7 +156,8 @@ class Pipeline:
                 info["stats"] = stats.to_dict()
                 findings += check_stats(src.header, stats)
             if has_errors(findings):
-                return self._reject(dataset_id, info, fields, findings, started)
+                return self._reject(dataset_id, info, fields, findings, started,
+                                    src.extended)
             self.storage.dataset_dir(dataset_id).mkdir(parents=True, exist_ok=True)
             save_npy_atomically(self.storage.sum_path(dataset_id), sums.total)
             info["sum"] = {"frames": sums.frames, "bin": [sums.fy, sums.fx]}
@@ -172,7 +177,7 @@ class Pipeline:
                 fields["stored_bytes"] = archive_bytes
         info["findings"] = [f.to_dict() for f in findings]
         info["timings"]["total_s"] = round(time.perf_counter() - started, 3)
-        self.catalog.update_dataset(dataset_id, status="ready", info=info, **fields)
+        self._finish(dataset_id, "ready", info, fields, src.extended)
         return {"status": "ready", "findings": len(findings)}
 
     def _archive_target(self, src: mrc.MrcFile, info: dict[str, Any]) -> mrc.Target | None:
@@ -187,11 +192,46 @@ class Pipeline:
         return target
 
     def _reject(self, dataset_id: str, info: dict[str, Any], fields: dict[str, Any],
-                findings: list[Finding], started: float) -> dict[str, Any]:
+                findings: list[Finding], started: float,
+                extended: ExtendedHeader | None = None) -> dict[str, Any]:
         info["findings"] = [f.to_dict() for f in findings]
         info.setdefault("timings", {})["total_s"] = round(time.perf_counter() - started, 3)
-        self.catalog.update_dataset(dataset_id, status="rejected", info=info, **fields)
+        self._finish(dataset_id, "rejected", info, fields, extended)
         return {"status": "rejected", "findings": len(findings)}
+
+    def _finish(self, dataset_id: str, status: str, info: dict[str, Any],
+                fields: dict[str, Any], extended: ExtendedHeader | None) -> None:
+        """The final write of an ingest, with the acquisition summary computed under the
+        same lock a sidecar arriving meanwhile takes, so neither overwrites the other."""
+        with self.acquisition_lock:
+            self._apply_acquisition(dataset_id, info, fields, extended)
+            self.catalog.update_dataset(dataset_id, status=status, info=info, **fields)
+
+    def _apply_acquisition(self, dataset_id: str, info: dict[str, Any],
+                           fields: dict[str, Any], extended: ExtendedHeader | None) -> None:
+        summary, findings, parsed = acquisition(self.catalog.sidecars_of(dataset_id), extended)
+        info["acquisition"] = summary
+        info["sidecars"] = parsed
+        info["sidecar_findings"] = [f.to_dict() for f in findings]
+        fields["voltage_kv"] = summary.get("voltage_kv")
+        fields["total_dose"] = summary.get("total_dose")
+
+    def refresh_acquisition(self, dataset_id: str) -> dict[str, Any] | None:
+        """Recompute a dataset's acquisition summary after a sidecar arrived."""
+        with self.acquisition_lock:
+            dataset = self.catalog.get_dataset(dataset_id)
+            if dataset is None:
+                return None
+            extended = None
+            try:
+                with mrc.MrcFile(dataset["path"]) as src:
+                    extended = src.extended
+            except (mrc.MrcError, OSError):
+                pass  # not readable (yet): the sidecars alone
+            info, fields = dict(dataset["info"]), {}
+            self._apply_acquisition(dataset_id, info, fields, extended)
+            self.catalog.update_dataset(dataset_id, info=info, **fields)
+            return self.catalog.get_dataset(dataset_id)
 
     def _release_conversions(self, dataset_id: str) -> None:
         """Conversions requested while the dataset was ingesting can run now (or fail

@@ -287,10 +287,13 @@ def test_list_filters_sort_and_cursor_pagination(client, tmp_path):
         cursor = page["next_cursor"]
         if cursor is None:
             break
-        assert page["links"]["next"].startswith("/v1/datasets?cursor=")
+        assert page["links"]["next"].startswith("/v1/datasets?limit=3&cursor=")
     assert [len(p) for p in pages] == [3, 3, 1]
     flat = [i for p in pages for i in p]
     assert flat == [ids[i] for i in reversed(range(7))]  # newest first
+    filtered = client.get("/v1/datasets", params={"mode": 1, "limit": 2}).json()
+    rest = client.get(filtered["links"]["next"]).json()["items"]  # keeps the filter
+    assert {d["mode"] for d in filtered["items"] + rest} == {1} and len(rest) == 1
     by_mode = client.get("/v1/datasets", params={"mode": 1}).json()["items"]
     assert sorted(d["id"] for d in by_mode) == sorted(ids[i] for i in (0, 2, 4))
     by_name = client.get("/v1/datasets", params={"name": "GRID1"}).json()["items"]

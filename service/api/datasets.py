@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from ..catalog import DatasetQuery
 from .deps import ADMIN, READ, Service
@@ -29,10 +29,16 @@ def _utc_text(moment: datetime | None) -> str | None:
             dependencies=[READ])
 def list_datasets(
         service: Service,
+        request: Request,
         status: Annotated[Literal["queued", "processing", "ready", "rejected", "failed"] | None,
                           Query()] = None,
         mode: Annotated[int | None, Query(description="MRC mode as received")] = None,
         source: Annotated[Literal["upload", "registration"] | None, Query()] = None,
+        voltage_kv: Annotated[float | None, Query(gt=0, description="e.g. 300")] = None,
+        min_dose: Annotated[float | None, Query(ge=0, description="total e-/Å², at least")]
+        = None,
+        max_dose: Annotated[float | None, Query(ge=0, description="total e-/Å², at most")]
+        = None,
         name: Annotated[str | None, Query(max_length=200,
                                           description="substring, case-insensitive")] = None,
         created_after: Annotated[datetime | None, Query()] = None,
@@ -44,14 +50,15 @@ def list_datasets(
                                             description="next_cursor of the previous page")]
         = None) -> dict[str, Any]:
     query = DatasetQuery(status=status, mode=mode, source=source, name=name,
+                         voltage_kv=voltage_kv, min_dose=min_dose, max_dose=max_dose,
                          created_after=_utc_text(created_after),
                          created_before=_utc_text(created_before), sort=sort,
                          descending=order == "desc", limit=limit, cursor=cursor)
     rows, next_cursor = service.list_datasets(query)
     links = {}
-    if next_cursor:
-        links["next"] = f"/v1/datasets?cursor={next_cursor}&sort={sort}&order={order}" \
-                        f"&limit={limit}"
+    if next_cursor:  # the same query (filters, sort, limit), one page on
+        following = request.url.include_query_params(cursor=next_cursor)
+        links["next"] = f"{following.path}?{following.query}"
     return {"items": [dataset_summary(r) for r in rows], "next_cursor": next_cursor,
             "links": links}
 

@@ -55,6 +55,8 @@ class DatasetSummary(BaseModel):
     ny: int | None = None
     frames: int | None = None
     pixel_size_angstrom: float | None = None
+    voltage_kv: float | None = Field(None, description="from a sidecar or extended header")
+    total_dose: float | None = Field(None, description="e-/Å², all images together")
     links: dict[str, str]
 
 
@@ -66,6 +68,12 @@ class DatasetDetail(DatasetSummary):
     archive: dict[str, Any] | None = None
     timings: dict[str, float] | None = None
     normalize: bool | None = None
+    acquisition: dict[str, Any] | None = Field(None, description="voltage, pixel size, dose, "
+                                               "exposure, tilt, magnification, times, from "
+                                               ".mdoc / info.txt sidecars and FEI/SERI "
+                                               "extended headers (units kV, Å, e-/Å², s, °)")
+    sidecars: dict[str, Any] | None = Field(None, description="the parsed sidecar files")
+    sidecar_findings: list[dict[str, str]] = Field(default_factory=list)
     error: dict[str, Any] | None = Field(None, description="why processing failed "
                                          "(status failed)")
     jobs: list[Job] = Field(default_factory=list)
@@ -82,6 +90,17 @@ class Accepted(BaseModel):
     job: Job | None
     duplicate: bool = Field(description="the same bytes were uploaded before; this is "
                                         "that dataset")
+
+
+class SidecarInfo(BaseModel):
+    name: str
+    kind: Literal["mdoc", "de_info"]
+    dataset_id: str | None = Field(description="the movie's dataset; null until it arrives")
+
+
+class SidecarAccepted(BaseModel):
+    sidecar: SidecarInfo
+    dataset: DatasetSummary | None
 
 
 class ConversionAccepted(BaseModel):
@@ -130,7 +149,8 @@ def dataset_summary(row: dict[str, Any]) -> dict[str, Any]:
         "compression_ratio": round(row["size_bytes"] / stored, 4) if stored else None,
         "sha256": row["sha256"], "mode": row["mode"], "dtype": row["dtype"],
         "nx": row["nx"], "ny": row["ny"], "frames": row["nz"],
-        "pixel_size_angstrom": row["pixel_size"], "links": dataset_links(row["id"]),
+        "pixel_size_angstrom": row["pixel_size"], "voltage_kv": row["voltage_kv"],
+        "total_dose": row["total_dose"], "links": dataset_links(row["id"]),
     }
 
 
@@ -144,6 +164,8 @@ def dataset_detail(row: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str,
         "file": described, "stats": info.get("stats"), "findings": findings,
         "archive": info.get("archive"), "timings": info.get("timings"),
         "normalize": info.get("normalize"), "error": info.get("error"),
+        "acquisition": info.get("acquisition"), "sidecars": info.get("sidecars"),
+        "sidecar_findings": info.get("sidecar_findings", []),
         "jobs": [job_view(j) for j in jobs],
     }
 

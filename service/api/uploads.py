@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query, Request, Response
 
 from ..uploads import MultipartFile, parse_digest
 from .deps import WRITE, Service, body_chunks, declared_length
-from .schemas import Accepted, ErrorBody, RegistrationIn, dataset_summary, job_view
+from .schemas import (Accepted, ErrorBody, RegistrationIn, SidecarAccepted, dataset_summary,
+                      job_view)
 
 router = APIRouter(prefix="/v1", tags=["uploads"])
 
@@ -24,8 +25,15 @@ Normalize = Annotated[bool | None, Query(description="override the default norma
 
 
 def accepted_response(result: dict[str, Any], response: Response) -> dict[str, Any]:
-    """202 with Location for a new dataset; 200 when these bytes were already here."""
+    """202 with Location for a new dataset; 200 when these bytes were already here; 201
+    for a sidecar (with its movie's dataset, once that exists)."""
     dataset = result["dataset"]
+    if "sidecar" in result:
+        response.status_code = 201
+        if dataset is not None:
+            response.headers["Location"] = f"/v1/datasets/{dataset['id']}"
+        return {"sidecar": result["sidecar"],
+                "dataset": dataset_summary(dataset) if dataset else None}
     response.status_code = 200 if result["duplicate"] else 202
     response.headers["Location"] = f"/v1/datasets/{dataset['id']}"
     return {"dataset": dataset_summary(dataset),
@@ -33,14 +41,17 @@ def accepted_response(result: dict[str, Any], response: Response) -> dict[str, A
             "duplicate": result["duplicate"]}
 
 
-@router.put("/uploads/{filename}", status_code=202, response_model=Accepted,
+@router.put("/uploads/{filename}", status_code=202,
+            response_model=Accepted | SidecarAccepted,
             responses=UPLOAD_ERRORS, summary="Upload a movie as the raw body (curl -T)",
             dependencies=[WRITE])
 async def put_upload(filename: str, request: Request, response: Response, service: Service,
                      normalize: Normalize = None) -> dict[str, Any]:
     """Streamed to disk, SHA-256 computed on the way (checked against ``X-Content-SHA256``
     or ``Content-Digest: sha-256=:…:`` if sent); the header is checked as soon as its 1024
-    bytes arrive."""
+    bytes arrive. A name ending ``.mdoc`` (SerialEM) or ``_info.txt`` (Direct Electron)
+    is a sidecar: attached to its movie (``movie.mrc.mdoc``, ``movie.mdoc``,
+    ``<id>_info.txt`` for ``<id>_movie.mrc``), now or when the movie arrives (201)."""
     result = await service.accept_upload(filename, body_chunks(request), parse_digest(
         request.headers), normalize, declared_length(request))
     return accepted_response(result, response)
