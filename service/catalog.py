@@ -63,6 +63,17 @@ sidecars = sa.Table(
     sa.Column("created_at", sa.String(32), nullable=False),
 )
 
+#: cryoSPARC .cs particle sets (the index file lives under data_dir/particle_sets/<id>/)
+particle_sets = sa.Table(
+    "particle_sets", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("folder", sa.Text, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("info", sa.JSON, nullable=False, default=dict),
+)
+
 jobs = sa.Table(
     "jobs", metadata,
     sa.Column("id", sa.String(32), primary_key=True),
@@ -330,6 +341,24 @@ class Catalog:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
+    # -- particle sets ----------------------------------------------------------------
+
+    def add_particle_set(self, **row: Any) -> dict[str, Any] | None:
+        with self.engine.begin() as conn:
+            conn.execute(particle_sets.insert().values(created_at=now(), **row))
+        return self.get_particle_set(row["id"])
+
+    def get_particle_set(self, set_id: str) -> dict[str, Any] | None:
+        query = sa.select(particle_sets).where(particle_sets.c.id == set_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return dict(row._mapping) if row else None
+
+    def delete_particle_set(self, set_id: str) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(particle_sets.delete().where(particle_sets.c.id == set_id))
+        return result.rowcount > 0
+
     # -- jobs -------------------------------------------------------------------------
 
     def add_job(self, **row: Any) -> dict[str, Any] | None:
@@ -373,7 +402,7 @@ class Catalog:
 def _add_missing_columns(engine: Engine) -> None:
     """Catalogs made by an older version lack newer (nullable) columns: add them."""
     inspector = sa.inspect(engine)
-    for table in (datasets, jobs, sidecars):
+    for table in (datasets, jobs, sidecars, particle_sets):
         present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
             if column.name not in present and column.nullable:

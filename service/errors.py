@@ -8,6 +8,7 @@ import errno
 from typing import Any
 
 from .mrc import ConversionError, FormatError, FrameIndexError, LossyConversionError, MrcError
+from .mrc.particles import ParticleSetError
 
 
 class ServiceError(Exception):
@@ -96,6 +97,8 @@ def from_core(exc: MrcError) -> ServiceError:
         return LossyConversion({"message": str(exc), "lossless_targets": exc.lossless_targets})
     if isinstance(exc, ConversionError):
         return ConversionRefused(str(exc))
+    if isinstance(exc, ParticleSetError):
+        return Unprocessable(str(exc))
     if isinstance(exc, FormatError):
         return InvalidMrc({"message": str(exc),
                            "findings": [f.to_dict() for f in exc.findings]})

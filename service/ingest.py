@@ -28,6 +28,7 @@ from .jobs import JobFailed, JobQueue
 from .metrics import Metrics
 from .mrc.preview import binned, contrast_u8
 from .mrc.writer import fsync_directory
+from .particle_sets import ParticleSets
 from .pipeline import (Pipeline, check_source_unchanged, source_fingerprint, target_from_dict,
                        target_to_dict)
 from .sidecars import (SIDECAR_MAX_BYTES, beside, belongs_to, decode_text, name_prefix,
@@ -94,6 +95,7 @@ class IngestService:
         self.catalog: Catalog | None = None
         self.queue: JobQueue | None = None
         self.pipeline: Pipeline | None = None
+        self.particle_sets: ParticleSets | None = None
         self.previews = PreviewCache(settings.preview_cache_items)
         self.auth = Authenticator(settings.tokens)
         self.metrics = Metrics(self.snapshot)
@@ -104,6 +106,7 @@ class IngestService:
         self.storage.prepare()
         self.catalog = Catalog(self.settings.catalog_url)
         self.pipeline = pipeline = Pipeline(self.settings, self.catalog, self.storage)
+        self.particle_sets = ParticleSets(self.settings, self.catalog, self.storage)
         self.queue = JobQueue(self.catalog, self.settings.workers, pipeline,
                               on_finish=self.metrics.job_finished)
         pipeline.submit = self.queue.submit

@@ -7,6 +7,7 @@ Layout (all under ``data_dir``)::
     datasets/<id>/archive.mrc[z]   the archive copy (normalized; MRCZ unless configured off)
     datasets/<id>/sum.npy          frame sum at preview resolution
     conversions/<id>/<key>.mrc[z]  converted downloads, a cache bounded in bytes
+    particle_sets/<id>/            a cryoSPARC .cs index and its exported stacks
 
 Every file appears by rename from a temporary name after fsync; a ``.part`` file left by a
 crash is removed at start-up.
@@ -32,13 +33,15 @@ class Storage:
         self.incoming = self.root / "incoming"
         self.datasets = self.root / "datasets"
         self.conversions = self.root / "conversions"
+        self.particle_sets = self.root / "particle_sets"
 
     def prepare(self) -> list[Path]:
         """Create the folders and remove temporary files a crash left; returns those."""
-        for folder in (self.incoming, self.datasets, self.conversions):
+        for folder in (self.incoming, self.datasets, self.conversions, self.particle_sets):
             folder.mkdir(parents=True, exist_ok=True)
         stale = [p for pattern in (f"*{PART_SUFFIX}", f"*/.*{PART_SUFFIX}")
-                 for folder in (self.incoming, self.datasets, self.conversions)
+                 for folder in (self.incoming, self.datasets, self.conversions,
+                                self.particle_sets)
                  for p in folder.glob(pattern)]
         for path in stale:
             path.unlink(missing_ok=True)
@@ -90,28 +93,33 @@ class Storage:
         return shutil.disk_usage(self.root).free
 
 
-def resolve_registration(path: str, allowed_roots: list[Path],
-                         allow_hard_links: bool = False) -> Path:
-    """The real path of a file to register, if it lies inside an allowed root once every
-    symlink and ``..`` is resolved (a link inside a root pointing outside it is refused).
-    A file with several hard links is refused unless allowed: another name of the same
-    data may lie outside the roots, and no path tells which came first."""
+def resolve_inside_roots(path: str, allowed_roots: list[Path]) -> Path:
+    """The real path of ``path`` if it exists inside an allowed root once every symlink
+    and ``..`` is resolved (a link inside a root pointing outside it is refused)."""
     if not allowed_roots:
-        raise PathNotAllowed("registration is disabled: no allowed roots are configured "
-                             "(set MRC_INGEST_ALLOWED_ROOTS)")
+        raise PathNotAllowed("no allowed roots are configured (set MRC_INGEST_ALLOWED_ROOTS)")
     candidate = Path(path)
     if not candidate.is_absolute():
         raise Unprocessable(f"path must be absolute, got {path!r}")
     try:
         real = candidate.resolve(strict=True)
     except FileNotFoundError:
-        raise NotFound(f"no such file: {path!r}") from None
+        raise NotFound(f"no such file or folder: {path!r}") from None
     except (OSError, RuntimeError) as exc:
         raise Unprocessable(f"cannot resolve {path!r}: {exc}") from None
     roots = [Path(root).resolve() for root in allowed_roots]
     if not any(real.is_relative_to(root) for root in roots):
         raise PathNotAllowed(f"{path!r} (resolved to {str(real)!r}) is outside the allowed "
                              f"roots {[str(r) for r in roots]}")
+    return real
+
+
+def resolve_registration(path: str, allowed_roots: list[Path],
+                         allow_hard_links: bool = False) -> Path:
+    """A file to register, inside the allowed roots (:func:`resolve_inside_roots`). A file
+    with several hard links is refused unless allowed: another name of the same data may
+    lie outside the roots, and no path tells which came first."""
+    real = resolve_inside_roots(path, allowed_roots)
     if not real.is_file():
         raise Unprocessable(f"{path!r} is not a regular file")
     links = real.stat().st_nlink

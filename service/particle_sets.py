@@ -1,0 +1,167 @@
+"""cryoSPARC particle sets in the service: store the .cs, check every stack and index it
+names (inside an allowed root), list particles, preview one, export rows as one MRC stack
+(made once on a worker thread, then served as a file like any converted download)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import anyio
+import numpy as np
+
+from .catalog import Catalog
+from .config import Settings
+from .errors import BadRequest, NotFound, TooLarge, from_core
+from .mrc import MrcError
+from .mrc.particles import (ParticleSet, export_stack, jsonable, load_cs, open_particle_set,
+                            row_dict)
+from .mrc.preview import binned, contrast_u8
+from .mrc.writer import fsync_directory
+from .storage import PART_SUFFIX, Storage, resolve_inside_roots
+from .uploads import check_filename
+
+LOADED_SETS = 8  # parsed and validated sets kept in memory
+
+
+class ParticleSets:
+    def __init__(self, settings: Settings, catalog: Catalog, storage: Storage):
+        self.settings, self.catalog, self.storage = settings, catalog, storage
+        self._loaded: OrderedDict[str, ParticleSet] = OrderedDict()
+        self._lock = threading.Lock()
+
+    async def create(self, name: str, chunks: AsyncIterator[bytes], folder: str
+                     ) -> dict[str, Any]:
+        name = check_filename(name)
+        real_folder = await anyio.to_thread.run_sync(
+            resolve_inside_roots, folder, self.settings.allowed_roots)
+        if not real_folder.is_dir():
+            raise BadRequest(f"folder {folder!r} is not a folder")
+        set_id = uuid.uuid4().hex[:20]
+        home = self.storage.particle_sets / set_id
+        temp = self.storage.incoming / f"{secrets.token_hex(12)}{PART_SUFFIX}"
+        size = 0
+        try:
+            with open(temp, "xb") as f:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.settings.max_upload_bytes:
+                        raise TooLarge(f"upload exceeds {self.settings.max_upload_bytes} bytes")
+                    await anyio.to_thread.run_sync(f.write, chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            return await anyio.to_thread.run_sync(self._register, set_id, name, temp, home,
+                                                  real_folder)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    async def create_from_part(self, part, folder: str) -> dict[str, Any]:
+        """The first file part of a multipart body; its name is known once it starts."""
+        chunks = part.__aiter__()
+        first = await anext(chunks, b"")
+
+        async def rest() -> AsyncIterator[bytes]:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        return await self.create(part.filename or "particles.cs", rest(), folder)
+
+    def _register(self, set_id: str, name: str, temp: Path, home: Path,
+                  folder: Path) -> dict[str, Any]:
+        try:
+            rows = load_cs(temp)
+            pset = open_particle_set(rows, folder)
+        except MrcError as exc:
+            raise from_core(exc) from None
+        home.mkdir(parents=True)
+        os.replace(temp, home / name)
+        fsync_directory(home)
+        info = {"findings": [f.to_dict() for f in pset.findings],
+                "stacks": [s.to_dict() for s in pset.stacks.values()],
+                "fields": [{"name": n, "dtype": str(rows.dtype[n])} for n in rows.dtype.names],
+                "usable_rows": int(pset.valid_rows.sum())}
+        row = self.catalog.add_particle_set(id=set_id, name=name, folder=str(folder),
+                                            rows=len(rows), info=info)
+        self._remember(set_id, pset)
+        return row
+
+    def get(self, set_id: str) -> dict[str, Any]:
+        row = self.catalog.get_particle_set(set_id)
+        if row is None:
+            raise NotFound(f"no particle set {set_id!r}")
+        return row
+
+    def _remember(self, set_id: str, pset: ParticleSet) -> None:
+        with self._lock:
+            self._loaded[set_id] = pset
+            self._loaded.move_to_end(set_id)
+            while len(self._loaded) > LOADED_SETS:
+                self._loaded.popitem(last=False)
+
+    def load(self, set_id: str) -> ParticleSet:
+        with self._lock:
+            pset = self._loaded.get(set_id)
+        if pset is None:
+            row = self.get(set_id)
+            pset = open_particle_set(load_cs(self.storage.particle_sets / set_id / row["name"]),
+                                     Path(row["folder"]))
+            self._remember(set_id, pset)
+        return pset
+
+    def particles(self, set_id: str, offset: int, limit: int) -> dict[str, Any]:
+        pset = self.load(set_id)
+        stop = min(offset + limit, len(pset.rows))
+        items = [{"row": k, "usable": bool(pset.valid_rows[k]), **row_dict(pset.rows, k)}
+                 for k in range(offset, stop)]
+        return {"items": jsonable(items), "total": len(pset.rows),
+                "next_offset": stop if stop < len(pset.rows) else None}
+
+    def image_png(self, set_id: str, n: int, size: int, clip: float, encode) -> bytes:
+        pset = self.load(set_id)
+        try:
+            image = pset.image(n)
+        except IndexError as exc:
+            raise NotFound(str(exc)) from None
+        except MrcError as exc:
+            raise from_core(exc) from None
+        return encode(contrast_u8(binned(image, size), clip, 100 - clip))
+
+    def selection(self, set_id: str, rows: str | None) -> tuple[np.ndarray, str]:
+        total = len(self.load(set_id).rows)
+        if rows is None:
+            return np.arange(total), "all"
+        start_text, sep, stop_text = rows.partition(":")
+        try:
+            start = int(start_text) if start_text else 0
+            stop = int(stop_text) if stop_text else total
+        except ValueError:
+            raise BadRequest(f"rows must look like a:b (0-based, b exclusive), got {rows!r}") \
+                from None
+        if not sep or not 0 <= start < stop <= total:
+            raise BadRequest(f"rows {rows!r} is not a non-empty range within 0:{total}")
+        return np.arange(start, stop), f"{start}-{stop}"
+
+    def export(self, set_id: str, rows: str | None) -> tuple[Path, str]:
+        """The exported stack for ``rows`` (made now if not made before) and its name."""
+        row = self.get(set_id)
+        selection, label = self.selection(set_id, rows)
+        output = self.storage.particle_sets / set_id / f"export-{label}.mrc"
+        if not output.exists():
+            try:
+                export_stack(self.load(set_id), selection, output)
+            except MrcError as exc:
+                raise from_core(exc) from None
+        return output, f"{Path(row['name']).stem}-{label}.mrcs"
+
+    def delete(self, set_id: str) -> None:
+        self.get(set_id)
+        self.catalog.delete_particle_set(set_id)
+        with self._lock:
+            self._loaded.pop(set_id, None)
+        shutil.rmtree(self.storage.particle_sets / set_id, ignore_errors=True)
