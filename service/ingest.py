@@ -149,7 +149,13 @@ class IngestService:
             self.metrics.uploads.labels(exc.code).inc()
             raise
         name = filename if filename is not None else getattr(chunks, "filename")
-        return await asyncio.to_thread(self._commit_upload, sink, name, normalize)
+        result = await asyncio.to_thread(self._commit_upload, sink, name, normalize)
+        for extra_name, raw in getattr(chunks, "extras", {}).items():  # -F mdoc=@movie.mdoc
+            sidecar = await asyncio.to_thread(self._store_sidecar, extra_name,
+                                              self._sidecar_text(extra_name, raw),
+                                              result["dataset"]["id"])
+            result.setdefault("sidecars", []).append(sidecar["sidecar"])
+        return result
 
     async def _accept_sidecar(self, filename: str,
                               chunks: AsyncIterator[bytes]) -> dict[str, Any]:
@@ -162,16 +168,27 @@ class IngestService:
                 raise TooLarge(f"{filename}: a sidecar may be at most {SIDECAR_MAX_BYTES} "
                                "bytes")
             parts.append(chunk)
-        text = decode_text(b"".join(parts))
+        return await asyncio.to_thread(self._store_sidecar, filename,
+                                       self._sidecar_text(filename, b"".join(parts)))
+
+    @staticmethod
+    def _sidecar_text(filename: str, raw: bytes) -> str:
+        text = decode_text(raw)
         if "\x00" in text:
             raise BadRequest(f"{filename}: a sidecar is text; this body holds NUL bytes")
-        return await asyncio.to_thread(self._store_sidecar, filename, text)
+        return text
 
-    def _store_sidecar(self, filename: str, text: str) -> dict[str, Any]:
+    def _store_sidecar(self, filename: str, text: str,
+                       dataset_id: str | None = None) -> dict[str, Any]:
+        """Keep a sidecar; attach it to ``dataset_id`` (sent together with its movie) or
+        to the newest live dataset its name belongs to, if any."""
         catalog = self._catalog()
         kind = sidecar_kind(filename)
-        movie = next((d for d in catalog.datasets_named_like(name_prefix(filename))
-                      if belongs_to(filename, d["name"])), None)
+        if dataset_id is not None:
+            movie = catalog.get_dataset(dataset_id)
+        else:
+            movie = next((d for d in catalog.datasets_named_like(name_prefix(filename))
+                          if belongs_to(filename, d["name"])), None)
         catalog.add_sidecar(id=new_id(), name=filename, kind=kind, text=text,
                             dataset_id=movie["id"] if movie else None)
         if movie is not None:

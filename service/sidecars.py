@@ -20,6 +20,8 @@ from .mrc.findings import Finding
 #: Sidecars are small text files; anything bigger is not one.
 SIDECAR_MAX_BYTES = 16 << 20
 _DE_INFO = re.compile(r"(?P<id>.+)_info\.txt")
+#: name endings of sidecar files (for multipart bodies: parts kept beside the movie)
+SIDECAR_SUFFIXES = (".mdoc", "_info.txt")
 MOVIE_SUFFIXES = (".mrc", ".mrcs", ".mrcz", ".st", ".tif", ".tiff", ".eer")
 
 

@@ -23,7 +23,8 @@ import anyio
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
-from .errors import BadRequest, DigestMismatch, NotMrc, TooLarge, to_service_error
+from .errors import (BadRequest, DigestMismatch, NotMrc, ServiceError, TooLarge,
+                     to_service_error)
 from .mrc.findings import Finding
 from .mrc.header import HEADER_SIZE, Layout
 from .mrc.validate import check_header_bytes
@@ -177,10 +178,15 @@ class UploadSink:
 
 
 class MultipartFile:
-    """The first file part of a ``multipart/form-data`` body, as an async stream of its
-    bytes, parsed incrementally (python-multipart) straight from the request stream."""
+    """The main file part of a ``multipart/form-data`` body, as an async stream of its
+    bytes, parsed incrementally (python-multipart) straight from the request stream.
 
-    def __init__(self, content_type: str, body: AsyncIterator[bytes]):
+    Parts whose names say they are small text companions (``extra_suffixes``: SerialEM
+    ``.mdoc``, Direct Electron ``_info.txt``), before or after the main file, are kept
+    in :attr:`extras` (name -> bytes, each at most ``extra_max_bytes``)."""
+
+    def __init__(self, content_type: str, body: AsyncIterator[bytes],
+                 extra_suffixes: tuple[str, ...] = (), extra_max_bytes: int = 16 << 20):
         kind, options = parse_options_header(content_type)
         boundary = options.get(b"boundary")
         if kind != b"multipart/form-data" or not boundary:
@@ -194,6 +200,9 @@ class MultipartFile:
         self._in_file = False
         self._file_done = False
         self._name_checked = False
+        self.extra_suffixes, self.extra_max_bytes = extra_suffixes, extra_max_bytes
+        self.extras: dict[str, bytes] = {}
+        self._extra: tuple[str, list[bytes]] | None = None
         self._parser = MultipartParser(boundary, callbacks={
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field,
@@ -215,23 +224,36 @@ class MultipartFile:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         filename = options.get(b"filename")
-        if filename is not None and self.filename is None and not self._file_done:
-            self.filename = filename.decode("utf-8", "replace").replace("\\", "/")
-            self.filename = self.filename.rsplit("/", 1)[-1]
+        if filename is None:
+            return
+        name = filename.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
+        if self.extra_suffixes and name.lower().endswith(self.extra_suffixes):
+            self._extra = (check_filename(name), [])
+        elif self.filename is None and not self._file_done:
+            self.filename = name
             self._in_file = True
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._in_file:
             self._chunks.append(data[start:end])
+        elif self._extra is not None:
+            self._extra[1].append(data[start:end])
+            if sum(map(len, self._extra[1])) > self.extra_max_bytes:
+                raise TooLarge(f"{self._extra[0]}: at most {self.extra_max_bytes} bytes")
 
     def _part_end(self) -> None:
         if self._in_file:
             self._in_file, self._file_done = False, True
+        elif self._extra is not None:
+            self.extras[self._extra[0]] = b"".join(self._extra[1])
+            self._extra = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self.body:
             try:
                 self._parser.write(chunk)
+            except ServiceError:
+                raise
             except Exception as exc:  # python-multipart's parse errors
                 raise BadRequest(f"malformed multipart body: {exc}") from None
             if self.filename is not None and not self._name_checked:

@@ -111,3 +111,20 @@ def test_bad_sidecars(client, movie):
     assert binary.status_code == 400 and binary.json()["error"] == "bad_request"
     big = client.put("/v1/uploads/y.mdoc", content=b"a = 1\n" * (3 << 20))
     assert big.status_code == 413
+
+
+@pytest.mark.parametrize("mdoc_first", [False, True])
+def test_mdoc_uploaded_with_the_movie_in_one_multipart_request(client, movie, mdoc_first):
+    parts = [("file", ("movie.mrc", movie.read_bytes())),
+             ("mdoc", ("notes-for-it.mdoc", MDOC.encode()))]
+    if mdoc_first:
+        parts.reverse()
+    response = client.post("/v1/uploads", files=parts)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["dataset"]["name"] == "movie.mrc"
+    assert body["sidecars"] == [{"name": "notes-for-it.mdoc", "kind": "mdoc",
+                                 "dataset_id": body["dataset"]["id"]}]
+    wait_job(client, body["job"]["id"])
+    ds = client.get(response.headers["location"]).json()
+    assert ds["acquisition"]["voltage_kv"] == 300 and ds["status"] == "ready"

@@ -85,17 +85,19 @@ class DatasetPage(BaseModel):
     links: dict[str, str]
 
 
+class SidecarInfo(BaseModel):
+    name: str
+    kind: Literal["mdoc", "de_info"]
+    dataset_id: str | None = Field(description="the movie's dataset; null until it arrives")
+
+
 class Accepted(BaseModel):
     dataset: DatasetSummary
     job: Job | None
     duplicate: bool = Field(description="the same bytes were uploaded before; this is "
                                         "that dataset")
-
-
-class SidecarInfo(BaseModel):
-    name: str
-    kind: Literal["mdoc", "de_info"]
-    dataset_id: str | None = Field(description="the movie's dataset; null until it arrives")
+    sidecars: list[SidecarInfo] = Field(default_factory=list,
+                                        description="sidecar parts sent with the movie")
 
 
 class SidecarAccepted(BaseModel):

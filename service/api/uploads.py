@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
+from ..sidecars import SIDECAR_MAX_BYTES, SIDECAR_SUFFIXES
 from ..uploads import MultipartFile, parse_digest
 from .deps import WRITE, Service, body_chunks, declared_length
 from .schemas import (Accepted, ErrorBody, RegistrationIn, SidecarAccepted, dataset_summary,
@@ -38,7 +39,7 @@ def accepted_response(result: dict[str, Any], response: Response) -> dict[str, A
     response.headers["Location"] = f"/v1/datasets/{dataset['id']}"
     return {"dataset": dataset_summary(dataset),
             "job": job_view(result["job"]) if result["job"] else None,
-            "duplicate": result["duplicate"]}
+            "duplicate": result["duplicate"], "sidecars": result.get("sidecars", [])}
 
 
 @router.put("/uploads/{filename}", status_code=202,
@@ -58,11 +59,13 @@ async def put_upload(filename: str, request: Request, response: Response, servic
 
 
 @router.post("/uploads", status_code=202, response_model=Accepted, responses=UPLOAD_ERRORS,
-             summary="Upload a movie as multipart/form-data (curl -F file=@movie.mrc)",
+             summary="Upload a movie as multipart/form-data (curl -F file=@movie.mrc), "
+                     "optionally with its sidecars (-F mdoc=@movie.mrc.mdoc)",
             dependencies=[WRITE])
 async def post_upload(request: Request, response: Response, service: Service,
                       normalize: Normalize = None) -> dict[str, Any]:
-    body = MultipartFile(request.headers.get("content-type", ""), body_chunks(request))
+    body = MultipartFile(request.headers.get("content-type", ""), body_chunks(request),
+                         extra_suffixes=SIDECAR_SUFFIXES, extra_max_bytes=SIDECAR_MAX_BYTES)
     result = await service.accept_upload(None, body, parse_digest(request.headers),
                                          normalize, declared_length(request))
     return accepted_response(result, response)
