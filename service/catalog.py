@@ -74,6 +74,19 @@ particle_sets = sa.Table(
     sa.Column("info", sa.JSON, nullable=False, default=dict),
 )
 
+#: tus resumable uploads in progress (or finished: dataset_id set)
+tus_uploads = sa.Table(
+    "tus_uploads", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("length", sa.BigInteger, nullable=False),
+    sa.Column("offset", sa.BigInteger, nullable=False),
+    sa.Column("metadata", sa.JSON, nullable=False, default=dict),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("expires_at", sa.String(32), nullable=False, index=True),
+    sa.Column("dataset_id", sa.String(32)),
+)
+
 jobs = sa.Table(
     "jobs", metadata,
     sa.Column("id", sa.String(32), primary_key=True),
@@ -341,6 +354,34 @@ class Catalog:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
+    # -- tus uploads ------------------------------------------------------------------
+
+    def add_tus_upload(self, **row: Any) -> dict[str, Any] | None:
+        with self.engine.begin() as conn:
+            conn.execute(tus_uploads.insert().values(created_at=now(), **row))
+        return self.get_tus_upload(row["id"])
+
+    def get_tus_upload(self, upload_id: str) -> dict[str, Any] | None:
+        query = sa.select(tus_uploads).where(tus_uploads.c.id == upload_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return dict(row._mapping) if row else None
+
+    def update_tus_upload(self, upload_id: str, **fields: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(tus_uploads.update().where(tus_uploads.c.id == upload_id)
+                         .values(**fields))
+
+    def delete_tus_upload(self, upload_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(tus_uploads.delete().where(tus_uploads.c.id == upload_id))
+
+    def expired_tus_uploads(self, moment: str) -> list[dict[str, Any]]:
+        query = sa.select(tus_uploads).where(tus_uploads.c.expires_at < moment,
+                                             tus_uploads.c.dataset_id.is_(None))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
     # -- particle sets ----------------------------------------------------------------
 
     def add_particle_set(self, **row: Any) -> dict[str, Any] | None:
@@ -402,7 +443,7 @@ class Catalog:
 def _add_missing_columns(engine: Engine) -> None:
     """Catalogs made by an older version lack newer (nullable) columns: add them."""
     inspector = sa.inspect(engine)
-    for table in (datasets, jobs, sidecars, particle_sets):
+    for table in (datasets, jobs, sidecars, particle_sets, tus_uploads):
         present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
             if column.name not in present and column.nullable:

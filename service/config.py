@@ -45,6 +45,8 @@ class Settings(BaseSettings):
                                     "open and binds to loopback only")
     allow_hard_links: bool = Field(False, description="register files with more than one "
                                    "hard link (one may sit outside the allowed roots)")
+    tus_expiry_hours: float = Field(72, gt=0, description="an unfinished tus upload is "
+                                    "dropped this long after it was created")
     sum_preview_size: int = Field(1024, ge=64, le=8192, description="longest side of the "
                                   "frame sum computed at ingest")
 

@@ -10,6 +10,7 @@ import io
 import os
 import threading
 import uuid
+from datetime import timedelta
 from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path, PurePath
@@ -29,6 +30,7 @@ from .metrics import Metrics
 from .mrc.preview import binned, contrast_u8
 from .mrc.writer import fsync_directory
 from .particle_sets import ParticleSets
+from .tus import Received, TusUploads
 from .pipeline import (Pipeline, check_source_unchanged, source_fingerprint, target_from_dict,
                        target_to_dict)
 from .sidecars import (SIDECAR_MAX_BYTES, beside, belongs_to, decode_text, name_prefix,
@@ -96,6 +98,7 @@ class IngestService:
         self.queue: JobQueue | None = None
         self.pipeline: Pipeline | None = None
         self.particle_sets: ParticleSets | None = None
+        self.tus: TusUploads | None = None
         self.previews = PreviewCache(settings.preview_cache_items)
         self.auth = Authenticator(settings.tokens)
         self.metrics = Metrics(self.snapshot)
@@ -107,6 +110,12 @@ class IngestService:
         self.catalog = Catalog(self.settings.catalog_url)
         self.pipeline = pipeline = Pipeline(self.settings, self.catalog, self.storage)
         self.particle_sets = ParticleSets(self.settings, self.catalog, self.storage)
+        self.tus = TusUploads(self.storage.root / "tus", self.catalog,
+                              self.settings.max_upload_bytes,
+                              timedelta(hours=self.settings.tus_expiry_hours),
+                              commit=lambda received, name: self._commit_upload(
+                                  received, name, None))
+        self.tus.prepare()
         self.queue = JobQueue(self.catalog, self.settings.workers, pipeline,
                               on_finish=self.metrics.job_finished)
         pipeline.submit = self.queue.submit
@@ -205,7 +214,7 @@ class IngestService:
             if belongs_to(row["name"], name):
                 catalog.attach_sidecar(row["id"], dataset_id)
 
-    def _commit_upload(self, sink: UploadSink, filename: str,
+    def _commit_upload(self, sink: UploadSink | Received, filename: str,
                        normalize: bool | None) -> dict[str, Any]:
         catalog = self._catalog()
         existing = catalog.find_by_sha256(sink.sha256, LIVE_STATUSES)

@@ -1,0 +1,98 @@
+"""tus 1.0 resumable uploads under /v1/tus/ (core, creation, termination, checksum).
+Protocol rules live in :mod:`service.tus`; this maps HTTP to them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..tus import CHECKSUMS, EXTENSIONS, VERSION, TusUploads, WrongContentType, check_version
+from .deps import WRITE, Service, body_chunks
+
+router = APIRouter(prefix="/v1/tus", tags=["resumable uploads (tus)"])
+PREFIX = "/v1/tus"
+
+
+class TusResumableHeader:
+    """Pure ASGI middleware: every /v1/tus response but OPTIONS carries Tus-Resumable,
+    errors included (they are made far from the router)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PREFIX) \
+                or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"tus-resumable" for k, _ in headers):
+                    headers.append((b"tus-resumable", VERSION.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_header)
+
+
+def uploads(service) -> TusUploads:
+    assert service.tus is not None
+    return service.tus
+
+
+def offset_headers(row: dict[str, Any]) -> dict[str, str]:
+    headers = {"Upload-Offset": str(row["offset"]), "Upload-Length": str(row["length"]),
+               "Cache-Control": "no-store"}
+    if row.get("dataset_id"):
+        headers["Mrc-Ingest-Dataset"] = f"/v1/datasets/{row['dataset_id']}"
+    return headers
+
+
+@router.options("/", status_code=204, summary="tus discovery")
+@router.options("/{upload_id}", status_code=204, include_in_schema=False)
+def discover(service: Service, upload_id: str | None = None) -> Response:
+    return Response(status_code=204, headers={
+        "Tus-Version": VERSION, "Tus-Extension": EXTENSIONS,
+        "Tus-Max-Size": str(service.settings.max_upload_bytes),
+        "Tus-Checksum-Algorithm": ",".join(sorted(CHECKSUMS))})
+
+
+@router.post("/", status_code=201, dependencies=[WRITE],
+             summary="Create an upload (Upload-Length, Upload-Metadata: filename <base64>)")
+def create(request: Request, service: Service) -> Response:
+    check_version(request.headers.get("tus-resumable"))
+    row = uploads(service).create(request.headers.get("upload-length"),
+                                  request.headers.get("upload-metadata"))
+    return Response(status_code=201, headers={"Location": f"{PREFIX}/{row['id']}",
+                                              "Upload-Offset": "0"})
+
+
+@router.head("/{upload_id}", dependencies=[WRITE], summary="Where to resume")
+def head(upload_id: str, request: Request, service: Service) -> Response:
+    check_version(request.headers.get("tus-resumable"))
+    return Response(status_code=200, headers=offset_headers(uploads(service).get(upload_id)))
+
+
+@router.patch("/{upload_id}", status_code=204, dependencies=[WRITE],
+              summary="Append bytes at Upload-Offset (application/offset+octet-stream)")
+async def patch(upload_id: str, request: Request, service: Service) -> Response:
+    check_version(request.headers.get("tus-resumable"))
+    if request.headers.get("content-type") != "application/offset+octet-stream":
+        raise WrongContentType("PATCH needs Content-Type: application/offset+octet-stream")
+    row = await uploads(service).patch(upload_id, request.headers.get("upload-offset"),
+                                       request.headers.get("upload-checksum"),
+                                       body_chunks(request))
+    return Response(status_code=204, headers=offset_headers(row))
+
+
+@router.delete("/{upload_id}", status_code=204, dependencies=[WRITE],
+               summary="Terminate an upload")
+async def terminate(upload_id: str, request: Request, service: Service) -> Response:
+    check_version(request.headers.get("tus-resumable"))
+    await anyio.to_thread.run_sync(uploads(service).terminate, upload_id)
+    return Response(status_code=204)

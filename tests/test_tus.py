@@ -1,0 +1,189 @@
+"""tus 1.0: the real tuspy client uploads, is interrupted (stop half-way, restart the
+server, drop the connection mid-PATCH) and resumes from the stored offset; the stored
+bytes hash identical to the source. Protocol errors get the prescribed status codes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import time
+
+import httpx
+import pytest
+from tusclient import client as tus_client
+
+from tests.api_helpers import make_client, start_server, wait_job
+from tests.reference import counting_movie, write_raw_mrc
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+@pytest.fixture(scope="module")
+def movie(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tus") / "movie.mrc"
+    write_raw_mrc(path, counting_movie((24, 512, 512)), 101)  # ~3 MB
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def dataset_of(base: str, upload_url: str) -> dict:
+    head = httpx.head(upload_url, headers=TUS)
+    assert head.status_code == 200 and head.headers["upload-offset"] == \
+        head.headers["upload-length"]
+    location = head.headers["mrc-ingest-dataset"]
+    with httpx.Client(base_url=base) as c:
+        ds = c.get(location).json()
+        wait_job(c, ds["jobs"][0]["id"])
+        return c.get(location).json()
+
+
+def test_tuspy_upload_becomes_a_dataset(tmp_path, movie):
+    path, sha = movie
+    proc, base = start_server(tmp_path / "data")
+    try:
+        uploader = tus_client.TusClient(f"{base}/v1/tus/").uploader(
+            str(path), chunk_size=1 << 20, metadata={"filename": "scope1_movie.mrc"},
+            upload_checksum=True)
+        uploader.upload()
+        ds = dataset_of(base, uploader.url)
+        assert ds["status"] == "ready" and ds["sha256"] == sha
+        assert ds["name"] == "scope1_movie.mrc" and ds["size_bytes"] == path.stat().st_size
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_tuspy_resumes_after_a_server_restart(tmp_path, movie):
+    path, sha = movie
+    data = tmp_path / "data"
+    proc, base = start_server(data)
+    try:
+        uploader = tus_client.TusClient(f"{base}/v1/tus/").uploader(
+            str(path), chunk_size=256 << 10, metadata={"filename": "m.mrc"})
+        half = path.stat().st_size // 2
+        uploader.upload(stop_at=half)
+        url = uploader.url
+        assert int(httpx.head(url, headers=TUS).headers["upload-offset"]) >= half
+    finally:
+        proc.terminate()
+        proc.wait()
+    proc, base2 = start_server(data)
+    try:
+        url = url.replace(base, base2)  # same data folder, new port
+        offset = int(httpx.head(url, headers=TUS).headers["upload-offset"])
+        assert offset >= half  # the offset survived the restart
+        resumed = tus_client.TusClient(f"{base2}/v1/tus/").uploader(
+            str(path), chunk_size=256 << 10, url=url)
+        assert resumed.offset == offset
+        resumed.upload()
+        ds = dataset_of(base2, url)
+        assert ds["sha256"] == sha and ds["status"] == "ready"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_connection_dropped_mid_patch_keeps_what_arrived(tmp_path, movie):
+    path, sha = movie
+    raw = path.read_bytes()
+    proc, base = start_server(tmp_path / "data")
+    try:
+        create = httpx.post(f"{base}/v1/tus/", headers={
+            **TUS, "Upload-Length": str(len(raw)),
+            "Upload-Metadata": "filename " + base64.b64encode(b"cut.mrc").decode()})
+        assert create.status_code == 201 and create.headers["tus-resumable"] == "1.0.0"
+        url = base + create.headers["location"]
+        host, port = base.removeprefix("http://").split(":")
+        sent = 1 << 20
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall((f"PATCH {create.headers['location']} HTTP/1.1\r\nHost: {host}\r\n"
+                          f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n"
+                          f"Content-Type: application/offset+octet-stream\r\n"
+                          f"Content-Length: {len(raw)}\r\n\r\n").encode())
+            sock.sendall(raw[:sent])
+            time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while (offset := int(httpx.head(url, headers=TUS).headers["upload-offset"])) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert 0 < offset <= sent
+        resumed = tus_client.TusClient(f"{base}/v1/tus/").uploader(
+            str(path), chunk_size=1 << 20, url=url)
+        assert resumed.offset == offset
+        resumed.upload()
+        assert dataset_of(base, url)["sha256"] == sha
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+# -- protocol errors (in-process) ----------------------------------------------------
+
+def create(c, length: int, **headers) -> str:
+    response = c.post("/v1/tus/", headers={**TUS, "Upload-Length": str(length), **headers})
+    assert response.status_code == 201, response.text
+    return response.headers["location"]
+
+
+def patch(c, url, body: bytes, offset: int, **headers):
+    return c.patch(url, content=body, headers={
+        **TUS, "Upload-Offset": str(offset),
+        "Content-Type": "application/offset+octet-stream", **headers})
+
+
+def test_protocol_errors(tmp_path, movie):
+    path, _ = movie
+    raw = path.read_bytes()
+    with make_client(tmp_path / "data", max_upload_bytes=len(raw) + 10) as c:
+        options = c.options("/v1/tus/")
+        assert options.status_code == 204 and options.headers["tus-version"] == "1.0.0"
+        assert "checksum" in options.headers["tus-extension"]
+        assert "tus-resumable" not in options.headers
+        url = create(c, len(raw), **{"Upload-Metadata": ""})  # empty metadata is fine
+        assert c.head(url, headers=TUS).headers["upload-offset"] == "0"
+        # 412 without (or with another) Tus-Resumable, naming the version we speak
+        bad = c.head(url)
+        assert bad.status_code == 412 and bad.headers["tus-version"] == "1.0.0"
+        assert c.patch(url, content=b"x", headers={"Tus-Resumable": "0.2.2"}).status_code == 412
+        # 415 without the tus content type
+        wrong_type = c.patch(url, content=raw[:10], headers={**TUS, "Upload-Offset": "0"})
+        assert wrong_type.status_code == 415 and wrong_type.headers["tus-resumable"] == "1.0.0"
+        # 409 on an offset mismatch
+        assert patch(c, url, raw[:100], 0).status_code == 204
+        conflict = patch(c, url, raw[100:200], 50)
+        assert conflict.status_code == 409 and conflict.json()["error"] == "offset_mismatch"
+        # 460 on a checksum mismatch, and the bytes are not kept
+        wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+        mismatch = patch(c, url, raw[100:300], 100, **{"Upload-Checksum": f"sha1 {wrong}"})
+        assert mismatch.status_code == 460
+        assert c.head(url, headers=TUS).headers["upload-offset"] == "100"
+        good = base64.b64encode(hashlib.sha1(raw[100:]).digest()).decode()
+        done = patch(c, url, raw[100:], 100, **{"Upload-Checksum": f"sha1 {good}"})
+        assert done.status_code == 204 and done.headers["upload-offset"] == str(len(raw))
+        assert done.headers["mrc-ingest-dataset"].startswith("/v1/datasets/")
+        # 413 over Tus-Max-Size; 400 without Upload-Length
+        assert c.post("/v1/tus/", headers={**TUS, "Upload-Length": str(len(raw) + 11)}
+                      ).status_code == 413
+        assert c.post("/v1/tus/", headers=TUS).status_code == 400
+        # 404 unknown; termination
+        assert c.head("/v1/tus/nope", headers=TUS).status_code == 404
+        other = create(c, len(raw))
+        assert c.delete(other, headers=TUS).status_code == 204
+        gone = c.head(other, headers=TUS)
+        assert gone.status_code == 404 and gone.headers["tus-resumable"] == "1.0.0"
+        # not MRC: refused once the header is in, and the upload is terminated
+        junk = create(c, 4096)
+        refused = patch(c, junk, b"hello" * 400, 0)
+        assert refused.status_code == 415 and refused.json()["error"] == "not_mrc"
+        assert c.head(junk, headers=TUS).status_code == 404
+        assert c.get("/v1/datasets").json()["items"][0]["name"] == "upload.mrc"
+    assert [p for p in (tmp_path / "data" / "tus").iterdir()] == []
+
+
+def test_expired_uploads_get_410(tmp_path, movie):
+    path, _ = movie
+    with make_client(tmp_path / "data", tus_expiry_hours=1e-6) as c:
+        url = create(c, path.stat().st_size)
+        time.sleep(0.05)
+        assert c.head(url, headers=TUS).status_code == 410
+        assert c.head(url, headers=TUS).status_code == 404  # and then it is gone
