@@ -143,6 +143,7 @@ class CursorError(ValueError):
 class DatasetQuery:
     status: str | None = None
     mode: int | None = None
+    sha256: str | None = None
     voltage_kv: float | None = None
     min_dose: float | None = None
     max_dose: float | None = None
@@ -254,7 +255,8 @@ class Catalog:
             raise CursorError(f"sort must be one of {SORT_KEYS}, got {q.sort!r}")
         key, tie = datasets.c[q.sort], datasets.c.id
         query = sa.select(*SUMMARY_COLUMNS)
-        for column, value in (("status", q.status), ("mode", q.mode), ("source", q.source)):
+        for column, value in (("status", q.status), ("mode", q.mode), ("source", q.source),
+                              ("sha256", q.sha256)):
             if value is not None:
                 query = query.where(datasets.c[column] == value)
         if q.voltage_kv is not None:

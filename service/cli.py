@@ -1,5 +1,4 @@
-"""``mrc-ingest`` command line: serve the API, make API tokens; inspect and convert
-MRC/MRCZ files.
+"""``mrc-ingest``: serve the API, push movies to it, inspect and convert MRC/MRCZ files.
 
 Exit codes: 0 success; 1 the input is bad or the conversion was refused (one line on
 stderr says why); 2 the command line itself is wrong.
@@ -9,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
+import httpx
+
+from .client import ClientError
 from .mrc import Codec, MrcError, Target, convert, inspect
 
 
@@ -51,6 +54,34 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--workers", type=int, default=None,
                          help="processing threads; overrides MRC_INGEST_WORKERS")
     p_serve.add_argument("--log-level", default="info")
+
+    def server_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", default=os.environ.get("MRC_INGEST_SERVER",
+                                                          "http://127.0.0.1:8000"),
+                       help="service URL (default $MRC_INGEST_SERVER or "
+                            "http://127.0.0.1:8000)")
+        p.add_argument("--token", default=os.environ.get("MRC_INGEST_TOKEN"),
+                       help="API token (default $MRC_INGEST_TOKEN)")
+
+    p_push = sub.add_parser("push", help="upload movies and sidecars (resumable; skips "
+                                         "what the server has)")
+    p_push.add_argument("paths", nargs="+", type=Path, help="files or folders")
+    server_args(p_push)
+    p_push.add_argument("--watch", action="store_true",
+                        help="keep pushing new movies once complete, until Ctrl-C")
+    p_push.add_argument("--interval", type=float, default=5.0,
+                        help="seconds between scans with --watch (default 5)")
+    p_push.add_argument("--chunk-mib", type=int, default=64, help="PATCH size (default 64)")
+
+    p_ls = sub.add_parser("ls", help="list datasets on the server")
+    server_args(p_ls)
+    p_ls.add_argument("--status", choices=["queued", "processing", "ready", "rejected",
+                                           "failed"])
+    p_ls.add_argument("--limit", type=int, default=20)
+
+    p_status = sub.add_parser("status", help="one dataset (or job) on the server, as JSON")
+    server_args(p_status)
+    p_status.add_argument("id", help="dataset id (or job id)")
 
     p_token = sub.add_parser("token", help="make a new API token and print the settings "
                                            "entry (its hash) for MRC_INGEST_TOKENS")
@@ -96,6 +127,49 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .client import Pusher, Server, collect
+
+    pusher = Pusher(Server(args.server, args.token), chunk=args.chunk_mib << 20)
+    if args.watch:
+        try:
+            pusher.watch(args.paths, args.interval, stop=lambda: False)
+        except KeyboardInterrupt:
+            return 0
+    failed = 0
+    for path in collect(args.paths):
+        try:
+            pusher.push(path)
+        except ClientError as exc:
+            failed += 1
+            print(f"mrc-ingest: error: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from .client import Server
+
+    params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
+    for d in Server(args.server, args.token).get("/v1/datasets", **params)["items"]:
+        dims = f"{d['nx']}x{d['ny']}x{d['frames']}" if d["nx"] else "-"
+        ratio = f"{d['compression_ratio']:.2f}x" if d["compression_ratio"] else "-"
+        print(f"{d['id']}  {d['status']:<10} {d['name']:<40} mode {d['mode']!s:<4} "
+              f"{dims:<16} {d['size_bytes'] / 1e6:9.1f} MB  {ratio}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .client import Server
+
+    server = Server(args.server, args.token)
+    try:
+        record = server.get(f"/v1/datasets/{args.id}")
+    except ClientError:
+        record = server.get(f"/v1/jobs/{args.id}")
+    print(json.dumps(record, indent=2))
+    return 0
+
+
 def _fail(message: str, code: int = 1) -> int:
     print(f"mrc-ingest: error: {message}", file=sys.stderr)
     return code
@@ -121,7 +195,20 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     codec = Codec.from_name(args.codec or "zstd") if mrcz_out else Codec.NONE
     target = Target(mode=args.mode, codec=codec, clevel=args.clevel,
                     byte_order=">" if args.big_endian else "<")
-    report = convert(args.input, args.output, target)
+    bar = None
+    if sys.stderr.isatty():  # a progress bar for people; scripts get clean stderr
+        from tqdm import tqdm
+        bar = tqdm(desc=args.input.name, unit="frame", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+    try:
+        report = convert(args.input, args.output, target, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     print(json.dumps(report.to_dict(), indent=2))
     return 0
 
@@ -134,9 +221,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "token":
             return _token(args)
+        if args.command == "push":
+            return _push(args)
+        if args.command == "ls":
+            return _ls(args)
+        if args.command == "status":
+            return _status(args)
         if args.command == "inspect":
             return _inspect(args)
         return _convert(args, parser)
+    except ClientError as exc:
+        return _fail(str(exc))
+    except httpx.HTTPError as exc:
+        return _fail(f"cannot reach {getattr(args, 'server', 'the server')}: {exc}")
     except MrcError as exc:
         return _fail(f"{args.input}: {exc}")
     except OSError as exc:

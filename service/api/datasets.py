@@ -34,6 +34,9 @@ def list_datasets(
                           Query()] = None,
         mode: Annotated[int | None, Query(description="MRC mode as received")] = None,
         source: Annotated[Literal["upload", "registration"] | None, Query()] = None,
+        sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$",
+                                            description="content hash (lower-case hex)")]
+        = None,
         voltage_kv: Annotated[float | None, Query(gt=0, description="e.g. 300")] = None,
         min_dose: Annotated[float | None, Query(ge=0, description="total e-/Å², at least")]
         = None,
@@ -50,7 +53,8 @@ def list_datasets(
                                             description="next_cursor of the previous page")]
         = None) -> dict[str, Any]:
     query = DatasetQuery(status=status, mode=mode, source=source, name=name,
-                         voltage_kv=voltage_kv, min_dose=min_dose, max_dose=max_dose,
+                         sha256=sha256, voltage_kv=voltage_kv, min_dose=min_dose,
+                         max_dose=max_dose,
                          created_after=_utc_text(created_after),
                          created_before=_utc_text(created_before), sort=sort,
                          descending=order == "desc", limit=limit, cursor=cursor)
