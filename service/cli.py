@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--workers", type=int, default=None,
                          help="processing threads; overrides MRC_INGEST_WORKERS")
     p_serve.add_argument("--log-level", default="info")
+    p_serve.add_argument("--log-format", choices=["json", "text"], default="json",
+                         help="one JSON object per line (default) or plain text")
 
     def server_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default=os.environ.get("MRC_INGEST_SERVER",
@@ -119,11 +122,16 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail(f"refusing to listen on {args.host} without API tokens: anyone on the "
                      "network could upload and delete. Make tokens with 'mrc-ingest token' "
                      "and set MRC_INGEST_TOKENS, or listen on 127.0.0.1", 2)
-    print(f"mrc-ingest: data in {settings.data_dir.resolve()}, catalog "
-          f"{settings.catalog_url}, {settings.workers} workers; http://{args.host}:"
-          f"{args.port}/docs", file=sys.stderr)
+    from .logs import configure
+    configure(args.log_level, args.log_format)
+    logging.getLogger("mrc_ingest").info(
+        f"serving http://{args.host}:{args.port} (OpenAPI at /docs)",
+        extra={"data_dir": str(settings.data_dir.resolve()), "catalog": settings.catalog_url,
+               "workers": settings.workers, "auth": bool(settings.tokens)})
+    # Our middleware logs every request (with ids); uvicorn's access log would repeat it.
     uvicorn.run(create_app(settings), host=args.host, port=args.port,
-                log_level=args.log_level, timeout_graceful_shutdown=10)
+                log_level=args.log_level, log_config=None, access_log=False,
+                timeout_graceful_shutdown=10)
     return 0
 
 

@@ -9,6 +9,7 @@ import asyncio
 import io
 import os
 import threading
+import time
 import uuid
 from datetime import timedelta
 from collections import OrderedDict
@@ -322,9 +323,11 @@ class IngestService:
     # -- previews ---------------------------------------------------------------------
 
     def frame_png(self, dataset_id: str, k: int, size: int, clip: float) -> bytes:
+        started = time.perf_counter()
         dataset = self.ready_dataset(dataset_id)
         key = (dataset_id, "frame", k, size, clip)
         png = self.previews.get(key)
+        cached = png is not None
         if png is None:
             path = check_source_unchanged(dataset)
             try:
@@ -334,17 +337,25 @@ class IngestService:
                 raise from_core(exc) from None
             png = encode_png(contrast_u8(binned(frame, size), clip, 100 - clip))
             self.previews.put(key, png)
+        self._observe_preview("frame", cached, started)
         return png
 
     def sum_png(self, dataset_id: str, size: int, clip: float) -> bytes:
+        started = time.perf_counter()
         self.ready_dataset(dataset_id)
         key = (dataset_id, "sum", size, clip)
         png = self.previews.get(key)
+        cached = png is not None
         if png is None:
             total = np.load(self.storage.sum_path(dataset_id), allow_pickle=False)
             png = encode_png(contrast_u8(binned(total, size), clip, 100 - clip))
             self.previews.put(key, png)
+        self._observe_preview("sum", cached, started)
         return png
+
+    def _observe_preview(self, kind: str, cached: bool, started: float) -> None:
+        self.metrics.preview_seconds.labels(kind, str(cached).lower()).observe(
+            time.perf_counter() - started)
 
     # -- downloads and conversions ----------------------------------------------------
 

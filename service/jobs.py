@@ -57,7 +57,8 @@ class Runner(Protocol):
 
 class JobQueue:
     def __init__(self, catalog: Catalog, workers: int, runner: Runner,
-                 on_finish: Callable[[dict[str, Any], str, float], None] | None = None):
+                 on_finish: Callable[[dict[str, Any], str, float, dict[str, Any] | None],
+                                     None] | None = None):
         self.catalog, self.workers, self.runner = catalog, workers, runner
         self.on_finish = on_finish
         self._pool: ThreadPoolExecutor | None = None
@@ -141,6 +142,8 @@ class JobQueue:
             return None
         started = time.monotonic()
         self.catalog.update_job(job_id, state="running", started_at=now())
+        log.info("job running", extra={"job_id": job_id, "dataset_id": job["dataset_id"],
+                                       "kind": job["kind"]})
         state, result, error = "done", None, None
         exc_seen: BaseException | None = None
         try:
@@ -158,8 +161,13 @@ class JobQueue:
                 log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         self.catalog.update_job(job_id, state=state, result=result, error=error,
                                 finished_at=now())
+        seconds = time.monotonic() - started
+        log.log(logging.WARNING if state == "failed" else logging.INFO, f"job {state}",
+                extra={"job_id": job_id, "dataset_id": job["dataset_id"], "kind": job["kind"],
+                       "seconds": round(seconds, 3),
+                       **({"error": error["error"]} if error else {})})
         if self.on_finish:
-            self.on_finish(job, state, time.monotonic() - started)
+            self.on_finish(job, state, seconds, result)
         if error is not None:
             raise JobFailed(error) from exc_seen
         return result

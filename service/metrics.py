@@ -55,11 +55,23 @@ class Metrics:
                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                                   1, 2.5, 10),
                                          registry=self.registry)
+        self.converted_bytes = Counter("mrc_ingest_converted_bytes", "Bytes written by "
+                                       "conversions and archive copies (rate() of this is "
+                                       "the conversion throughput)", ["kind"],
+                                       registry=self.registry)
+        self.preview_seconds = Histogram("mrc_ingest_preview_seconds", "Time to produce a "
+                                         "PNG preview", ["kind", "cached"],
+                                         buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                  0.15, 0.25, 0.5, 1, 2.5),
+                                         registry=self.registry)
         self.registry.register(_CatalogCollector(snapshot))
 
-    def job_finished(self, job: dict, state: str, seconds: float) -> None:
+    def job_finished(self, job: dict, state: str, seconds: float,
+                     result: dict | None = None) -> None:
         self.jobs_finished.labels(job["kind"], state).inc()
         self.job_seconds.labels(job["kind"]).observe(seconds)
+        if state == "done" and result and result.get("bytes_written"):
+            self.converted_bytes.labels(job["kind"]).inc(result["bytes_written"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

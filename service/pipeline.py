@@ -178,7 +178,8 @@ class Pipeline:
         info["findings"] = [f.to_dict() for f in findings]
         info["timings"]["total_s"] = round(time.perf_counter() - started, 3)
         self._finish(dataset_id, "ready", info, fields, src.extended)
-        return {"status": "ready", "findings": len(findings)}
+        return {"status": "ready", "findings": len(findings),
+                "bytes_written": fields.get("stored_bytes") or 0}
 
     def _archive_target(self, src: mrc.MrcFile, info: dict[str, Any]) -> mrc.Target | None:
         """The archive copy to write, or None when the file as received already is it
@@ -253,12 +254,13 @@ class Pipeline:
             raise Conflict(f"dataset {dataset_id} is {dataset['status']}, not ready; its "
                            "findings say why")
         output = self.storage.conversion_path(dataset_id, target)
+        written = 0
         if not output.exists():
             source = check_source_unchanged(dataset)
             output.parent.mkdir(parents=True, exist_ok=True)
-            mrc.convert(source, output, target, progress=ctx.progress)
+            written = mrc.convert(source, output, target, progress=ctx.progress).file_bytes_out
             self.storage.evict_conversions(self.settings.conversion_cache_bytes, keep=output)
-        return {"bytes": output.stat().st_size, "file": output.name}
+        return {"bytes": output.stat().st_size, "file": output.name, "bytes_written": written}
 
 
 def dataset_size(fields: dict[str, Any], dataset: dict[str, Any]) -> int:

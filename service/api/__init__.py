@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -18,10 +19,15 @@ from . import datasets, downloads, errors, jobs, ops, particles, previews, tus, 
 
 __all__ = ["create_app"]
 
+access = logging.getLogger("mrc_ingest.http")
+#: path parameters worth a field of their own in the request log line
+ID_PARAMS = ("dataset_id", "job_id", "set_id", "upload_id")
+
 
 class RequestTimer:
     """Pure ASGI middleware: time to the response start, by route template (so the
-    label set stays small) — it does not wrap or buffer bodies."""
+    label set stays small), and one log line per request; it does not wrap or buffer
+    bodies."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -34,10 +40,16 @@ class RequestTimer:
 
         async def timed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                route = scope.get("route")
+                seconds = time.perf_counter() - started
+                route = getattr(scope.get("route"), "path", "unmatched")
                 self.metrics.request_seconds.labels(
-                    scope["method"], getattr(route, "path", "unmatched"),
-                    str(message["status"])).observe(time.perf_counter() - started)
+                    scope["method"], route, str(message["status"])).observe(seconds)
+                params = scope.get("path_params", {})
+                access.info("request", extra={
+                    "method": scope["method"], "path": scope["path"], "route": route,
+                    "status": message["status"], "ms": round(seconds * 1000, 2),
+                    "client": (scope.get("client") or ("", 0))[0],
+                    **{k: v for k, v in params.items() if k in ID_PARAMS}})
             await send(message)
 
         await self.app(scope, receive, timed_send)
