@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -54,15 +55,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, *args: str, timeout: float = 60.0, stderr=None
-                 ) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, *args: str, timeout: float = 60.0, stderr=None,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """``mrc-ingest serve`` in its own process on a free loopback port, once /healthz
     answers; returns the process and the base URL."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                              "--data-dir", str(data_dir), "--log-level",
                              "info" if stderr is not None else "warning", *args],
-                            cwd=Path(__file__).resolve().parents[1], stderr=stderr)
+                            cwd=Path(__file__).resolve().parents[1], stderr=stderr,
+                            env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:

@@ -15,7 +15,8 @@ from .. import __version__
 from ..config import Settings
 from ..ingest import IngestService
 from ..metrics import Metrics
-from . import datasets, downloads, errors, jobs, ops, particles, previews, tus, uploads
+from . import (dashboard, datasets, downloads, errors, jobs, ops, particles, previews, tus,
+               uploads)
 
 __all__ = ["create_app"]
 
@@ -72,7 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "MRC/MRCZ movies.")
     app.state.service = service
     errors.install(app)
-    for module in (uploads, tus, datasets, previews, downloads, jobs, particles, ops):
+    for module in (uploads, tus, datasets, previews, downloads, jobs, particles, ops,
+                   dashboard):
         app.include_router(module.router)
     app.add_middleware(tus.TusResumableHeader)
     app.add_middleware(RequestTimer, metrics=service.metrics)
