@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import httpx
 
@@ -183,10 +184,30 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+@contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A frames progress bar on a terminal (multi-GB movies take a while); none for
+    scripts, whose stderr stays clean."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+    bar = tqdm(desc=label, unit="frame", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
 def _inspect(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         return _fail(f"{args.file}: no such file")
-    report = inspect(args.file, deep=not args.quick)
+    with _progress_bar(args.file.name) as progress:
+        report = inspect(args.file, deep=not args.quick, progress=progress)
     print(json.dumps(report, indent=2, default=str))
     if not report["valid"]:
         first = next(f for f in report["findings"] if f["severity"] == "error")
@@ -203,20 +224,8 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     codec = Codec.from_name(args.codec or "zstd") if mrcz_out else Codec.NONE
     target = Target(mode=args.mode, codec=codec, clevel=args.clevel,
                     byte_order=">" if args.big_endian else "<")
-    bar = None
-    if sys.stderr.isatty():  # a progress bar for people; scripts get clean stderr
-        from tqdm import tqdm
-        bar = tqdm(desc=args.input.name, unit="frame", file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
-    try:
+    with _progress_bar(args.input.name) as progress:
         report = convert(args.input, args.output, target, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     print(json.dumps(report.to_dict(), indent=2))
     return 0
 
