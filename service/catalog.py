@@ -200,6 +200,11 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _by_id(self, table: sa.Table, row_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(table).where(table.c.id == row_id)).first()
+        return dict(row._mapping) if row else None
+
     def ping(self) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(1)).scalar() == 1
@@ -221,9 +226,7 @@ class Catalog:
         return result.rowcount > 0
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(datasets).where(datasets.c.id == dataset_id)).first()
-        return dict(row._mapping) if row else None
+        return self._by_id(datasets, dataset_id)
 
     def find_by_sha256(self, sha256: str, statuses: Iterable[str]) -> dict[str, Any] | None:
         query = (sa.select(datasets).where(datasets.c.sha256 == sha256,
@@ -364,10 +367,7 @@ class Catalog:
         return self.get_tus_upload(row["id"])
 
     def get_tus_upload(self, upload_id: str) -> dict[str, Any] | None:
-        query = sa.select(tus_uploads).where(tus_uploads.c.id == upload_id)
-        with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        return dict(row._mapping) if row else None
+        return self._by_id(tus_uploads, upload_id)
 
     def update_tus_upload(self, upload_id: str, **fields: Any) -> None:
         with self.engine.begin() as conn:
@@ -392,10 +392,7 @@ class Catalog:
         return self.get_particle_set(row["id"])
 
     def get_particle_set(self, set_id: str) -> dict[str, Any] | None:
-        query = sa.select(particle_sets).where(particle_sets.c.id == set_id)
-        with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        return dict(row._mapping) if row else None
+        return self._by_id(particle_sets, set_id)
 
     def delete_particle_set(self, set_id: str) -> bool:
         with self.engine.begin() as conn:
@@ -416,9 +413,7 @@ class Catalog:
         return result.rowcount > 0
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
-        return dict(row._mapping) if row else None
+        return self._by_id(jobs, job_id)
 
     def jobs_in_states(self, states: Iterable[str],
                        dataset_id: str | None = None) -> list[dict[str, Any]]:
