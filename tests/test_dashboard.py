@@ -23,13 +23,18 @@ READ, WRITE = "mrci_dash-read", "mrci_dash-write"
 
 
 @pytest.fixture
-def browser():
+def browser(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    # No background networking: this machine's network is closed, and Chromium's own
+    # connections (updates, sync, Google lookups) would otherwise be refused at every turn.
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}",
                  "--window-size=1400,900"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
