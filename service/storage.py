@@ -69,9 +69,6 @@ class Storage:
         for folder in (self.dataset_dir(dataset_id), self.conversions / dataset_id):
             shutil.rmtree(folder, ignore_errors=True)
 
-    def conversion_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.conversions.glob("*/*.mrc*"))
-
     def evict_conversions(self, limit_bytes: int, keep: Path | None = None) -> list[Path]:
         """Delete least recently used conversions until the cache fits ``limit_bytes``
         (``keep``, the one about to be served, stays). Serving touches a file's mtime."""
