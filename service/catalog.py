@@ -200,6 +200,15 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _insert(self, table: sa.Table, row: dict[str, Any]) -> dict[str, Any] | None:
+        with self.engine.begin() as conn:
+            conn.execute(table.insert().values(**row))
+        return self._by_id(table, row["id"])
+
+    def _delete(self, table: sa.Table, row_id: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(table.delete().where(table.c.id == row_id)).rowcount > 0
+
     def _by_id(self, table: sa.Table, row_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(table).where(table.c.id == row_id)).first()
@@ -213,10 +222,8 @@ class Catalog:
 
     def add_dataset(self, **row: Any) -> dict[str, Any] | None:
         stamp = now()
-        row = {"created_at": stamp, "updated_at": stamp, "info": {}, **row}
-        with self.engine.begin() as conn:
-            conn.execute(datasets.insert().values(**row))
-        return self.get_dataset(row["id"])
+        return self._insert(datasets, {"created_at": stamp, "updated_at": stamp, "info": {},
+                                       **row})
 
     def update_dataset(self, dataset_id: str, **fields: Any) -> bool:
         fields["updated_at"] = now()
@@ -351,8 +358,8 @@ class Catalog:
 
     def datasets_named_like(self, prefix: str) -> list[dict[str, Any]]:
         """Live datasets whose name starts with ``prefix`` (sidecar matching)."""
-        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = (sa.select(datasets).where(datasets.c.name.like(f"{escaped}%", escape="\\"),
+        query = (sa.select(datasets).where(datasets.c.name.like(f"{_escape_like(prefix)}%",
+                                                                escape="\\"),
                                            datasets.c.status.in_(("queued", "processing",
                                                                   "ready")))
                  .order_by(datasets.c.created_at.desc()))
@@ -362,9 +369,7 @@ class Catalog:
     # -- tus uploads ------------------------------------------------------------------
 
     def add_tus_upload(self, **row: Any) -> dict[str, Any] | None:
-        with self.engine.begin() as conn:
-            conn.execute(tus_uploads.insert().values(created_at=now(), **row))
-        return self.get_tus_upload(row["id"])
+        return self._insert(tus_uploads, {"created_at": now(), **row})
 
     def get_tus_upload(self, upload_id: str) -> dict[str, Any] | None:
         return self._by_id(tus_uploads, upload_id)
@@ -375,8 +380,7 @@ class Catalog:
                          .values(**fields))
 
     def delete_tus_upload(self, upload_id: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(tus_uploads.delete().where(tus_uploads.c.id == upload_id))
+        self._delete(tus_uploads, upload_id)
 
     def expired_tus_uploads(self, moment: str) -> list[dict[str, Any]]:
         query = sa.select(tus_uploads).where(tus_uploads.c.expires_at < moment,
@@ -387,25 +391,19 @@ class Catalog:
     # -- particle sets ----------------------------------------------------------------
 
     def add_particle_set(self, **row: Any) -> dict[str, Any] | None:
-        with self.engine.begin() as conn:
-            conn.execute(particle_sets.insert().values(created_at=now(), **row))
-        return self.get_particle_set(row["id"])
+        return self._insert(particle_sets, {"created_at": now(), **row})
 
     def get_particle_set(self, set_id: str) -> dict[str, Any] | None:
         return self._by_id(particle_sets, set_id)
 
     def delete_particle_set(self, set_id: str) -> bool:
-        with self.engine.begin() as conn:
-            result = conn.execute(particle_sets.delete().where(particle_sets.c.id == set_id))
-        return result.rowcount > 0
+        return self._delete(particle_sets, set_id)
 
     # -- jobs -------------------------------------------------------------------------
 
     def add_job(self, **row: Any) -> dict[str, Any] | None:
-        row = {"state": "queued", "done": 0, "total": 0, "created_at": now(), **row}
-        with self.engine.begin() as conn:
-            conn.execute(jobs.insert().values(**row))
-        return self.get_job(row["id"])
+        return self._insert(jobs, {"state": "queued", "done": 0, "total": 0,
+                                   "created_at": now(), **row})
 
     def update_job(self, job_id: str, **fields: Any) -> bool:
         with self.engine.begin() as conn:
@@ -451,10 +449,14 @@ def _add_missing_columns(engine: Engine) -> None:
             index.create(engine, checkfirst=True)
 
 
+def _escape_like(text: str) -> str:
+    """``text`` with LIKE's own wildcards escaped (escape character ``\\``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _like_pattern(text: str) -> str:
-    """``%text%`` with LIKE's own wildcards in ``text`` escaped (escape character ``\\``)."""
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
+    """``%text%``: a substring match of ``text`` taken literally."""
+    return f"%{_escape_like(text)}%"
 
 
 def _trigram_available(engine: Engine) -> bool:

@@ -230,29 +230,25 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _serve, "token": _token, "push": _push, "ls": _ls, "status": _status,
+    "inspect": _inspect,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "token":
-            return _token(args)
-        if args.command == "push":
-            return _push(args)
-        if args.command == "ls":
-            return _ls(args)
-        if args.command == "status":
-            return _status(args)
-        if args.command == "inspect":
-            return _inspect(args)
-        return _convert(args, parser)
+        if args.command == "convert":
+            return _convert(args, parser)
+        return COMMANDS[args.command](args)
     except ClientError as exc:
         return _fail(str(exc))
     except httpx.HTTPError as exc:
         return _fail(f"cannot reach {getattr(args, 'server', 'the server')}: {exc}")
     except MrcError as exc:
-        return _fail(f"{args.input}: {exc}")
+        return _fail(f"{getattr(args, 'input', getattr(args, 'file', ''))}: {exc}")
     except OSError as exc:
         return _fail(f"{exc.filename or ''}: {exc.strerror or exc}")
     except KeyboardInterrupt:

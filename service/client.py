@@ -10,7 +10,6 @@ complete: its size stayed the same for one interval, or its ``.mdoc`` was writte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -22,9 +21,9 @@ from typing import Any, Callable, Iterable
 import httpx
 
 from .sidecars import MOVIE_SUFFIXES, SIDECAR_SUFFIXES
+from .storage import sha256_file
 
 CHUNK = 64 << 20
-HASH_BLOCK = 8 << 20
 
 
 class ClientError(Exception):
@@ -34,16 +33,6 @@ class ClientError(Exception):
 def state_file() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "mrc-ingest" / "tus-uploads.json"
-
-
-def sha256_of(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-            if progress:
-                progress(len(block))
-    return digest.hexdigest()
 
 
 def is_movie(path: Path) -> bool:
@@ -132,7 +121,7 @@ class Pusher:
                         if result["sidecar"]["dataset_id"] else " (movie not there yet)"))
             return result
         size = path.stat().st_size
-        sha = sha256_of(path)
+        sha = sha256_file(path)
         existing = self.server.find_sha256(sha)
         if existing is not None:
             self.say(f"{path.name}: already on the server as dataset {existing['id']} "

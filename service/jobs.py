@@ -102,10 +102,6 @@ class JobQueue:
         future.add_done_callback(lambda _f: self._forget(job_id))
         return future
 
-    def future(self, job_id: str) -> Future | None:
-        with self._lock:
-            return self._futures.get(job_id)
-
     def cancel_dataset(self, dataset_id: str) -> list[str]:
         """Cancel the dataset's unfinished jobs and wait until none of them runs."""
         jobs = self.catalog.jobs_in_states(UNFINISHED_JOB_STATES, dataset_id=dataset_id)
