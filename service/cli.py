@@ -48,9 +48,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p_serve = sub.add_parser("serve", help="run the HTTP service (settings from "
                                            "MRC_INGEST_* environment variables)")
-    p_serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 "
-                                                             "to listen on every interface")
-    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--host", default=None, help="default $MRC_INGEST_HOST or "
+                                                      "127.0.0.1; 0.0.0.0 to listen on every "
+                                                      "interface")
+    p_serve.add_argument("--port", type=int, default=None,
+                         help="default $MRC_INGEST_PORT or 8000")
     p_serve.add_argument("--data-dir", type=Path, default=None,
                          help="overrides MRC_INGEST_DATA_DIR (default ./mrc-ingest-data)")
     p_serve.add_argument("--workers", type=int, default=None,
@@ -113,24 +115,25 @@ def _serve(args: argparse.Namespace) -> int:
     from .api import create_app
     from .config import Settings
 
-    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("workers", args.workers))
+    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("workers", args.workers),
+                                   ("host", args.host), ("port", args.port))
                  if v is not None}
     try:
         settings = Settings(**overrides)
     except ValueError as exc:
         return _fail(f"bad settings: {exc}")
-    if not settings.tokens and args.host not in LOOPBACK_HOSTS:
-        return _fail(f"refusing to listen on {args.host} without API tokens: anyone on the "
+    if not settings.tokens and settings.host not in LOOPBACK_HOSTS:
+        return _fail(f"refusing to listen on {settings.host} without API tokens: anyone on the "
                      "network could upload and delete. Make tokens with 'mrc-ingest token' "
                      "and set MRC_INGEST_TOKENS, or listen on 127.0.0.1", 2)
     from .logs import configure
     configure(args.log_level, args.log_format)
     logging.getLogger("mrc_ingest").info(
-        f"serving http://{args.host}:{args.port} (OpenAPI at /docs)",
+        f"serving http://{settings.host}:{settings.port} (OpenAPI at /docs)",
         extra={"data_dir": str(settings.data_dir.resolve()), "catalog": settings.catalog_url,
                "workers": settings.workers, "auth": bool(settings.tokens)})
     # Our middleware logs every request (with ids); uvicorn's access log would repeat it.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port,
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=args.log_level, log_config=None, access_log=False,
                 timeout_graceful_shutdown=10)
     return 0

@@ -22,6 +22,10 @@ GiB = 1 << 30
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MRC_INGEST_", extra="ignore")
 
+    host: str = Field("127.0.0.1", description="address `mrc-ingest serve` listens on "
+                      "(also --host); anything but loopback needs tokens")
+    port: int = Field(8000, ge=0, le=65535, description="port of `mrc-ingest serve` "
+                      "(also --port)")
     data_dir: Path = Field(Path("mrc-ingest-data"),
                            description="uploads, archives, conversions and the SQLite catalog")
     database_url: str | None = Field(None, description="SQLAlchemy URL of the catalog; "

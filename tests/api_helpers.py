@@ -13,6 +13,7 @@ import httpx
 
 from service.api import create_app
 from service.config import Settings
+from tests.conftest import clean_environment
 
 
 def make_client(data_dir: Path, **settings):
@@ -64,7 +65,7 @@ def start_server(data_dir: Path, *args: str, timeout: float = 60.0, stderr=None,
                              "--data-dir", str(data_dir), "--log-level",
                              "info" if stderr is not None else "warning", *args],
                             cwd=Path(__file__).resolve().parents[1], stderr=stderr,
-                            env={**os.environ, **(env or {})})
+                            env=clean_environment(env))
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:

@@ -17,7 +17,7 @@ from tests.reference import counting_movie, write_raw_mrc
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER) and not os.environ.get("MRC_INGEST_REQUIRE_BROWSER"),
+    not (CHROMIUM and DRIVER) and not os.environ.get("MRC_TEST_REQUIRE_BROWSER"),
     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 READ, WRITE = "mrci_dash-read", "mrci_dash-write"
 

@@ -1,0 +1,23 @@
+"""Suite-wide setup: every test starts from a clean set of ``MRC_INGEST_*`` settings.
+
+pydantic-settings reads the environment for any field a test does not set, and the
+server tests pass the environment on to the processes they start; a stray
+``MRC_INGEST_WORKERS`` or ``MRC_INGEST_DATABASE_URL`` on a developer's machine would
+otherwise change what the suite tests. Test switches use the ``MRC_TEST_`` prefix.
+"""
+
+from __future__ import annotations
+
+import os
+
+SETTINGS_PREFIX = "MRC_INGEST_"
+
+for _name in [n for n in os.environ if n.startswith(SETTINGS_PREFIX)]:
+    del os.environ[_name]
+
+
+def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a server process: no inherited settings, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_PREFIX)}
+    env.update(extra or {})
+    return env
