@@ -41,6 +41,11 @@ datasets = sa.Table(
     sa.Column("stored_bytes", sa.BigInteger),                 # archive copy, if any
     sa.Column("voltage_kv", sa.Float),                        # from sidecars / ext. header
     sa.Column("total_dose", sa.Float),                        # e-/Å², all images
+    sa.Column("exposure_s", sa.Float),                        # whole movie, seconds
+    sa.Column("magnification", sa.Float),
+    sa.Column("camera", sa.String(64)),
+    sa.Column("frame_stats", sa.JSON),                        # per frame mean/std/min/max
+    sa.Column("progress", sa.JSON),                           # while in flight, else null
     sa.Column("info", sa.JSON, nullable=False, default=dict),
 )
 # Newest-first listing under any one or two equality filters walks one index in order.
@@ -48,7 +53,8 @@ for cols in (("created_at", "id"), ("status", "created_at", "id"), ("mode", "cre
              ("source", "created_at", "id"), ("status", "mode", "created_at", "id"),
              ("status", "source", "created_at", "id"), ("mode", "source", "created_at", "id"),
              ("name", "id"), ("size_bytes", "id"), ("sha256",),
-             ("voltage_kv", "created_at", "id"), ("total_dose",)):
+             ("voltage_kv", "created_at", "id"), ("total_dose",), ("camera", "created_at", "id"),
+             ("pixel_size",), ("exposure_s",), ("nz",)):
     sa.Index(f"ix_datasets_{'_'.join(cols)}", *(datasets.c[c] for c in cols))
 
 #: SerialEM .mdoc / Direct Electron info.txt files, attached to their movie's dataset
@@ -107,6 +113,11 @@ DATASET_STATES = ("queued", "processing", "ready", "rejected", "failed")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED_JOB_STATES = ("queued", "running")
 SORT_KEYS = ("created_at", "name", "size_bytes")
+#: (column, DatasetQuery field of the inclusive lower bound, ... of the upper bound)
+RANGE_FILTERS = (("total_dose", "min_dose", "max_dose"),
+                 ("pixel_size", "min_pixel_size", "max_pixel_size"),
+                 ("exposure_s", "min_exposure", "max_exposure"),
+                 ("nz", "min_frames", "max_frames"))
 #: A name substring matching at most this many rows is looked up in the trigram index;
 #: a commoner one is found faster by walking the sort order and testing each name.
 RARE_NAME_ROWS = 2000
@@ -127,7 +138,9 @@ _SQLITE_NAME_INDEX = [
     "INSERT INTO datasets_name(datasets_name, rowid, name) VALUES ('delete', old.rowid, "
     "old.name); INSERT INTO datasets_name(rowid, name) VALUES (new.rowid, new.name); END",
 ]
-SUMMARY_COLUMNS = [c for c in datasets.c if c.name not in ("info", "path")]
+SUMMARY_COLUMNS = [c for c in datasets.c if c.name not in ("info", "path", "frame_stats")]
+#: columns a detail read needs (the per-frame statistics have their own endpoint)
+DETAIL_COLUMNS = [c for c in datasets.c if c.name != "frame_stats"]
 
 
 def now() -> str:
@@ -147,6 +160,13 @@ class DatasetQuery:
     voltage_kv: float | None = None
     min_dose: float | None = None
     max_dose: float | None = None
+    camera: str | None = None
+    min_pixel_size: float | None = None   # Å
+    max_pixel_size: float | None = None
+    min_exposure: float | None = None     # s
+    max_exposure: float | None = None
+    min_frames: int | None = None
+    max_frames: int | None = None
     source: str | None = None
     name: str | None = None            # substring, case-insensitive
     created_after: str | None = None   # ISO text, exclusive
@@ -233,7 +253,17 @@ class Catalog:
         return result.rowcount > 0
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
-        return self._by_id(datasets, dataset_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(*DETAIL_COLUMNS)
+                               .where(datasets.c.id == dataset_id)).first()
+        return dict(row._mapping) if row else None
+
+    def frame_stats(self, dataset_id: str) -> tuple[bool, Any]:
+        """(whether the dataset exists, its per-frame statistics or None)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(datasets.c.frame_stats)
+                               .where(datasets.c.id == dataset_id)).first()
+        return (row is not None, row[0] if row is not None else None)
 
     def find_by_sha256(self, sha256: str, statuses: Iterable[str]) -> dict[str, Any] | None:
         query = (sa.select(datasets).where(datasets.c.sha256 == sha256,
@@ -266,15 +296,15 @@ class Catalog:
         key, tie = datasets.c[q.sort], datasets.c.id
         query = sa.select(*SUMMARY_COLUMNS)
         for column, value in (("status", q.status), ("mode", q.mode), ("source", q.source),
-                              ("sha256", q.sha256)):
+                              ("sha256", q.sha256), ("voltage_kv", q.voltage_kv),
+                              ("camera", q.camera)):
             if value is not None:
                 query = query.where(datasets.c[column] == value)
-        if q.voltage_kv is not None:
-            query = query.where(datasets.c.voltage_kv == q.voltage_kv)
-        if q.min_dose is not None:
-            query = query.where(datasets.c.total_dose >= q.min_dose)
-        if q.max_dose is not None:
-            query = query.where(datasets.c.total_dose <= q.max_dose)
+        for column, low, high in RANGE_FILTERS:
+            if getattr(q, low) is not None:
+                query = query.where(datasets.c[column] >= getattr(q, low))
+            if getattr(q, high) is not None:
+                query = query.where(datasets.c[column] <= getattr(q, high))
         if q.created_after:
             query = query.where(datasets.c.created_at > q.created_after)
         if q.created_before:

@@ -298,6 +298,16 @@ class IngestService:
                            + ("; its findings say why" if row["status"] == "rejected" else ""))
         return row
 
+    def frame_stats(self, dataset_id: str) -> dict[str, Any]:
+        """Per-frame mean, standard deviation, minimum and maximum, taken at ingest."""
+        exists, series = self._catalog().frame_stats(dataset_id)
+        if not exists:
+            raise NotFound(f"no dataset {dataset_id!r}")
+        if series is None:
+            raise Conflict(f"dataset {dataset_id} has no per-frame statistics (yet): they are "
+                           "taken while it is ingested")
+        return {"dataset_id": dataset_id, "frames": len(series["mean"]), **series}
+
     def job(self, job_id: str) -> dict[str, Any]:
         row = self._catalog().get_job(job_id)
         if row is None:

@@ -42,13 +42,17 @@ class JobContext:
         self.queue, self.job, self._cancel = queue, job, cancel
         self._last = 0.0
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int) -> bool:
+        """Record progress (at most every PROGRESS_INTERVAL, and at the end); True when
+        this call wrote it."""
         if self._cancel.is_set():
             raise JobCancelled(self.job["id"])
         moment = time.monotonic()
         if done >= total or moment - self._last >= PROGRESS_INTERVAL:
             self._last = moment
             self.queue.catalog.update_job(self.job["id"], done=done, total=total)
+            return True
+        return False
 
 
 class Runner(Protocol):

@@ -29,6 +29,7 @@ from .mrc.extended import ExtendedHeader
 from .mrc.findings import Finding, has_errors
 from .mrc.modes import mode_spec
 from .mrc.preview import BinnedSum
+from .mrc.stats import FrameStats, frame_series
 from .mrc.validate import check_stats, open_checked, scan
 from .mrc.writer import fsync_directory
 from .sidecars import acquisition
@@ -118,7 +119,7 @@ class Pipeline:
         except JobCancelled:
             raise
         except Exception as exc:
-            self.catalog.update_dataset(dataset_id, status="failed",
+            self.catalog.update_dataset(dataset_id, status="failed", progress=None,
                                         info={**info, "error": error_body(exc)})
             self._release_conversions(dataset_id)
             raise
@@ -147,9 +148,19 @@ class Pipeline:
             target = self._archive_target(src, info)
             passes = 2 if target is not None else 1
             total = src.n_frames * passes
+
+            def report(done: int, total: int) -> None:
+                if ctx.progress(done, total):
+                    self.catalog.update_dataset(dataset_id, progress={
+                        "phase": "processing", "done": done, "total": total,
+                        "unit": "frames"})
             sums = BinnedSum(src.layout.ny, src.layout.nx, self.settings.sum_preview_size)
             scan_started = time.perf_counter()
-            stats, more = scan(src, lambda done, _n: ctx.progress(done, total), sums.add)
+            per_frame: list[FrameStats] = []
+            stats, more = scan(src, lambda done, _n: report(done, total), sums.add,
+                               per_frame)
+            if stats is not None:
+                fields["frame_stats"] = frame_series(per_frame)
             info["timings"] = {"scan_s": round(time.perf_counter() - scan_started, 3)}
             findings += more
             if stats is not None:
@@ -166,7 +177,7 @@ class Pipeline:
                 nz = src.n_frames
                 report = mrc.convert(src, self.storage.archive_path(dataset_id, target.is_mrcz),
                                      target, known_stats=stats,
-                                     progress=lambda done, _n: ctx.progress(nz + done, total))
+                                     progress=lambda done, _n: report(nz + done, total))
                 info["timings"]["archive_s"] = round(time.perf_counter() - archive_started, 3)
                 archive_bytes = report.file_bytes_out
                 info["archive"] = {"mode": report.target_mode, "codec": report.codec,
@@ -206,7 +217,8 @@ class Pipeline:
         same lock a sidecar arriving meanwhile takes, so neither overwrites the other."""
         with self.acquisition_lock:
             self._apply_acquisition(dataset_id, info, fields, extended)
-            self.catalog.update_dataset(dataset_id, status=status, info=info, **fields)
+            self.catalog.update_dataset(dataset_id, status=status, info=info, progress=None,
+                                        **fields)
 
     def _apply_acquisition(self, dataset_id: str, info: dict[str, Any],
                            fields: dict[str, Any], extended: ExtendedHeader | None) -> None:

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query, Request
 
 from ..catalog import DatasetQuery
 from .deps import ADMIN, READ, Service
-from .schemas import DatasetDetail, DatasetPage, ErrorBody, dataset_detail, dataset_summary
+from .schemas import (DatasetDetail, DatasetPage, ErrorBody, FrameStatsSeries, dataset_detail,
+                      dataset_summary)
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -42,6 +43,16 @@ def list_datasets(
         = None,
         max_dose: Annotated[float | None, Query(ge=0, description="total e-/Å², at most")]
         = None,
+        camera: Annotated[str | None, Query(max_length=64, description="camera model, "
+                                            "exactly as listed")] = None,
+        min_pixel_size: Annotated[float | None, Query(ge=0, description="Å, at least")]
+        = None,
+        max_pixel_size: Annotated[float | None, Query(ge=0, description="Å, at most")]
+        = None,
+        min_exposure: Annotated[float | None, Query(ge=0, description="s, at least")] = None,
+        max_exposure: Annotated[float | None, Query(ge=0, description="s, at most")] = None,
+        min_frames: Annotated[int | None, Query(ge=0, description="frames, at least")] = None,
+        max_frames: Annotated[int | None, Query(ge=0, description="frames, at most")] = None,
         name: Annotated[str | None, Query(max_length=200,
                                           description="substring, case-insensitive")] = None,
         created_after: Annotated[datetime | None, Query()] = None,
@@ -54,7 +65,10 @@ def list_datasets(
         = None) -> dict[str, Any]:
     query = DatasetQuery(status=status, mode=mode, source=source, name=name,
                          sha256=sha256, voltage_kv=voltage_kv, min_dose=min_dose,
-                         max_dose=max_dose,
+                         max_dose=max_dose, camera=camera, min_pixel_size=min_pixel_size,
+                         max_pixel_size=max_pixel_size, min_exposure=min_exposure,
+                         max_exposure=max_exposure, min_frames=min_frames,
+                         max_frames=max_frames,
                          created_after=_utc_text(created_after),
                          created_before=_utc_text(created_before), sort=sort,
                          descending=order == "desc", limit=limit, cursor=cursor)
@@ -72,6 +86,16 @@ def list_datasets(
             dependencies=[READ])
 def get_dataset(dataset_id: str, service: Service) -> dict[str, Any]:
     return dataset_detail(service.dataset(dataset_id), service.jobs_of(dataset_id))
+
+
+@router.get("/{dataset_id}/frames/stats", response_model=FrameStatsSeries,
+            responses={**NOT_FOUND, 409: {"model": ErrorBody}},
+            summary="Exact per-frame mean, standard deviation, minimum and maximum",
+            dependencies=[READ])
+def frame_stats(dataset_id: str, service: Service) -> dict[str, Any]:
+    """Taken at ingest from every pixel of every frame (no sampling). Plotted over the
+    movie, the mean shows dose fall-off and blanked or dropped frames at a glance."""
+    return service.frame_stats(dataset_id)
 
 
 @router.delete("/{dataset_id}", responses=NOT_FOUND,

@@ -38,6 +38,13 @@ class JobPage(BaseModel):
     items: list[Job]
 
 
+class Progress(BaseModel):
+    phase: Literal["receiving", "processing"]
+    done: int
+    total: int | None = Field(description="null while the size is not known")
+    unit: Literal["bytes", "frames"]
+
+
 class DatasetSummary(BaseModel):
     id: str
     name: str
@@ -57,6 +64,12 @@ class DatasetSummary(BaseModel):
     pixel_size_angstrom: float | None = None
     voltage_kv: float | None = Field(None, description="from a sidecar or extended header")
     total_dose: float | None = Field(None, description="e-/Å², all images together")
+    exposure_s: float | None = Field(None, description="exposure of the whole movie, s")
+    magnification: float | None = None
+    camera: str | None = Field(None, description="camera model, from a sidecar or "
+                                                 "extended header")
+    progress: Progress | None = Field(None, description="while the dataset is being "
+                                      "received or processed; null once it is done")
     links: dict[str, str]
 
 
@@ -77,6 +90,17 @@ class DatasetDetail(DatasetSummary):
     error: dict[str, Any] | None = Field(None, description="why processing failed "
                                          "(status failed)")
     jobs: list[Job] = Field(default_factory=list)
+
+
+class FrameStatsSeries(BaseModel):
+    dataset_id: str
+    frames: int = Field(description="number of frames; each list has one value per frame")
+    mean: list[float | None] = Field(description="mean of each frame (null: undefined, as "
+                                                 "for complex data, or not finite)")
+    std: list[float | None] = Field(description="population standard deviation of each "
+                                                "frame")
+    min: list[float | None]
+    max: list[float | None]
 
 
 class DatasetPage(BaseModel):
@@ -135,6 +159,10 @@ class Health(BaseModel):
     data_free_bytes: int
 
 
+#: dataset statuses that may carry progress
+IN_FLIGHT = ("receiving", "queued", "processing")
+
+
 def dataset_links(dataset_id: str) -> dict[str, str]:
     base = f"/v1/datasets/{dataset_id}"
     return {"self": base, "download": f"{base}/download", "frame0": f"{base}/frames/0.png",
@@ -152,7 +180,10 @@ def dataset_summary(row: dict[str, Any]) -> dict[str, Any]:
         "sha256": row["sha256"], "mode": row["mode"], "dtype": row["dtype"],
         "nx": row["nx"], "ny": row["ny"], "frames": row["nz"],
         "pixel_size_angstrom": row["pixel_size"], "voltage_kv": row["voltage_kv"],
-        "total_dose": row["total_dose"], "links": dataset_links(row["id"]),
+        "total_dose": row["total_dose"], "exposure_s": row["exposure_s"],
+        "magnification": row["magnification"], "camera": row["camera"],
+        "progress": row["progress"] if row["status"] in IN_FLIGHT else None,
+        "links": dataset_links(row["id"]),
     }
 
 

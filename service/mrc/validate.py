@@ -21,7 +21,7 @@ from .errors import FormatError
 from .findings import Finding, error, has_errors, info, warning
 from .modes import mode_spec
 from .reader import MrcFile
-from .stats import Stats, StatsAccumulator
+from .stats import FrameStats, Stats, StatsAccumulator
 
 #: Relative tolerance for mean and RMS, as mrcfile's validator uses.
 STATS_RTOL = 0.01
@@ -143,17 +143,20 @@ def check_header_bytes(raw: bytes) -> tuple[hdr.Layout | None, list[Finding]]:
 
 
 def scan(src: MrcFile, progress: Callable[[int, int], None] | None = None,
-         on_frame: Callable[[np.ndarray], None] | None = None
-         ) -> tuple[Stats | None, list[Finding]]:
+         on_frame: Callable[[np.ndarray], None] | None = None,
+         per_frame: list[FrameStats] | None = None) -> tuple[Stats | None, list[Finding]]:
     """Read every frame once: exact statistics (None, with findings, when a frame cannot
-    be read), ``on_frame`` for whatever else wants each frame (the ingest's sum image)."""
+    be read), ``on_frame`` for whatever else wants each frame (the ingest's sum image);
+    each frame's own statistics are appended to ``per_frame`` when given."""
     acc = StatsAccumulator()
     for k in range(src.n_frames):
         try:
             frame = src.read_frame(k)
         except FormatError as exc:
             return None, exc.findings
-        acc.add(frame)
+        frame_stats = acc.add(frame)
+        if per_frame is not None:
+            per_frame.append(frame_stats)
         if on_frame:
             on_frame(frame)
         if progress:
