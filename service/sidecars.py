@@ -3,8 +3,9 @@ Direct Electron ``<id>_info.txt`` (for ``<id>_movie.mrc``).
 
 They may arrive before their movie, after it, or lie next to a registered file. Whatever
 the order, a sidecar is kept in the catalog and attached to the movie's dataset by name;
-the dataset's acquisition summary is recomputed from all its sidecars plus its extended
-header (:func:`service.mrc.acquisition.summarize`).
+the dataset's acquisition summary is recomputed from all its sidecars plus the movie's
+header and extended header (:func:`service.mrc.acquisition.summarize`, whose docstring
+says which source wins for each fact).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .mrc.acquisition import parse_key_values, parse_mdoc, summarize
+import numpy as np
+
+from .mrc.acquisition import catalog_fields, parse_key_values, parse_mdoc, summarize
 from .mrc.extended import ExtendedHeader
 from .mrc.findings import Finding
 
@@ -75,9 +78,15 @@ def decode_text(raw: bytes) -> str:
         return raw.decode("latin-1")  # SerialEM on Windows writes the local code page
 
 
-def acquisition(sidecar_rows: list[dict[str, Any]], extended: ExtendedHeader | None
-                ) -> tuple[dict[str, Any], list[Finding], dict[str, Any]]:
-    """The summary, the sidecars' findings, and the parsed sidecars (for the detail view)."""
+def acquisition(sidecar_rows: list[dict[str, Any]], extended: ExtendedHeader | None,
+                header: np.record | None = None, n_frames: int | None = None
+                ) -> tuple[dict[str, Any], list[Finding], dict[str, Any], dict[str, Any]]:
+    """(summary, findings, parsed sidecars, catalog fields) of a dataset: the summary from
+    its sidecars, extended header and MRC ``header`` (per-image lists limited to its
+    ``n_frames`` images); the findings of parsing the sidecars and of summarizing
+    (disagreeing pixel sizes, a negative cell); the parsed sidecars for the detail view;
+    the catalog columns voltage_kv, pixel_size, exposure_s, magnification, camera,
+    total_dose (None when unknown)."""
     mdoc = de_info = None
     findings: list[Finding] = []
     parsed: dict[str, Any] = {}
@@ -90,4 +99,6 @@ def acquisition(sidecar_rows: list[dict[str, Any]], extended: ExtendedHeader | N
             de_info, more = parse_key_values(row["text"], "de_info")
             findings += more
             parsed["de_info"] = {"name": row["name"], "values": de_info}
-    return summarize(mdoc=mdoc, de_info=de_info, extended=extended), findings, parsed
+    summary, more = summarize(mdoc=mdoc, de_info=de_info, extended=extended, header=header,
+                              n_frames=n_frames)
+    return summary, findings + more, parsed, catalog_fields(summary)

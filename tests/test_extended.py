@@ -8,7 +8,7 @@ import pytest
 from mrcfile.dtypes import get_ext_header_dtype
 
 from service.mrc import MrcFile
-from service.mrc.extended import serialem_float, seri_bytes_for_flags
+from service.mrc.extended import FEI_RECORD_SIZES, fei_dtype, serialem_float, seri_bytes_for_flags
 from tests.reference import synthetic, write_raw_mrc
 
 
@@ -39,6 +39,37 @@ def test_fei_records_decode(tmp_path, exttyp, size, order):
     assert got[0]["integration_time"] == 0.05
     assert got[0]["camera_name"] == "Falcon 4i"
     assert [r["fraction_number"] for r in got] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("exttyp", [b"FEI1", b"FEI2"])
+def test_every_surfaced_fei_field_sits_where_mrcfile_has_it(exttyp):
+    oracle = get_ext_header_dtype(exttyp, "<")
+    at = {offset: dtype for dtype, offset in oracle.fields.values()}
+    ours = fei_dtype(exttyp, "<")
+    assert ours.itemsize == oracle.itemsize == FEI_RECORD_SIZES[exttyp]
+    for name in ours.names:
+        dtype, offset = ours.fields[name]
+        assert at[offset] == dtype, name
+    assert ("detector_commercial_name" in ours.names) == (exttyp == b"FEI2")
+
+
+def test_epu_image_reserves_1024_records_and_fills_one(tmp_path):
+    """A one-frame EPU image: NSYMBT holds 1024 records, only the first filled."""
+    records = np.zeros(1024, dtype=get_ext_header_dtype(b"FEI1", "<"))
+    records[0]["Metadata size"] = 768
+    records[0]["HT"] = 300e3
+    records[0]["Dose"] = 40e20
+    records[1]["Metadata size"] = 768  # a size alone says nothing about an image
+    path = write_raw_mrc(tmp_path / "epu.mrc", synthetic(1, (1, 4, 4)), 1,
+                         extended=records.tobytes(), exttyp=b"FEI1")
+    with MrcFile(path) as f:
+        ext, findings = f.extended, f.findings
+    assert findings == []
+    assert len(ext.records) == 1024 and ext.filled[:3] == [True, False, False]
+    assert [r["dose"] for r in ext.image_records()] == [40e20]
+    assert [r["dose"] for r in ext.image_records(1)] == [40e20]
+    assert ext.to_dict(max_records=2)["n_records"] == 1024
+    assert ext.to_dict(max_records=2)["n_filled"] == 1
 
 
 def test_fei_record_size_mismatch_is_a_warning(tmp_path):

@@ -83,7 +83,9 @@ def _decode_seri(data: bytes, nint: int, nreal: int, byte_order: str) -> list[di
 FEI_RECORD_SIZES = {b"FEI1": 768, b"FEI2": 888}
 
 #: The fields we surface, (name, byte offset in the record, numpy format); SI units as
-#: EPU writes them (HT in V, pixel size in m, dose in e-/m^2, times in s).
+#: EPU writes them (HT in V, lengths in m, dose in e-/m^2, times in s). Offsets from the
+#: FEI/Thermo "MRC2014 extended header" description (mrcfile's dtype is the test oracle);
+#: a field past the end of the shorter FEI1 record exists in FEI2 files only.
 _FEI_FIELDS: tuple[tuple[str, int, str], ...] = (
     ("metadata_size", 0, "i4"),
     ("metadata_version", 4, "i4"),
@@ -93,6 +95,7 @@ _FEI_FIELDS: tuple[tuple[str, int, str], ...] = (
     ("ht", 84, "f8"),
     ("dose", 92, "f8"),
     ("alpha_tilt", 100, "f8"),
+    ("beta_tilt", 108, "f8"),
     ("stage_x", 116, "f8"),
     ("stage_y", 124, "f8"),
     ("stage_z", 132, "f8"),
@@ -100,24 +103,33 @@ _FEI_FIELDS: tuple[tuple[str, int, str], ...] = (
     ("pixel_size_y", 164, "f8"),
     ("defocus", 220, "f8"),
     ("magnification", 289, "f8"),
+    ("camera_length", 301, "f8"),
     ("integration_time", 419, "f8"),
     ("binning_width", 427, "i4"),
+    ("binning_height", 431, "i4"),
     ("camera_name", 435, "S16"),
     ("direct_detector_counting", 472, "b1"),
     ("is_dose_fraction", 655, "b1"),
     ("fraction_number", 656, "i4"),
     ("start_frame", 660, "i4"),
     ("end_frame", 664, "i4"),
+    ("detector_commercial_name", 804, "S16"),  # FEI2
 )
+#: The record's own size and version words: a record whose only non-zero bytes are these
+#: says nothing about an image, so "filled" means a non-zero byte after them.
+_FEI_RECORD_PREAMBLE = 8
 
 
 def fei_dtype(exttyp: bytes, byte_order: str) -> np.dtype:
-    """A record dtype holding the surfaced fields at their published offsets."""
+    """A record dtype holding the surfaced fields at their published offsets (those that
+    fit in the record: FEI1 records end before the FEI2 additions)."""
+    size = FEI_RECORD_SIZES[exttyp]
+    fields = [(n, o, np.dtype(f)) for n, o, f in _FEI_FIELDS if o + np.dtype(f).itemsize <= size]
     return np.dtype({
-        "names": [n for n, _, _ in _FEI_FIELDS],
-        "formats": [np.dtype(f).newbyteorder(byte_order) for _, _, f in _FEI_FIELDS],
-        "offsets": [o for _, o, _ in _FEI_FIELDS],
-        "itemsize": FEI_RECORD_SIZES[exttyp],
+        "names": [n for n, _, _ in fields],
+        "formats": [f.newbyteorder(byte_order) for _, _, f in fields],
+        "offsets": [o for _, o, _ in fields],
+        "itemsize": size,
     })
 
 
@@ -129,10 +141,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _decode_fei(data: bytes, exttyp: bytes, byte_order: str) -> list[dict[str, Any]]:
+def _decode_fei(data: bytes, exttyp: bytes,
+                byte_order: str) -> tuple[list[dict[str, Any]], list[bool]]:
+    """The records and, for each, whether it is filled. EPU reserves records for up to
+    1024 images whatever the file holds (a one-frame image still carries 1024 x 768
+    bytes) and leaves the unused ones zero."""
     dtype = fei_dtype(exttyp, byte_order)
-    records = np.frombuffer(data, dtype=dtype, count=len(data) // dtype.itemsize)
-    return [{name: _plain(rec[name]) for name in dtype.names} for rec in records]
+    count = len(data) // dtype.itemsize
+    records = np.frombuffer(data, dtype=dtype, count=count)
+    raw = np.frombuffer(data, dtype=np.uint8, count=count * dtype.itemsize)
+    filled = raw.reshape(count, dtype.itemsize)[:, _FEI_RECORD_PREAMBLE:].any(axis=1)
+    return ([{name: _plain(rec[name]) for name in dtype.names} for rec in records],
+            [bool(f) for f in filled])
 
 
 # --- the one entry point -----------------------------------------------------------
@@ -141,13 +161,23 @@ def _decode_fei(data: bytes, exttyp: bytes, byte_order: str) -> list[dict[str, A
 @dataclass
 class ExtendedHeader:
     """An identified extended header. ``records``: per-section dicts where the type has
-    them (SERI, FEI); ``metadata``: a dict (json); ``raw`` always holds the bytes."""
+    them (SERI, FEI), record k for section k, reserved ones included; ``filled``: for FEI,
+    whether each record holds anything; ``metadata``: a dict (json); ``raw`` always holds
+    the bytes."""
 
     kind: str
     raw: bytes
     records: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] | None = None
     text: list[str] = field(default_factory=list)
+    filled: list[bool] = field(default_factory=list)
+
+    def image_records(self, n_images: int | None = None) -> list[dict[str, Any]]:
+        """The records of the images the file holds: the first ``n_images`` (SerialEM and
+        EPU reserve room for more sections than they write), less the FEI records that
+        were never filled."""
+        filled = self.filled or [True] * len(self.records)
+        return [r for r, f in zip(self.records[:n_images], filled) if f]
 
     def to_dict(self, max_records: int | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.kind, "nbytes": len(self.raw)}
@@ -155,6 +185,8 @@ class ExtendedHeader:
             out["metadata"] = self.metadata
         if self.records:
             out["n_records"] = len(self.records)
+            if self.filled:
+                out["n_filled"] = sum(self.filled)
             out["records"] = self.records[:max_records] if max_records else self.records
         if self.text:
             out["text"] = self.text
@@ -198,7 +230,7 @@ def decode(raw: bytes, exttyp: bytes, nint: int, nreal: int, byte_order: str,
             if first != size:
                 findings.append(warning("extended_header", f"{kind} record says its size is "
                                                            f"{first}, the layout says {size}"))
-            ext.records = _decode_fei(raw, exttyp, byte_order)
+            ext.records, ext.filled = _decode_fei(raw, exttyp, byte_order)
     elif exttyp in (b"CCP4", b"MRCO"):
         ext.text = [raw[i:i + 80].decode("latin-1").rstrip(" \x00")
                     for i in range(0, len(raw), 80)]

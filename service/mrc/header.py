@@ -234,17 +234,19 @@ def labels(h: np.record) -> list[str]:
 
 
 def axis_spacing(cell: float, sampling: int, size: int) -> float:
-    """Pixel spacing along one axis: CELLA / M (MRC2014). python-mrcz writes M = 0 and
-    means CELLA / N, so a zero sampling falls back to that; a negative one gives 0."""
+    """Pixel spacing along one axis: |CELLA| / M (MRC2014). A spacing is a length, so a
+    negative cell (Direct Electron writes them) gives its magnitude; the validator reports
+    the sign. python-mrcz writes M = 0 and means CELLA / N, so a zero sampling falls back
+    to that; a negative one gives 0."""
     if sampling > 0:
-        return cell / sampling
+        return abs(cell) / sampling
     if sampling == 0 and size > 0:
-        return cell / size
+        return abs(cell) / size
     return 0.0
 
 
 def voxel_size(h: np.record) -> tuple[float, float, float]:
-    """Pixel spacing in Angstrom along x, y, z.
+    """Pixel spacing in Angstrom along x, y, z, never negative (see :func:`axis_spacing`).
 
     Half-width 4-bit files: IMOD doubles MX and CELLA.x together when MX equals the
     stored NX, which leaves the spacing unchanged, so CELLA.x/MX is right either way.
