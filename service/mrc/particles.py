@@ -23,12 +23,17 @@ from .reader import MrcFile
 from .writer import MrcWriter
 
 PATH_FIELD, INDEX_FIELD = "blob/path", "blob/idx"
+NUMPY_MAGIC = b"\x93NUMPY"
+#: cryosparc-tools' compressed-stream format (``Dataset.save(..., format=CSDAT_FORMAT)``):
+#: not numpy, and not read here
+CSDAT_MAGIC = b"\x95CSDAT"
 #: at most this many row numbers are spelled out in one finding
 MAX_ROWS_LISTED = 20
 
 
 class ParticleSetError(MrcError):
-    """The .cs file itself is unusable (not .npy, pickled, missing blob fields)."""
+    """The .cs file is unusable (not .npy, pickled, missing blob fields), or so are the
+    rows asked for (a missing stack, an index past its end, mixed shapes)."""
 
 
 def load_cs(raw: bytes | os.PathLike | str) -> np.ndarray:
@@ -37,7 +42,11 @@ def load_cs(raw: bytes | os.PathLike | str) -> np.ndarray:
     else:
         with open(raw, "rb") as f:
             head = f.read(6)
-    if head != b"\x93NUMPY":
+    if head == CSDAT_MAGIC:
+        raise ParticleSetError("a cryoSPARC compressed-stream (CSDAT) .cs file; only the "
+                               "numpy .cs format is read: save it with cryosparc-tools' "
+                               "Dataset.save(path), whose default is the numpy format")
+    if head != NUMPY_MAGIC:
         raise ParticleSetError("not a numpy .npy/.cs file (no NUMPY magic at byte 0)")
     try:
         source = io.BytesIO(raw) if isinstance(raw, bytes) else raw
@@ -121,8 +130,8 @@ class ParticleSet:
         if not 0 <= k < len(self.rows):
             raise IndexError(f"particle {k} out of range: the set has {len(self.rows)} rows")
         if self.valid_rows is not None and not self.valid_rows[k]:
-            raise MrcError(f"row {k} points at a missing stack or an index out of range "
-                           "(see the set's findings)")
+            raise ParticleSetError(f"row {k} points at a missing stack or an index out of "
+                                   "range (see the set's findings)")
         blob = _text(self.rows[k][PATH_FIELD])
         with MrcFile(self.stack_path(blob)) as stack:
             return stack.read_frame(int(self.rows[k][INDEX_FIELD]))
@@ -183,18 +192,18 @@ def open_particle_set(rows: np.ndarray, folder: Path) -> ParticleSet:
 def export_stack(pset: ParticleSet, selection: np.ndarray, output: Path) -> Path:
     """The selected particles, in row order, as one MRC stack (temp file + rename)."""
     if len(selection) == 0:
-        raise MrcError("no particles selected")
+        raise ParticleSetError("no particles selected")
     bad = selection[~pset.valid_rows[selection]] if pset.valid_rows is not None else []
     if len(bad):
-        raise MrcError(f"the selection includes unusable rows ({_rows_text(np.asarray(bad))})"
-                       "; see the set's findings")
+        raise ParticleSetError(f"the selection includes unusable rows "
+                               f"({_rows_text(np.asarray(bad))}); see the set's findings")
     used = {_text(pset.rows[k][PATH_FIELD]) for k in selection}
     shapes = {pset.stacks[n].shape for n in used}
     modes = {pset.stacks[n].mode for n in used}
     if len(shapes) != 1 or len(modes) != 1:
-        raise MrcError(f"the selected particles come from stacks of different shapes/modes "
-                       f"({sorted(map(str, shapes))}, modes {sorted(map(str, modes))}); "
-                       "export them separately")
+        raise ParticleSetError(f"the selected particles come from stacks of different "
+                               f"shapes/modes ({sorted(map(str, shapes))}, modes "
+                               f"{sorted(map(str, modes))}); export them separately")
     (ny, nx), mode = shapes.pop(), modes.pop()
     mode = 0 if mode == 101 else mode  # 4-bit particles, if ever: raw counts in mode 0
     with MrcFile(pset.stacks[sorted(used)[0]].path) as first:
