@@ -1,0 +1,176 @@
+// The per-frame trace of a movie as plain SVG, drawn here (no plotting library, nothing
+// fetched from a network): the mean of every frame with one marker per frame, the std of
+// every frame below it, a cursor on the selected frame. Frames whose mean stands apart from
+// the rest of the movie (blanked, dropped, a shutter glitch) get a red marker.
+
+const SVG = "http://www.w3.org/2000/svg";
+const MARGIN = {left: 56, right: 12, top: 6, bottom: 28};
+const PANELS = [{key: "mean", height: 120, ticks: 4}, {key: "std", height: 44, ticks: 2}];
+const GAP = 10;
+
+const defined = (v) => v !== null && v !== undefined && Number.isFinite(v);
+
+function node(name, attrs, parent) {
+  const out = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attrs)) out.setAttribute(key, value);
+  if (parent) parent.appendChild(out);
+  return out;
+}
+
+function median(sorted) {
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+/** About `count` round values (1, 2 or 5 × 10ⁿ apart) covering [lo, hi]. */
+export function ticks(lo, hi, count) {
+  const raw = (hi - lo) / Math.max(1, count);
+  if (!(raw > 0)) return [lo];
+  const magnitude = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * magnitude).find((s) => s >= raw);
+  const first = Math.ceil(lo / step) * step;
+  const out = [];
+  // by index, not by adding steps: no drift, and a bounded loop even where a step is
+  // below the resolution of the values (huge means that barely differ)
+  for (let i = 0; i <= 2 * count + 2 && first + i * step <= hi + step * 1e-9; i++) {
+    out.push(Number((first + i * step).toPrecision(12)));
+  }
+  return out;
+}
+
+/** For each frame: does its mean stand apart? Undefined means do; so does a mean more than
+ * 20 % of the median frame mean (or 5 robust standard deviations of the frame means,
+ * whichever is wider) from that median. Gradual dose fall-off stays inside. */
+export function oddFrames(mean) {
+  const known = mean.filter(defined).sort((a, b) => a - b);
+  if (!known.length) return mean.map(() => false);
+  const centre = median(known);
+  const spread = median(known.map((v) => Math.abs(v - centre)).sort((a, b) => a - b));
+  const limit = Math.max(5 * 1.4826 * spread, 0.2 * Math.abs(centre));
+  return mean.map((v) => !defined(v) || Math.abs(v - centre) > limit);
+}
+
+/** Three significant digits, without exponent noise for everyday magnitudes. */
+export function number(v) {
+  if (!defined(v)) return "–";
+  if (v !== 0 && (Math.abs(v) >= 1e6 || Math.abs(v) < 1e-3)) return v.toExponential(2);
+  return String(Number(v.toPrecision(4)));
+}
+
+/** One line about frame k of a frame-statistics series. */
+export function describe(series, k) {
+  return `frame ${k}: mean ${number(series.mean[k])} ± ${number(series.std[k])}, ` +
+    `min ${number(series.min[k])}, max ${number(series.max[k])}`;
+}
+
+/** Runs of consecutive frames where `drawn(k)`: the line breaks at the others. */
+function runs(n, drawn) {
+  const out = [];
+  let run = [];
+  for (let k = 0; k < n; k++) {
+    if (drawn(k)) { run.push(k); continue; }
+    if (run.length) out.push(run);
+    run = [];
+  }
+  if (run.length) out.push(run);
+  return out;
+}
+
+/** The value range of the frames that do not stand out (else of all), padded by 10 %. */
+function range(values, odd) {
+  const usual = values.filter((v, k) => defined(v) && !odd[k]);
+  const known = usual.length ? usual : values.filter(defined);
+  if (!known.length) return [0, 1];
+  const lo = known.reduce((a, b) => Math.min(a, b)), hi = known.reduce((a, b) => Math.max(a, b));
+  const pad = (hi - lo) * 0.1 || Math.abs(hi) * 0.05 || 1;
+  return [lo - pad, hi + pad];
+}
+
+/**
+ * The plot of `series` ({mean, std, min, max}, one value per frame, null where undefined):
+ * the mean of each frame with a marker per frame (the main panel), and the std of each frame
+ * below it, both scaled to the frames that do not stand out, so that a dose fall-off of a
+ * few percent stays visible beside a blanked frame (drawn red on the panel's edge).
+ * `onPick(k)` is called when a frame is clicked, `onHover(k | null)` as the pointer moves.
+ * Returns {svg, select(k), odd}: `select` moves the cursor, `odd` lists the flagged frames.
+ */
+export function framePlot(series, {width = 560, onPick, onHover} = {}) {
+  const n = series.mean.length;
+  const odd = oddFrames(series.mean);
+  const w = width - MARGIN.left - MARGIN.right;
+  const x = (k) => MARGIN.left + (n > 1 ? k / (n - 1) : 0.5) * w;
+  const panels = PANELS.map((panel, i) => {
+    const top = MARGIN.top + PANELS.slice(0, i).reduce((sum, p) => sum + p.height + GAP, 0);
+    return {...panel, top, values: series[panel.key], span: range(series[panel.key], odd)};
+  });
+  const bottom = panels[panels.length - 1].top + panels[panels.length - 1].height;
+  const height = bottom + MARGIN.bottom;
+  const svg = node("svg", {viewBox: `0 0 ${width} ${height}`, class: "frame-plot", role: "img",
+                           "aria-label": `mean and std of each of ${n} frames`});
+  // Below the markers, so a click on a marker reaches it; both bubble to the svg.
+  node("rect", {x: MARGIN.left, y: MARGIN.top, width: w, height: bottom - MARGIN.top,
+                class: "hit"}, svg);
+  for (const panel of panels) {
+    const [lo, hi] = panel.span;
+    // A value outside the range (a frame that stands out) sits on the panel's edge.
+    panel.y = (v) => panel.top + (1 - Math.min(1, Math.max(0, (v - lo) / (hi - lo)))) *
+      panel.height;
+    for (const v of ticks(lo, hi, panel.ticks)) {
+      node("line", {x1: MARGIN.left, x2: MARGIN.left + w, y1: panel.y(v), y2: panel.y(v),
+                    class: "grid"}, svg);
+      const label = node("text", {x: MARGIN.left - 6, y: panel.y(v), class: "tick y"}, svg);
+      label.textContent = number(v);
+    }
+    const middle = panel.top + panel.height / 2;
+    node("text", {x: 12, y: middle, transform: `rotate(-90 12 ${middle})`, class: "axis name"},
+         svg).textContent = panel.key;
+    for (const run of runs(n, (k) => defined(panel.values[k]) && !odd[k])) {
+      node("polyline", {points: run.map((k) => `${x(k)},${panel.y(panel.values[k])}`).join(" "),
+                        class: `line ${panel.key}`}, svg);
+    }
+  }
+  for (const k of ticks(0, Math.max(0, n - 1), Math.min(8, Math.max(1, n - 1)))) {
+    if (!Number.isInteger(k)) continue;
+    node("text", {x: x(k), y: bottom + 16, class: "tick x"}, svg).textContent = String(k);
+  }
+  node("text", {x: MARGIN.left + w, y: height - 2, class: "axis"}, svg).textContent = "frame";
+  const cursor = node("line", {y1: MARGIN.top, y2: bottom, class: "cursor"}, svg);
+  const main = panels[0];
+  const radius = Math.max(1.5, Math.min(4, w / Math.max(1, n) / 2.5));
+  const points = series.mean.map((v, k) => {
+    const classes = ["pt", odd[k] && "odd", !defined(v) && "missing"].filter(Boolean);
+    const point = node("circle", {cx: x(k), cy: defined(v) ? main.y(v) : main.top + main.height,
+                                  r: radius, class: classes.join(" "), "data-frame": k}, svg);
+    node("title", {}, point).textContent = describe(series, k);
+    return point;
+  });
+
+  const frameAt = (event) => {
+    const p = new DOMPoint(event.clientX, event.clientY)
+      .matrixTransform(svg.getScreenCTM().inverse());
+    const k = n > 1 ? Math.round(((p.x - MARGIN.left) / w) * (n - 1)) : 0;
+    return Math.min(n - 1, Math.max(0, k));
+  };
+  let hovered = null;
+  const hover = (k) => {
+    if (hovered !== null) points[hovered].classList.remove("hover");
+    hovered = k;
+    if (k !== null) points[k].classList.add("hover");
+    if (onHover) onHover(k);
+  };
+  if (n) {
+    svg.addEventListener("pointermove", (event) => hover(frameAt(event)));
+    svg.addEventListener("pointerleave", () => hover(null));
+    svg.addEventListener("click", (event) => onPick && onPick(frameAt(event)));
+  }
+  let selected = null;
+  const select = (k) => {
+    if (selected !== null && points[selected]) points[selected].classList.remove("sel");
+    selected = n ? Math.min(n - 1, Math.max(0, k)) : null;
+    if (selected === null) return;
+    points[selected].classList.add("sel");
+    cursor.setAttribute("x1", x(selected));
+    cursor.setAttribute("x2", x(selected));
+  };
+  return {svg, select, odd: odd.flatMap((flag, k) => (flag ? [k] : []))};
+}
