@@ -10,10 +10,10 @@ gives every frame's offset without decompressing anything.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Callable
 
 import blosc
 import numpy as np
@@ -104,9 +104,10 @@ class FrameIndex:
         return sum(self.sizes)
 
 
-def index_chunks(fd: int, start: int, n_frames: int, frame_nbytes: int,
-                 file_size: int) -> tuple[FrameIndex | None, list[Finding]]:
-    """Walk the chunk headers from ``start`` and index ``n_frames`` frames.
+def index_chunks(read_at: Callable[[int, int], bytes], start: int, n_frames: int,
+                 frame_nbytes: int, file_size: int) -> tuple[FrameIndex | None, list[Finding]]:
+    """Walk the chunk headers from ``start`` and index ``n_frames`` frames
+    (``read_at(offset, n)`` reads the file).
 
     Each chunk must decompress to exactly ``frame_nbytes`` (what the MRC header implies);
     a chunk that claims otherwise is refused before any decompression, so a lying chunk
@@ -118,7 +119,7 @@ def index_chunks(fd: int, start: int, n_frames: int, frame_nbytes: int,
     sizes: list[int] = []
     pos = start
     for k in range(n_frames):
-        raw = os.pread(fd, CHUNK_HEADER_SIZE, pos)
+        raw = read_at(pos, CHUNK_HEADER_SIZE)
         where = f"frame {k} (byte {pos})"
         if len(raw) < CHUNK_HEADER_SIZE:
             findings.append(error("data", f"{where}: file ends before its blosc chunk header; "

@@ -91,34 +91,65 @@ def frame_nbytes(mode: int, nx: int, ny: int) -> int:
 #     the same in both byte orders) -------------------------------------------------
 
 
+#: Rows per block of the 4-bit loops: a block's uint16 temporaries stay in L2 cache, so
+#: the four passes over a block cost about one pass over main memory.
+_BLOCK_ROWS = 64
+
+
 def unpack_4bit(packed: np.ndarray, nx: int) -> np.ndarray:
     """Unpack ``(ny, (nx+1)//2)`` bytes into a ``(ny, nx)`` uint8 frame of counts 0-15.
 
-    Two vectorized nibble extractions written into the even and odd columns; on this
-    workload that beats a 256-entry lookup gather by about 2x (see bench/).
+    Each byte is widened into a little-endian uint16 whose low byte is the low nibble
+    (the lower x) and whose high byte is the high nibble, so the output is written
+    contiguously, a block of rows at a time: about twice as fast as strided even/odd
+    column writes, and three times a 256-entry lookup gather (bench/bench_core.py).
     """
     ny, row_bytes = packed.shape
     if row_bytes != (nx + 1) // 2:
         raise ValueError(f"a 4-bit row of {nx} pixels is {(nx + 1) // 2} bytes, got {row_bytes}")
     out = np.empty((ny, 2 * row_bytes), dtype=np.uint8)
-    out[:, 0::2] = packed & 0x0F
-    out[:, 1::2] = packed >> 4
+    pairs = out.view("<u2")
+    high = np.empty((min(_BLOCK_ROWS, ny), row_bytes), dtype=np.uint16)
+    for y in range(0, ny, _BLOCK_ROWS):
+        block = pairs[y:y + _BLOCK_ROWS]
+        shifted = high[:block.shape[0]]
+        block[...] = packed[y:y + _BLOCK_ROWS]
+        np.left_shift(block, 4, out=shifted)
+        shifted &= 0x0F00
+        block &= 0x000F
+        block |= shifted
     if nx % 2:
         return np.ascontiguousarray(out[:, :nx])
     return out
 
 
-def pack_4bit(values: np.ndarray) -> np.ndarray:
+def pack_4bit(values: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
     """Pack a ``(ny, nx)`` frame of integers 0-15 into ``(ny, (nx+1)//2)`` bytes.
 
-    An odd row gets a zero high nibble as padding. Values outside 0-15 are a caller
-    error (the conversion layer checks losslessness before packing).
+    An odd row ends with a spare high nibble: ``padding`` (one value per row) or zero.
+    Values outside 0-15 are a caller error (the conversion layer checks losslessness
+    before packing). Pairs of pixels go through a little-endian uint16 view, a block of
+    rows at a time (the inverse of :func:`unpack_4bit`).
     """
     ny, nx = values.shape
-    v = values.astype(np.uint8, copy=False)
+    v = values.view(np.uint8) if values.dtype.itemsize == 1 else values.astype(np.uint8)
+    even = nx - nx % 2
+    out = np.empty((ny, (nx + 1) // 2), dtype=np.uint8)
+    if even:
+        pairs = np.ascontiguousarray(v[:, :even]).view("<u2") if nx % 2 or \
+            not v.flags.c_contiguous else v.view("<u2")
+        packed = np.empty((min(_BLOCK_ROWS, ny), even // 2), dtype=np.uint16)
+        for y in range(0, ny, _BLOCK_ROWS):
+            block = pairs[y:y + _BLOCK_ROWS]
+            word = packed[:block.shape[0]]
+            np.right_shift(block, 4, out=word)
+            word &= 0xF0
+            word |= block
+            out[y:y + _BLOCK_ROWS, :even // 2] = word  # keeps the low byte: both nibbles
     if nx % 2:
-        v = np.concatenate([v, np.zeros((ny, 1), dtype=np.uint8)], axis=1)
-    return (v[:, 0::2] | (v[:, 1::2] << 4)).astype(np.uint8, copy=False)
+        high = 0 if padding is None else (np.asarray(padding, dtype=np.uint8) << 4)
+        out[:, -1] = (v[:, -1] & 0x0F) | high
+    return out
 
 
 # --- casting between modes -------------------------------------------------------

@@ -30,6 +30,18 @@ def real_values(frame: np.ndarray) -> np.ndarray:
     return frame
 
 
+def _accumulator(dtype: np.dtype, area: int) -> np.dtype:
+    """The narrowest type that sums ``area`` values of ``dtype`` exactly (narrow sums
+    run at memory speed; mixed-width adds are several times slower)."""
+    if dtype.kind in "iu" and dtype.itemsize <= 2:
+        bound = area * max(abs(int(np.iinfo(dtype).min)), int(np.iinfo(dtype).max))
+        for candidate in ("u2", "i2") if dtype.kind == "u" else ("i2",):
+            if bound <= np.iinfo(candidate).max:
+                return np.dtype(candidate)
+        return np.dtype("i4") if bound < 2**31 else np.dtype("i8")
+    return np.dtype("f8")
+
+
 @np.errstate(invalid="ignore", over="ignore")  # NaN/inf pixels stay NaN/inf, silently
 def block_sum(frame: np.ndarray, fy: int, fx: int) -> np.ndarray:
     """Sums of ``fy`` x ``fx`` blocks, as float64 (exact for integer data)."""
@@ -37,17 +49,15 @@ def block_sum(frame: np.ndarray, fy: int, fx: int) -> np.ndarray:
     h, w = values.shape[0] // fy, values.shape[1] // fx
     if fy == fx == 1:
         return values.astype(np.float64)
-    # fx strided adds, then fy: whole-array numpy ops (a reduction over a short inner
-    # axis is several times slower).
-    # Small integers (4-bit counts, bytes, 16-bit) add exactly and twice as fast in int32.
-    small_int = values.dtype.kind in "iu" and values.dtype.itemsize <= 2 and fy * fx <= 32768
+    # Rows first: each of the fy adds takes whole contiguous rows; the column step then
+    # works on an fy-times smaller array.
     cropped = values[: h * fy, : w * fx]
-    cols = cropped[:, 0::fx].astype(np.int32 if small_int else np.float64)
-    for j in range(1, fx):
-        cols += cropped[:, j::fx]
-    out = cols[0::fy].copy()
+    rows = cropped[0::fy].astype(_accumulator(values.dtype, fy * fx))
     for i in range(1, fy):
-        out += cols[i::fy]
+        rows += cropped[i::fy]
+    out = rows[:, 0::fx].copy()
+    for j in range(1, fx):
+        out += rows[:, j::fx]
     return out.astype(np.float64, copy=False)
 
 

@@ -1,10 +1,12 @@
 """Random and sequential frame access for MRC and MRCZ, one frame in memory at a time.
 
-Plain MRC frames are read with ``pread`` at ``1024 + NSYMBT + k * frame_bytes``; MRCZ
-frames by seeking to the k-th blosc chunk, found by walking the chunk headers once
-(:func:`codec.index_chunks`) or from an index stored earlier. No memory map: mapped pages
-count towards the process's resident set, and a sequential pass over a 5 GB movie
-would otherwise leave gigabytes of it resident.
+Plain MRC frames are read at ``1024 + NSYMBT + k * frame_bytes``; MRCZ frames by seeking
+to the k-th blosc chunk, found by walking the chunk headers once
+(:func:`codec.index_chunks`) or from an index stored earlier. The bytes come from a
+:class:`~service.mrc.source.ByteSource`: a local file (``pread``), or anything else that
+reads at an offset (an object store's ranged GET). No memory map: mapped pages count
+towards the process's resident set, and a sequential pass over a 5 GB movie would
+otherwise leave gigabytes of it resident.
 """
 
 from __future__ import annotations
@@ -21,25 +23,13 @@ from .codec import Codec, FrameIndex, decompress_into, index_chunks
 from .errors import FormatError, MrcError
 from .findings import Finding, error, has_errors, warning
 from .modes import mode_spec, row_nbytes, unpack_4bit
+from .source import ByteSource, open_source
 
 _NATIVE = "<" if sys.byteorder == "little" else ">"
 
 
 class FrameIndexError(MrcError, IndexError):
     """Frame number outside 0..NZ-1."""
-
-
-def pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
-    """Fill ``buf`` from ``offset``; returns the bytes read (short only at end of file).
-    Loops because one ``preadv`` returns at most ~2 GiB on Linux."""
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
 
 
 class MrcFile:
@@ -51,9 +41,10 @@ class MrcFile:
     :attr:`findings`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, frame_index: FrameIndex | None = None):
-        self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+    def __init__(self, path: str | os.PathLike | ByteSource, *,
+                 frame_index: FrameIndex | None = None):
+        self._source, self._owns_source = open_source(path)
+        self.path = Path(self._source.name)
         try:
             self._load(frame_index)
         except BaseException:
@@ -63,8 +54,8 @@ class MrcFile:
     # -- opening ------------------------------------------------------------------
 
     def _load(self, frame_index: FrameIndex | None) -> None:
-        self.file_size = os.fstat(self._fd).st_size
-        raw = os.pread(self._fd, hdr.HEADER_SIZE, 0)
+        self.file_size = self._source.size
+        raw = self._source.read_at(0, hdr.HEADER_SIZE)
         if len(raw) < hdr.HEADER_SIZE:
             raise FormatError([error("header", f"file is {len(raw)} bytes, shorter than the "
                                                f"{hdr.HEADER_SIZE}-byte MRC header")])
@@ -83,7 +74,7 @@ class MrcFile:
             findings.append(error("nsymbt", f"extended header of {nsymbt} bytes runs past the "
                                             f"end of the {self.file_size}-byte file"))
             raise FormatError(findings, header=self.header)
-        ext_raw = os.pread(self._fd, nsymbt, hdr.HEADER_SIZE) if nsymbt else b""
+        ext_raw = self._source.read_at(hdr.HEADER_SIZE, nsymbt) if nsymbt else b""
         self.extended, more = extended.decode(
             ext_raw, bytes(self.header["exttyp"]), int(self.header["nint"]),
             int(self.header["nreal"]), byte_order, layout.nz)
@@ -125,8 +116,8 @@ class MrcFile:
             if ends_inside:
                 self.frame_index = frame_index
                 return []
-        index, findings = index_chunks(self._fd, lay.data_offset, lay.nz, lay.frame_nbytes,
-                                       self.file_size)
+        index, findings = index_chunks(self._source.read_at, lay.data_offset, lay.nz,
+                                       lay.frame_nbytes, self.file_size)
         self.frame_index = index
         packed = int(self.header["mrcz_packed_bytes"])
         if index is not None and packed not in (0, index.packed_bytes):
@@ -182,13 +173,13 @@ class MrcFile:
         buf = np.empty(lay.frame_nbytes, dtype=np.uint8)
         if self.frame_index is None:
             offset = lay.data_offset + k * lay.frame_nbytes
-            if pread_into(self._fd, buf, offset) != lay.frame_nbytes:
+            if self._source.readinto_at(buf, offset) != lay.frame_nbytes:
                 raise FormatError([error("data", f"frame {k}: file ends before byte "
                                                  f"{offset + lay.frame_nbytes} (changed since "
                                                  "it was opened?)")])
         else:
             offset, size = self.frame_index.offsets[k], self.frame_index.sizes[k]
-            chunk = os.pread(self._fd, size, offset)
+            chunk = self._source.read_at(offset, size)
             try:
                 decompress_into(chunk, buf)
             except (ValueError, RuntimeError) as exc:
@@ -215,42 +206,15 @@ class MrcFile:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready facts: what a person or a catalog wants to know about the file."""
-        lay = self.layout
-        stored_header_mode = int(self.header["mode"]) % 1000
-        stored = self.stored_data_nbytes
-        return {
-            "path": str(self.path),
-            "file_size": self.file_size,
-            "byte_order": "little" if lay.byte_order == "<" else "big",
-            "mode": lay.mode,
-            "header_mode": stored_header_mode,
-            "mode_name": mode_spec(lay.mode).name,
-            "mode_description": mode_spec(lay.mode).note,
-            "dtype": str(lay.dtype),
-            "nx": lay.nx, "ny": lay.ny, "nz": lay.nz,
-            "frames": lay.nz,
-            "pixel_size_angstrom": list(self.voxel_size),
-            "origin_angstrom": list(self.origin),
-            "packing": lay.packing,
-            "bytes_signed": lay.bytes_signed,
-            "compression": None if lay.codec is Codec.NONE else {
-                "codec": lay.codec.cname,
-                "packed_bytes": stored,
-                "ratio": round(lay.data_nbytes / stored, 4) if stored else None,
-            },
-            "data_offset": lay.data_offset,
-            "frame_nbytes": lay.frame_nbytes,
-            "data_nbytes": lay.data_nbytes,
-            "extended_header": self.extended.to_dict(max_records=3),
-            "header": hdr.header_to_dict(self.header),
-        }
+        return {"path": str(self.path),
+                **describe_source(self.header, self.layout, self.extended, self.file_size,
+                                  self.stored_data_nbytes)}
 
     # -- lifetime -----------------------------------------------------------------
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._owns_source:
+            self._source.close()
 
     def __enter__(self) -> "MrcFile":
         return self
@@ -258,6 +222,35 @@ class MrcFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            self.close()
+
+def describe_source(header: np.record, layout: hdr.Layout, ext: extended.ExtendedHeader,
+                    file_size: int, stored_data_nbytes: int) -> dict[str, Any]:
+    """JSON-ready facts about a file from its header (for :meth:`MrcFile.describe`, and
+    for a stream described while it arrives)."""
+    lay = layout
+    return {
+        "file_size": file_size,
+        "byte_order": "little" if lay.byte_order == "<" else "big",
+        "mode": lay.mode,
+        "header_mode": int(header["mode"]) % 1000,
+        "mode_name": mode_spec(lay.mode).name,
+        "mode_description": mode_spec(lay.mode).note,
+        "dtype": str(lay.dtype),
+        "nx": lay.nx, "ny": lay.ny, "nz": lay.nz,
+        "frames": lay.nz,
+        "pixel_size_angstrom": list(hdr.voxel_size(header)),
+        "origin_angstrom": list(hdr.origin(header)),
+        "packing": lay.packing,
+        "bytes_signed": lay.bytes_signed,
+        "compression": None if lay.codec is Codec.NONE else {
+            "codec": lay.codec.cname,
+            "packed_bytes": stored_data_nbytes,
+            "ratio": round(lay.data_nbytes / stored_data_nbytes, 4) if stored_data_nbytes
+            else None,
+        },
+        "data_offset": lay.data_offset,
+        "frame_nbytes": lay.frame_nbytes,
+        "data_nbytes": lay.data_nbytes,
+        "extended_header": ext.to_dict(max_records=3),
+        "header": hdr.header_to_dict(header),
+    }

@@ -1,22 +1,29 @@
-"""Streaming MRC/MRCZ writer: frames go to disk one at a time, exact statistics are
-accumulated on the way, the header is written last, and the file appears under its name
-only when complete (temporary file in the same folder, fsync, rename, fsync folder).
+"""Streaming MRC/MRCZ writer: frames go out one at a time, exact statistics are
+accumulated on the way, the header is written last, and the output appears only when
+complete: a local file through :class:`~service.mrc.sink.AtomicFile` (temporary file,
+fsync, rename, fsync folder), or any other :class:`~service.mrc.sink.Sink` (the service's
+datastore). The 1024-byte header is a reserved head the sink takes at commit, so the
+writer never seeks back.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Callable
 
 import numpy as np
 
 from . import header as hdr
-from .codec import Codec, compress_frame, join_mode
+from .codec import Codec, FrameIndex, compress_frame, join_mode
 from .modes import mode_spec, pack_4bit
+from .sink import AtomicFile, Sink
 from .stats import Stats, StatsAccumulator
+
+#: Called on the encoder thread after frame k is encoded: (k, stored pixels, the bytes
+#: written for it). The service's ingest proves its restore there, frame by frame.
+OnEncoded = Callable[[int, np.ndarray, bytes], None]
 
 #: Label 0 of an MRCZ file (MRCZ spec: ``MRCZ<version>`` at byte 224). python-mrcz reads
 #: MZ as "slices" only from 0.5.0 on; we write the spec level we implement.
@@ -37,34 +44,27 @@ def set_labels(h: np.record, labels: list[str]) -> None:
             if text else b""
 
 
-def fsync_directory(path: Path) -> None:
-    """Make a rename durable: fsync the folder that holds the new name."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class MrcWriter:
     """Write ``nz`` frames of ``(ny, nx)`` pixels in ``mode`` (MRCZ when ``codec`` is not
     NONE). ``template`` supplies the descriptive fields (cell, sampling, origin, ISPG,
     labels, MRCZ microscope words); the writer owns sizes, mode, stats, NSYMBT, MACHST,
     NVERSION, the IMOD stamp and flags.
 
-    Use as a context manager: a clean exit commits, an exception removes the
-    temporary file and leaves nothing under ``path``.
+    ``output`` is a path (written atomically) or a :class:`Sink` opened with
+    ``reserve_head=1024``. Use as a context manager: a clean exit commits, an exception
+    aborts and leaves nothing behind.
 
     Encoding (4-bit packing, byte swapping, blosc) and the write of frame k run on one
     background thread while the caller decodes frame k+1 and the statistics of frame k
     are taken; at most one frame is in flight, so memory stays bounded.
     """
 
-    def __init__(self, path: str | os.PathLike, *, nx: int, ny: int, nz: int, mode: int,
-                 codec: Codec = Codec.NONE, clevel: int = 1, byte_order: str = "<",
-                 template: np.record | None = None, extended_header: bytes = b"",
-                 exttyp: bytes = b"", nint: int = 0, nreal: int = 0,
-                 known_stats: Stats | None = None):
+    def __init__(self, output: str | os.PathLike | Sink, *, nx: int, ny: int, nz: int,
+                 mode: int, codec: Codec = Codec.NONE, clevel: int = 1,
+                 byte_order: str = "<", template: np.record | None = None,
+                 extended_header: bytes = b"", exttyp: bytes = b"", nint: int = 0,
+                 nreal: int = 0, known_stats: Stats | None = None,
+                 collect_stats: bool = True, on_encoded: OnEncoded | None = None):
         if min(nx, ny, nz) <= 0:
             raise ValueError(f"dimensions must be positive, got {nx} x {ny} x {nz}")
         self.spec = mode_spec(mode)
@@ -73,7 +73,6 @@ class MrcWriter:
                              "it back); write mode 0 instead")
         if codec is not Codec.NONE and not codec.available:
             raise ValueError(f"codec {codec.cname!r} is not available in this blosc build")
-        self.path = Path(path)
         self.nx, self.ny, self.nz = nx, ny, nz
         self.mode, self.codec, self.clevel = mode, codec, clevel
         self.byte_order = byte_order
@@ -84,15 +83,24 @@ class MrcWriter:
         #: (ingest computed them while validating; a lossless conversion keeps every
         #: value): the writer then skips its own pass, which costs as much CPU as zstd-1.
         self.known_stats = known_stats
+        #: False: the caller takes the statistics itself and passes them to commit()
+        self.collect_stats = collect_stats and known_stats is None
         self.frames_written = 0
         self.packed_bytes = 0
-        self.temp_path = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.part")
+        #: bytes of each MRCZ chunk written so far, in frame order (the frame index)
+        self.chunk_sizes: list[int] = []
+        self.data_offset = hdr.HEADER_SIZE + len(extended_header)
+        self.on_encoded = on_encoded
         self._pending: Future | None = None
+        if isinstance(output, (str, os.PathLike)):
+            self.path: Path | None = Path(output)
+            self._sink: Sink | None = AtomicFile(self.path, reserve_head=hdr.HEADER_SIZE)
+        else:
+            self.path, self._sink = None, output
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrc-writer")
-        self._file: BinaryIO | None = open(self.temp_path, "xb")
         try:
-            self._file.write(bytes(hdr.HEADER_SIZE))
-            self._file.write(extended_header)
+            if extended_header:
+                self._sink.write(extended_header)
         except BaseException:
             self.abort()
             raise
@@ -144,7 +152,7 @@ class MrcWriter:
         The frame is encoded in the background, so the writer copies it unless
         ``owned=True`` promises that nobody modifies the array afterwards.
         """
-        if self._file is None:
+        if self._sink is None:
             raise ValueError("writer is closed")
         if self.frames_written >= self.nz:
             raise ValueError(f"all {self.nz} frames were already written")
@@ -155,23 +163,32 @@ class MrcWriter:
         if not owned:
             frame = frame.copy()  # the encoder reads it later; the caller may reuse it
         self._wait()
-        self._pending = self._encoder.submit(self._encode_and_write, frame)
-        if self.known_stats is None:
+        self._pending = self._encoder.submit(self._encode_and_write, self.frames_written,
+                                             frame)
+        if self.collect_stats:
             self.stats.add(frame)
         self.frames_written += 1
 
-    def _encode_and_write(self, frame: np.ndarray) -> None:
-        assert self._file is not None
+    def _encode_and_write(self, k: int, frame: np.ndarray) -> None:
+        assert self._sink is not None
         if self.spec.is_packed:
             stored = pack_4bit(frame)
         else:
             stored = np.ascontiguousarray(frame, dtype=self.file_dtype)
         if self.codec is Codec.NONE:
-            self._file.write(memoryview(stored).cast("B"))
+            data: bytes | memoryview = memoryview(stored).cast("B")
         else:
-            chunk = compress_frame(stored, self.codec, self.clevel)
-            self._file.write(chunk)
-            self.packed_bytes += len(chunk)
+            data = compress_frame(stored, self.codec, self.clevel)
+            self.packed_bytes += len(data)
+            self.chunk_sizes.append(len(data))
+        if self.on_encoded is not None:
+            self.on_encoded(k, stored, data)
+        self._sink.write(data)
+
+    def flush(self) -> None:
+        """Wait until every frame given so far is encoded and written; an error of the
+        encoder thread surfaces here."""
+        self._wait()
 
     def _wait(self) -> None:
         """Finish the frame in flight; its error, if any, surfaces here."""
@@ -181,10 +198,13 @@ class MrcWriter:
 
     # -- ending -------------------------------------------------------------------
 
-    def commit(self) -> Path:
-        """Write the final header, fsync, and rename into place. Returns the path."""
-        if self._file is None:
+    def commit(self, stats: Stats | None = None) -> int:
+        """Write the final header and publish the output. Returns its size in bytes.
+        ``stats``: the written values' statistics, when the caller took them."""
+        if self._sink is None:
             raise ValueError("writer is closed")
+        if stats is not None:
+            self.known_stats = stats
         try:
             self._wait()
         except BaseException:
@@ -197,21 +217,16 @@ class MrcWriter:
         h["dmin"], h["dmax"], h["dmean"], h["rms"] = self.final_stats.as_tuple()
         if self.codec is not Codec.NONE:
             h["mrcz_packed_bytes"] = self.packed_bytes
-        f = self._file
-        try:
-            f.seek(0)
-            f.write(h.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            self._file = None
-            self._encoder.shutdown()
-            os.replace(self.temp_path, self.path)
-            fsync_directory(self.path.parent)
-        except BaseException:
-            self.abort()
-            raise
-        return self.path
+        sink, self._sink = self._sink, None
+        self._encoder.shutdown()
+        self.size = sink.commit(h.tobytes())  # the sink cleans up after itself on error
+        return self.size
+
+    def frame_index(self) -> FrameIndex:
+        """Where each frame's chunk lies in the output (MRCZ)."""
+        offsets = np.cumsum([self.data_offset] + self.chunk_sizes[:-1]).tolist() \
+            if self.chunk_sizes else []
+        return FrameIndex(tuple(int(o) for o in offsets), tuple(self.chunk_sizes))
 
     @property
     def final_stats(self) -> Stats:
@@ -224,13 +239,9 @@ class MrcWriter:
         except BaseException:
             pass  # already failing; the frame in flight is being discarded with the file
         self._encoder.shutdown()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        try:
-            os.unlink(self.temp_path)
-        except FileNotFoundError:
-            pass
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            sink.abort()
 
     def __enter__(self) -> "MrcWriter":
         return self

@@ -1,0 +1,352 @@
+"""One pass over a movie as it arrives: validate, take exact statistics (whole movie and
+per frame), sum the frames for a preview, and write the MRCZ archive with its restore
+record, proving frame by frame that the two give back the bytes received.
+
+The pieces come from :class:`~service.mrc.stream.StreamCutter` in stream order (an
+upload while it streams, a registered file read once). For each frame::
+
+    stored bytes -> values (4-bit unpacked, native byte order) -> statistics, frame sum
+                 -> archive mode -> blosc chunk -> written
+                                  \\-> chunk decompressed -> restored to the source's
+                                      stored bytes -> compared with what was received
+
+The compression, the proof and the write of frame k run on the writer's encoder thread
+while frame k+1 is decoded and measured here, one frame in flight. If any frame fails the
+proof, or the archive would not be smaller than the file, or the file is invalid, the
+archive is dropped and the file as received is the stored form; nothing is decided
+before the last byte.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import extended as ext_mod
+from . import header as hdr
+from .codec import Codec, decompress_into
+from .convert import OutputPlan, Target, default_mode, plan_output
+from .findings import Finding, error, has_errors
+from .modes import mode_spec
+from .preview import BinnedSum
+from .reader import describe_source
+from .restore import (RestoreRecord, SourceLayout, decode_frame, padding_nibbles,
+                      restore_frame)
+from .sink import Sink
+from .stats import FrameStats, Stats, StatsAccumulator, frame_series
+from .stream import Piece
+from .validate import check_stats
+
+#: stored forms of a dataset
+FORM_ARCHIVE = "archive"     # the MRCZ archive + restore record (+ tail) give back the file
+FORM_ORIGINAL = "original"   # the file as received is kept as it is
+
+
+@dataclass(frozen=True)
+class ArchivePolicy:
+    codec: Codec = Codec.ZSTD    # Codec.NONE: keep no archive
+    clevel: int = 1
+    normalize: bool = True       # 4-bit -> mode 0 (and IMOD unsigned bytes -> mode 6)
+    sum_side: int = 1024         # longest side of the frame sum kept for previews
+
+
+#: Modes python-mrcz cannot read inside MRCZ, and the mode that holds their values
+#: exactly instead (float16 in float32, complex int16 in complex64): the archive stays
+#: readable by the reference reader, and the restore casts back.
+MRCZ_READABLE = {12: 2, 3: 4}
+
+
+def archive_target(source_mode: int, source_dtype: np.dtype, default: int, codec: Codec,
+                   clevel: int, normalize: bool) -> Target:
+    """The archive's form. ``normalize`` picks the natural lossless mode (4-bit -> mode
+    0); without it the source mode stays unless MRCZ cannot hold it (4-bit, and IMOD's
+    unsigned bytes, which MRCZ readers would take as signed). Modes python-mrcz cannot
+    read in MRCZ go into the mode that holds them exactly (:data:`MRCZ_READABLE`)."""
+    keeps_mode = source_mode != 101 and source_dtype == mode_spec(source_mode).dtype
+    mode = source_mode if keeps_mode and not normalize else default
+    return Target(mode=MRCZ_READABLE.get(mode, mode), codec=codec, clevel=clevel)
+
+
+@dataclass
+class StreamSource:
+    """A movie known by its header while its frames are still arriving: enough for
+    :func:`~service.mrc.convert.plan_output` and for describing the file."""
+
+    header: np.record
+    layout: hdr.Layout
+    extended: ext_mod.ExtendedHeader
+
+    @property
+    def mode(self) -> int:
+        return self.layout.mode
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.layout.dtype
+
+
+@dataclass
+class ArchiveOutcome:
+    """What one pass found and kept."""
+
+    form: str                                  # FORM_ARCHIVE or FORM_ORIGINAL
+    valid: bool                                # no error findings
+    findings: list[Finding]
+    described: dict[str, Any] | None           # the file's facts (header, layout, ...)
+    default_mode: int | None
+    stats: Stats | None
+    frame_stats: dict[str, list] | None        # per-frame series
+    frame_sum: BinnedSum | None
+    restorable: bool                           # archive + record give the bytes back
+    reason: str | None                         # why the original is the stored form
+    archive: dict[str, Any] | None             # mode, codec, clevel, bytes, ...
+    record: bytes | None                       # the serialized RestoreRecord
+    tail_bytes: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Archiver:
+    """Feed :meth:`add` the pieces of one file in order, then :meth:`finish` with the
+    received size and SHA-256 (or :meth:`abort`). ``open_archive()`` gives the sink for
+    the archive (opened with a 1024-byte reserved head) and ``open_tail()`` the sink for
+    bytes after the last frame; both are called only when needed."""
+
+    def __init__(self, policy: ArchivePolicy, open_archive: Callable[[], Sink] | None,
+                 open_tail: Callable[[], Sink] | None = None,
+                 on_frame: Callable[[int, int], None] | None = None):
+        self.policy = policy
+        self._open_archive, self._open_tail = open_archive, open_tail
+        self._on_frame = on_frame
+        self.source: StreamSource | None = None
+        self.header_raw = b""
+        self.findings: list[Finding] = []
+        self.stats = StatsAccumulator()
+        self.per_frame: list[FrameStats] = []
+        self.frame_sum: BinnedSum | None = None
+        self.frames_done = 0
+        self._broken = False                     # a frame could not be decoded
+        self._plan: OutputPlan | None = None
+        self._writer = None
+        #: odd-nx 4-bit: each frame's row-padding nibbles, as the frames arrive (the
+        #: header's sizes are not trusted for an allocation up front)
+        self._padding: list[np.ndarray] | None = None
+        self._in_flight: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._unproven: str | None = None
+        self._tail: Sink | None = None
+        self.tail_bytes = 0
+        self._chunk_buffer: np.ndarray | None = None
+        self._proof_buffer: np.ndarray | None = None
+        self._started = time.perf_counter()
+        self._proof_seconds = 0.0
+
+    # -- pieces -------------------------------------------------------------------
+
+    def add(self, piece: Piece) -> None:
+        if piece.kind == "header":
+            self.header_raw = piece.data.tobytes()
+        elif piece.kind == "extended":
+            self._begin(piece.data.tobytes())
+        elif piece.kind == "frame":
+            self._frame(piece.index, piece.data)
+        else:
+            self._add_tail(piece.data)
+
+    def _begin(self, ext_raw: bytes) -> None:
+        layout, _ = hdr.derive_layout(hdr.parse(self.header_raw, self._byte_order()),
+                                      self._byte_order())
+        assert layout is not None  # the cutter accepted this header
+        header = hdr.parse(self.header_raw, layout.byte_order)
+        decoded, findings = ext_mod.decode(ext_raw, bytes(header["exttyp"]),
+                                           int(header["nint"]), int(header["nreal"]),
+                                           layout.byte_order, layout.nz)
+        self.findings += findings
+        self.ext_raw = ext_raw
+        self.source = src = StreamSource(header, layout, decoded)
+        self._source_layout = SourceLayout.of(layout)
+        self.frame_sum = BinnedSum(layout.ny, layout.nx, self.policy.sum_side)
+        if layout.codec is not Codec.NONE:
+            if not layout.codec.available:
+                self._fail("mode", f"MRCZ codec {layout.codec.cname!r} is not available in "
+                                   "this blosc build; cannot decompress")
+            elif layout.packing:
+                self._fail("mode", "4-bit packed data inside MRCZ chunks is not supported "
+                                   "(mrcz refuses to write it); store it as mode 0")
+            return  # already compressed: kept as received, frames only measured
+        if self.policy.codec is Codec.NONE or self._open_archive is None:
+            return
+        target = archive_target(src.mode, src.dtype, default_mode(src), self.policy.codec,
+                                self.policy.clevel, self.policy.normalize)
+        self._plan = plan_output(src, target)
+        if self._source_layout.odd_4bit:
+            self._padding = []
+        self._writer = self._plan.writer(self._open_archive(), layout, collect_stats=False,
+                                         on_encoded=self._prove)
+
+    def _byte_order(self) -> str:
+        order, _ = hdr.detect_byte_order(self.header_raw)
+        assert order is not None
+        return order
+
+    def _frame(self, k: int, raw: np.ndarray) -> None:
+        assert self.source is not None
+        if self._broken:
+            return
+        layout = self.source.layout
+        if layout.codec is not Codec.NONE:
+            values = self._decompress_source_chunk(k, raw)
+            if values is None:
+                return
+        else:
+            values = decode_frame(raw, self._source_layout)
+        self.per_frame.append(self.stats.add(values))
+        assert self.frame_sum is not None
+        self.frame_sum.add(values)
+        if self._writer is not None and self._unproven is None:
+            if self._padding is not None:
+                self._padding.append(padding_nibbles(raw, self._source_layout))
+            with self._lock:
+                self._in_flight[k] = raw
+            self._writer.write_frame(self._plan.convert_frame(k, values), owned=True)
+        self.frames_done += 1
+        if self._on_frame is not None:
+            self._on_frame(self.frames_done, layout.nz)
+
+    def _decompress_source_chunk(self, k: int, chunk: np.ndarray) -> np.ndarray | None:
+        layout = self.source.layout
+        if self._chunk_buffer is None:
+            self._chunk_buffer = np.empty(layout.frame_nbytes, dtype=np.uint8)
+        try:
+            decompress_into(chunk.tobytes(), self._chunk_buffer)
+        except ValueError as exc:
+            self._fail("data", f"frame {k}: corrupt blosc chunk: {exc}")
+            self._broken = True
+            return None
+        return decode_frame(self._chunk_buffer, self._source_layout)
+
+    def _prove(self, k: int, stored: np.ndarray, chunk: bytes) -> None:
+        """On the encoder thread: decompress the chunk just made, restore the source's
+        bytes from it and compare them with the bytes received for frame k."""
+        started = time.perf_counter()
+        with self._lock:
+            raw = self._in_flight.pop(k)
+        if self._unproven is not None:
+            return
+        if self._proof_buffer is None or self._proof_buffer.nbytes != stored.nbytes:
+            self._proof_buffer = np.empty(stored.nbytes, dtype=np.uint8)
+        try:
+            decompress_into(chunk, self._proof_buffer)
+        except ValueError as exc:
+            self._unproven = f"frame {k}: the archive chunk does not decompress ({exc})"
+            return
+        values = self._proof_buffer.view(stored.dtype.newbyteorder("=")).reshape(stored.shape)
+        padding = self._padding[k] if self._padding is not None else None
+        rebuilt = restore_frame(values, self._source_layout, padding)
+        if not np.array_equal(rebuilt, raw):
+            first = int(np.flatnonzero(rebuilt != raw)[0])
+            self._unproven = (f"frame {k}: the bytes restored from the archive differ from "
+                              f"those received at byte {first} of the frame")
+        self._proof_seconds += time.perf_counter() - started
+
+    def _add_tail(self, data: np.ndarray) -> None:
+        self.tail_bytes += data.size
+        if self._writer is None or self._open_tail is None:
+            return
+        if self._tail is None:
+            self._tail = self._open_tail()
+        self._tail.write(memoryview(data))
+
+    def _fail(self, field_name: str, message: str) -> None:
+        self.findings.append(error(field_name, message))
+
+    # -- the end ------------------------------------------------------------------
+
+    def finish(self, size: int, sha256: str, stream_findings: list[Finding]
+               ) -> ArchiveOutcome:
+        """Decide the stored form and commit (or drop) the archive. ``stream_findings``:
+        the cutter's (header checks, truncation, bad chunks, trailing bytes)."""
+        findings = list(stream_findings) + self.findings
+        src = self.source
+        stats = self.stats.result() if src is not None and self.frames_done == src.layout.nz \
+            and not self._broken else None
+        if stats is not None:
+            findings += check_stats(src.header, stats)
+        valid = src is not None and not has_errors(findings)
+        reason, archive, record = None, None, None
+        if self._writer is not None:
+            self._writer.flush()  # the frame in flight is written and proven (or raises)
+        if src is None:
+            reason = "the extended header never arrived"
+        elif src.layout.codec is not Codec.NONE:
+            reason = "the file as received is already an MRCZ archive"
+        elif not valid:
+            reason = "the file did not pass validation; it is kept as received"
+        elif self._writer is None:
+            reason = "no archive codec is configured (MRC_INGEST_ARCHIVE_CODEC=none)"
+        elif self._unproven is not None:
+            reason = f"restore not proven: {self._unproven}"
+        elif stats is None:
+            reason = "restore not proven: not every frame was measured"
+        if reason is None:
+            record, archive, reason = self._commit(size, sha256, stats)
+        else:
+            self._drop()
+        form = FORM_ARCHIVE if archive is not None else FORM_ORIGINAL
+        described = None
+        if src is not None:
+            stored_data = src.layout.data_nbytes if src.layout.codec is Codec.NONE else \
+                max(0, size - src.layout.data_offset - self.tail_bytes)
+            described = describe_source(src.header, src.layout, src.extended, size,
+                                        stored_data)
+        self.timings = {"pass_s": round(time.perf_counter() - self._started, 3),
+                        "proof_s": round(self._proof_seconds, 3)}
+        return ArchiveOutcome(
+            form=form, valid=valid, findings=findings, described=described,
+            default_mode=default_mode(src) if src is not None else None, stats=stats,
+            frame_stats=frame_series(self.per_frame) if stats is not None else None,
+            frame_sum=self.frame_sum if stats is not None else None,
+            restorable=archive is not None, reason=reason, archive=archive, record=record,
+            tail_bytes=self.tail_bytes, timings=self.timings)
+
+    def _commit(self, size: int, sha256: str, stats: Stats | None
+                ) -> tuple[bytes | None, dict[str, Any] | None, str | None]:
+        writer, plan = self._writer, self._plan
+        assert writer is not None and plan is not None and stats is not None
+        record = RestoreRecord(
+            size=size, sha256=sha256, header=self.header_raw, extended=self.ext_raw,
+            source=self._source_layout, archive_mode=plan.mode,
+            frame_index=writer.frame_index(), archive_data_offset=writer.data_offset,
+            padding=np.stack(self._padding) if self._padding else None,
+            tail_size=self.tail_bytes).to_bytes()
+        archive_bytes = writer.data_offset + writer.packed_bytes
+        kept = archive_bytes + len(record) + self.tail_bytes
+        if kept >= size:
+            self._drop()
+            return None, None, (f"the archive ({archive_bytes} bytes with its record and "
+                                f"tail: {kept}) would not be smaller than the file as "
+                                f"received ({size} bytes)")
+        self._writer = None
+        writer.commit(stats)
+        if self._tail is not None:
+            self._tail.commit()
+            self._tail = None
+        return record, {"mode": plan.mode, "codec": plan.target.codec.cname,
+                        "clevel": plan.target.clevel, "bytes": archive_bytes,
+                        "record_bytes": len(record), "tail_bytes": self.tail_bytes,
+                        "notes": [plan.note] if plan.note else []}, None
+
+    def _drop(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.abort()
+        tail, self._tail = self._tail, None
+        if tail is not None:
+            tail.abort()
+
+    def abort(self) -> None:
+        """Drop everything written (the upload failed)."""
+        self._drop()
