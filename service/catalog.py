@@ -90,7 +90,19 @@ tus_uploads = sa.Table(
     sa.Column("metadata", sa.JSON, nullable=False, default=dict),
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.Column("expires_at", sa.String(32), nullable=False, index=True),
-    sa.Column("dataset_id", sa.String(32)),
+    sa.Column("dataset_id", sa.String(32), index=True),  # reserved at creation
+    sa.Column("completed_at", sa.String(32)),             # set once every byte is in
+)
+
+#: converted downloads kept in the datastore (a cache bounded in bytes, least recently
+#: used first out); their bytes count in their dataset's stored_bytes
+conversions = sa.Table(
+    "conversions", metadata,
+    sa.Column("dataset_id", sa.String(32), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("used_at", sa.String(32), nullable=False, index=True),
 )
 
 jobs = sa.Table(
@@ -109,7 +121,7 @@ jobs = sa.Table(
     sa.Column("finished_at", sa.String(32)),
 )
 
-DATASET_STATES = ("queued", "processing", "ready", "rejected", "failed")
+DATASET_STATES = ("receiving", "queued", "processing", "ready", "rejected", "failed")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED_JOB_STATES = ("queued", "running")
 SORT_KEYS = ("created_at", "name", "size_bytes")
@@ -265,10 +277,13 @@ class Catalog:
                                .where(datasets.c.id == dataset_id)).first()
         return (row is not None, row[0] if row is not None else None)
 
-    def find_by_sha256(self, sha256: str, statuses: Iterable[str]) -> dict[str, Any] | None:
-        query = (sa.select(datasets).where(datasets.c.sha256 == sha256,
-                                           datasets.c.status.in_(list(statuses)))
+    def find_by_sha256(self, sha256: str, statuses: Iterable[str],
+                       exclude_id: str | None = None) -> dict[str, Any] | None:
+        query = (sa.select(*DETAIL_COLUMNS).where(datasets.c.sha256 == sha256,
+                                                  datasets.c.status.in_(list(statuses)))
                  .order_by(datasets.c.created_at).limit(1))
+        if exclude_id is not None:
+            query = query.where(datasets.c.id != exclude_id)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return dict(row._mapping) if row else None
@@ -285,6 +300,7 @@ class Catalog:
         with self.engine.begin() as conn:
             conn.execute(jobs.delete().where(jobs.c.dataset_id == dataset_id))
             conn.execute(sidecars.delete().where(sidecars.c.dataset_id == dataset_id))
+            conn.execute(conversions.delete().where(conversions.c.dataset_id == dataset_id))
             result = conn.execute(datasets.delete().where(datasets.c.id == dataset_id))
         return result.rowcount > 0
 
@@ -390,8 +406,8 @@ class Catalog:
         """Live datasets whose name starts with ``prefix`` (sidecar matching)."""
         query = (sa.select(datasets).where(datasets.c.name.like(f"{_escape_like(prefix)}%",
                                                                 escape="\\"),
-                                           datasets.c.status.in_(("queued", "processing",
-                                                                  "ready")))
+                                           datasets.c.status.in_(("receiving", "queued",
+                                                                  "processing", "ready")))
                  .order_by(datasets.c.created_at.desc()))
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
@@ -412,9 +428,15 @@ class Catalog:
     def delete_tus_upload(self, upload_id: str) -> None:
         self._delete(tus_uploads, upload_id)
 
+    def tus_upload_of(self, dataset_id: str) -> dict[str, Any] | None:
+        query = sa.select(tus_uploads).where(tus_uploads.c.dataset_id == dataset_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return dict(row._mapping) if row else None
+
     def expired_tus_uploads(self, moment: str) -> list[dict[str, Any]]:
         query = sa.select(tus_uploads).where(tus_uploads.c.expires_at < moment,
-                                             tus_uploads.c.dataset_id.is_(None))
+                                             tus_uploads.c.completed_at.is_(None))
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
@@ -443,6 +465,74 @@ class Catalog:
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         return self._by_id(jobs, job_id)
 
+    def finish_job(self, job_id: str, *, state: str, result: Any = None,
+                   error: Any = None) -> dict[str, Any] | None:
+        self.update_job(job_id, state=state, result=result, error=error, finished_at=now())
+        return self.get_job(job_id)
+
+    # -- converted downloads ----------------------------------------------------------
+
+    def record_conversion(self, dataset_id: str, key: str, size: int) -> None:
+        """A conversion is stored (or was just served): count its bytes once, mark it
+        used now."""
+        stamp = now()
+        with self.engine.begin() as conn:
+            touched = conn.execute(conversions.update().where(
+                conversions.c.dataset_id == dataset_id, conversions.c.key == key)
+                .values(used_at=stamp)).rowcount
+            if touched:
+                return
+            conn.execute(conversions.insert().values(dataset_id=dataset_id, key=key,
+                                                     bytes=size, created_at=stamp,
+                                                     used_at=stamp))
+            conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(
+                stored_bytes=sa.func.coalesce(datasets.c.stored_bytes, 0) + size))
+
+    def forget_conversion(self, dataset_id: str, key: str) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(conversions.c.bytes).where(
+                conversions.c.dataset_id == dataset_id, conversions.c.key == key)).first()
+            if row is None:
+                return
+            conn.execute(conversions.delete().where(conversions.c.dataset_id == dataset_id,
+                                                    conversions.c.key == key))
+            conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(
+                stored_bytes=datasets.c.stored_bytes - row[0]))
+
+    def conversion_exists(self, dataset_id: str, key: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(conversions.c.key).where(
+                conversions.c.dataset_id == dataset_id, conversions.c.key == key)).first() \
+                is not None
+
+    def conversions_to_evict(self, limit_bytes: int,
+                             keep: str | None = None) -> list[dict[str, Any]]:
+        """The least recently used conversions to drop so that the rest fit
+        ``limit_bytes`` (never ``keep``)."""
+        with self.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(conversions.c.bytes),
+                                                            0))).scalar()
+            if total <= limit_bytes:
+                return []
+            rows = conn.execute(sa.select(conversions).order_by(conversions.c.used_at))
+            out = []
+            for row in rows:
+                if total <= limit_bytes:
+                    break
+                if row.key == keep:
+                    continue
+                out.append(dict(row._mapping))
+                total -= row.bytes
+        return out
+
+    def storage_totals(self) -> dict[str, int]:
+        """Bytes received and bytes stored over all datasets."""
+        query = sa.select(sa.func.coalesce(sa.func.sum(datasets.c.size_bytes), 0),
+                          sa.func.coalesce(sa.func.sum(datasets.c.stored_bytes), 0))
+        with self.engine.connect() as conn:
+            received, stored = conn.execute(query).one()
+        return {"received": int(received), "stored": int(stored)}
+
     def jobs_in_states(self, states: Iterable[str],
                        dataset_id: str | None = None) -> list[dict[str, Any]]:
         query = sa.select(jobs).where(jobs.c.state.in_(list(states)))
@@ -468,7 +558,7 @@ class Catalog:
 def _add_missing_columns(engine: Engine) -> None:
     """Catalogs made by an older version lack newer (nullable) columns: add them."""
     inspector = sa.inspect(engine)
-    for table in (datasets, jobs, sidecars, particle_sets, tus_uploads):
+    for table in (datasets, jobs, sidecars, particle_sets, tus_uploads, conversions):
         present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
             if column.name not in present and column.nullable:

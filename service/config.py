@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     archive_codec: str = Field("zstd", description="MRCZ codec of the archive copy kept for "
                                                    "each dataset, or 'none' for no archive")
     archive_clevel: int = Field(1, ge=0, le=9)
+    keep_original: bool = Field(False, description="keep the file as received beside its "
+                                "archive; by default the archive plus a small restore "
+                                "record is the stored form, proven to give back the exact "
+                                "bytes before the upload's scratch copy is dropped")
     conversion_cache_bytes: int = Field(32 * GiB, ge=0, description="converted downloads "
                                         "kept for reuse; least recently used go first")
     preview_cache_items: int = Field(256, ge=0, description="PNG previews kept in memory")

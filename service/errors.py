@@ -85,6 +85,14 @@ class LossyConversion(ServiceError):
     status, code = 422, "lossy_conversion"
 
 
+class RangeNotSatisfiable(ServiceError):
+    status, code = 416, "range_not_satisfiable"
+
+    def __init__(self, size: int, detail: Any):
+        super().__init__(detail)
+        self.headers = {"Content-Range": f"bytes */{size}"}
+
+
 class FrameNotFound(ServiceError):
     status, code = 404, "frame_not_found"
 
@@ -115,7 +123,21 @@ def to_service_error(exc: BaseException) -> ServiceError | None:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientStorage(f"the disk is full ({exc.strerror}); what was being "
                                    "written was removed, nothing stored before was touched")
+    if _catalog_disk_full(exc):
+        return InsufficientStorage("the catalog's disk is full; the change was rolled back, "
+                                   "nothing stored before was touched")
     return None
+
+
+def _catalog_disk_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full") or PostgreSQL's 53100
+    (disk_full), as the database driver reports them through SQLAlchemy."""
+    cause = getattr(exc, "orig", None) or exc
+    if getattr(cause, "sqlite_errorname", None) == "SQLITE_FULL":
+        return True
+    if getattr(cause, "sqlstate", None) == "53100":
+        return True
+    return "database or disk is full" in str(cause)
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:

@@ -35,6 +35,15 @@ class _CatalogCollector(Collector):
                                 "not finished", value=snap["queue_depth"])
         yield GaugeMetricFamily("mrc_ingest_data_free_bytes", "Free space on the data folder's "
                                 "file system", value=snap["free_bytes"])
+        storage = snap["storage"]
+        yield GaugeMetricFamily("mrc_ingest_received_bytes", "Bytes received, over all "
+                                "datasets in the catalog", value=storage["received"])
+        yield GaugeMetricFamily("mrc_ingest_stored_bytes", "Bytes stored for all datasets "
+                                "(archives, restore records, sums, originals kept, cached "
+                                "conversions)", value=storage["stored"])
+        yield GaugeMetricFamily("mrc_ingest_storage_ratio", "Bytes stored per byte received",
+                                value=storage["stored"] / storage["received"]
+                                if storage["received"] else 0.0)
 
 
 class Metrics:

@@ -1,12 +1,11 @@
-"""cryoSPARC particle sets in the service: store the .cs, check every stack and index it
-names (inside an allowed root), list particles, preview one, export rows as one MRC stack
-(made once on a worker thread, then served as a file like any converted download)."""
+"""cryoSPARC particle sets in the service: store the .cs (received through the same
+writer as every upload, then kept in the datastore), check every stack and index it
+names (inside an allowed root), list particles, preview one, export rows as one MRC
+stack (made once on a worker thread into the datastore, then served like any converted
+download)."""
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 import threading
 import uuid
 from collections import OrderedDict
@@ -18,16 +17,22 @@ import numpy as np
 
 from .catalog import Catalog
 from .config import Settings
-from .errors import BadRequest, NotFound, TooLarge, from_core
+from .datastore import ObjectMissing
+from .errors import BadRequest, NotFound, from_core
 from .mrc import MrcError
+from .mrc.header import HEADER_SIZE
 from .mrc.particles import (ParticleSet, export_stack, jsonable, load_cs, open_particle_set,
                             row_dict)
 from .mrc.preview import binned, contrast_u8
-from .mrc.writer import fsync_directory
-from .storage import PART_SUFFIX, Storage, resolve_inside_roots
+from .receiver import ScratchCopy, pump
+from .storage import Storage, particle_set_prefix, resolve_inside_roots
 from .uploads import check_filename
 
 LOADED_SETS = 8  # parsed and validated sets kept in memory
+
+
+def cs_key(set_id: str, name: str) -> str:
+    return f"{particle_set_prefix(set_id)}{name}"
 
 
 class ParticleSets:
@@ -44,22 +49,14 @@ class ParticleSets:
         if not real_folder.is_dir():
             raise BadRequest(f"folder {folder!r} is not a folder")
         set_id = uuid.uuid4().hex[:20]
-        home = self.storage.particle_sets / set_id
-        temp = self.storage.incoming / f"{secrets.token_hex(12)}{PART_SUFFIX}"
-        size = 0
+        scratch = ScratchCopy(self.storage.incoming, self.settings.max_upload_bytes)
         try:
-            with open(temp, "xb") as f:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > self.settings.max_upload_bytes:
-                        raise TooLarge(f"upload exceeds {self.settings.max_upload_bytes} bytes")
-                    await anyio.to_thread.run_sync(f.write, chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            return await anyio.to_thread.run_sync(self._register, set_id, name, temp, home,
+            await pump(chunks, scratch.receiver, scratch.receiver.write)
+            scratch.receiver.digest()
+            return await anyio.to_thread.run_sync(self._register, set_id, name, scratch,
                                                   real_folder)
         finally:
-            temp.unlink(missing_ok=True)
+            scratch.discard()
 
     async def create_from_part(self, part, folder: str) -> dict[str, Any]:
         """The first file part of a multipart body; its name is known once it starts."""
@@ -72,16 +69,14 @@ class ParticleSets:
                 yield chunk
         return await self.create(part.filename or "particles.cs", rest(), folder)
 
-    def _register(self, set_id: str, name: str, temp: Path, home: Path,
+    def _register(self, set_id: str, name: str, scratch: ScratchCopy,
                   folder: Path) -> dict[str, Any]:
         try:
-            rows = load_cs(temp)
+            rows = load_cs(scratch.path)
             pset = open_particle_set(rows, folder)
         except MrcError as exc:
             raise from_core(exc) from None
-        home.mkdir(parents=True)
-        os.replace(temp, home / name)
-        fsync_directory(home)
+        self.storage.store.put_file(cs_key(set_id, name), scratch.keep())
         info = {"findings": [f.to_dict() for f in pset.findings],
                 "stacks": [s.to_dict() for s in pset.stacks.values()],
                 "fields": [{"name": n, "dtype": str(rows.dtype[n])} for n in rows.dtype.names],
@@ -109,8 +104,11 @@ class ParticleSets:
             pset = self._loaded.get(set_id)
         if pset is None:
             row = self.get(set_id)
-            pset = open_particle_set(load_cs(self.storage.particle_sets / set_id / row["name"]),
-                                     Path(row["folder"]))
+            try:
+                raw = self.storage.store.get_bytes(cs_key(set_id, row["name"]))
+            except ObjectMissing:
+                raise NotFound(f"the .cs file of particle set {set_id} is missing") from None
+            pset = open_particle_set(load_cs(raw), Path(row["folder"]))
             self._remember(set_id, pset)
         return pset
 
@@ -147,21 +145,24 @@ class ParticleSets:
             raise BadRequest(f"rows {rows!r} is not a non-empty range within 0:{total}")
         return np.arange(start, stop), f"{start}-{stop}"
 
-    def export(self, set_id: str, rows: str | None) -> tuple[Path, str]:
-        """The exported stack for ``rows`` (made now if not made before) and its name."""
+    def export(self, set_id: str, rows: str | None) -> tuple[str, str]:
+        """The key of the exported stack for ``rows`` (made now if not made before) and
+        its download name."""
         row = self.get(set_id)
         selection, label = self.selection(set_id, rows)
-        output = self.storage.particle_sets / set_id / f"export-{label}.mrc"
-        if not output.exists():
+        key = f"{particle_set_prefix(set_id)}export-{label}.mrc"
+        store = self.storage.store
+        if store.size(key) is None:
             try:
-                export_stack(self.load(set_id), selection, output)
+                export_stack(self.load(set_id), selection,
+                             store.open_writer(key, reserve_head=HEADER_SIZE))
             except MrcError as exc:
                 raise from_core(exc) from None
-        return output, f"{Path(row['name']).stem}-{label}.mrcs"
+        return key, f"{Path(row['name']).stem}-{label}.mrcs"
 
     def delete(self, set_id: str) -> None:
         self.get(set_id)
         self.catalog.delete_particle_set(set_id)
         with self._lock:
             self._loaded.pop(set_id, None)
-        shutil.rmtree(self.storage.particle_sets / set_id, ignore_errors=True)
+        self.storage.store.delete_prefix(particle_set_prefix(set_id))

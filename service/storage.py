@@ -1,16 +1,26 @@
-"""Where files live under the data folder, and which shared-storage paths may be registered.
+"""Where things live: the datastore keys of everything kept for a dataset, the replica's
+scratch folder, and which shared-storage paths may be registered.
 
-Layout (all under ``data_dir``)::
+Keys (in the datastore: the data folder by default, an S3 bucket prefix with
+``MRC_INGEST_STORAGE_URL=s3://...``)::
 
-    incoming/<token>.part          uploads while they stream (removed on any failure)
-    datasets/<id>/<filename>       the file exactly as uploaded (its SHA-256 is recorded)
-    datasets/<id>/archive.mrc[z]   the archive copy (normalized; MRCZ unless configured off)
-    datasets/<id>/sum.npy          frame sum at preview resolution
-    conversions/<id>/<key>.mrc[z]  converted downloads, a cache bounded in bytes
-    particle_sets/<id>/            a cryoSPARC .cs index and its exported stacks
+    datasets/<id>/archive.mrcz        the MRCZ archive (normalized; the stored form)
+    datasets/<id>/restore.npz         its restore record (header, layout, padding, index)
+    datasets/<id>/tail.bin            bytes received after the last frame, if any
+    datasets/<id>/original/<name>     the file as received, when it is the stored form
+                                      (or MRC_INGEST_KEEP_ORIGINAL is set)
+    datasets/<id>/sum.npz             frame sum at preview resolution (``sum.npy`` before)
+    conversions/<id>/<target>.mrc[z]  converted downloads, a cache bounded in bytes
+    particle_sets/<id>/...            a cryoSPARC .cs and its exported stacks
 
-Every file appears by rename from a temporary name after fsync; a ``.part`` file left by a
-crash is removed at start-up.
+Scratch (this replica's own, under ``data_dir``; bounded by the uploads in flight)::
+
+    incoming/    the bytes of uploads while they stream (removed when proven or failed)
+    tus/         resumable uploads in progress (local datastore)
+
+Datasets stored before archive-only storage keep an absolute ``path`` (the file as
+received inside ``datasets/<id>/``) and maybe ``archive.mrcz`` beside it:
+:func:`stored_form` reads either shape, so they keep working.
 """
 
 from __future__ import annotations
@@ -18,73 +28,143 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
 
+from .datastore import DataStore, LocalStore, sweep_abandoned
 from .errors import NotFound, PathNotAllowed, Unprocessable
 from .mrc import Target
 
-PART_SUFFIX = ".part"
 HASH_BLOCK = 4 << 20
+
+#: stored forms (dataset info ``storage.form``)
+FORM_ARCHIVE = "archive"          # archive + restore record (+ tail) give the bytes back
+FORM_ORIGINAL = "original"        # the file as received is kept as it is
+FORM_REGISTERED = "registered"    # the user's own file on shared storage is the source
+FORM_LEGACY = "legacy"            # stored before archive-only storage (absolute path)
+
+
+def dataset_prefix(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}/"
+
+
+def archive_key(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}/archive.mrcz"
+
+
+def record_key(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}/restore.npz"
+
+
+def tail_key(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}/tail.bin"
+
+
+def original_key(dataset_id: str, filename: str) -> str:
+    return f"datasets/{dataset_id}/original/{filename}"
+
+
+def sum_key(dataset_id: str, legacy: bool = False) -> str:
+    return f"datasets/{dataset_id}/sum.{'npy' if legacy else 'npz'}"
+
+
+def conversions_prefix(dataset_id: str) -> str:
+    return f"conversions/{dataset_id}/"
+
+
+def conversion_key(dataset_id: str, target: Target) -> str:
+    mode = "auto" if target.mode is None else str(target.mode)
+    endian = "le" if target.byte_order == "<" else "be"
+    if target.is_mrcz:
+        name = f"mode{mode}-{target.codec.cname}{target.clevel}-{endian}.mrcz"
+    else:
+        name = f"mode{mode}-{endian}.mrc"
+    return f"{conversions_prefix(dataset_id)}{name}"
+
+
+def particle_set_prefix(set_id: str) -> str:
+    return f"particle_sets/{set_id}/"
+
+
+@dataclass(frozen=True)
+class StoredForm:
+    """How a dataset's bytes are kept, whatever shape its catalog row has."""
+
+    form: str
+    archive_key: str | None = None    # readable MRCZ archive (for previews, conversions)
+    record_key: str | None = None     # restore record (FORM_ARCHIVE)
+    tail_key: str | None = None
+    original_key: str | None = None   # the file as received, in the datastore
+    registered_path: str | None = None  # the user's file (registrations)
+    sum_key: str | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        """Every datastore key kept for the dataset (conversions aside)."""
+        return [k for k in (self.archive_key, self.record_key, self.tail_key,
+                            self.original_key, self.sum_key) if k]
+
+
+def stored_form(dataset: dict[str, Any], data_dir: Path) -> StoredForm:
+    info = dataset["info"]
+    storage = info.get("storage")
+    if storage is not None:
+        keys = storage.get("keys", {})
+        return StoredForm(form=storage["form"], archive_key=keys.get("archive"),
+                          record_key=keys.get("record"), tail_key=keys.get("tail"),
+                          original_key=keys.get("original"),
+                          registered_path=dataset["path"] or None,
+                          sum_key=keys.get("sum"))
+    # Before archive-only storage: the file as received at an absolute path, and maybe
+    # an archive copy beside it.
+    dataset_id, path = dataset["id"], dataset["path"]
+    if dataset["source"] == "registration":
+        original, registered = None, path
+    else:
+        original, registered = _key_under(Path(path), data_dir), None
+    archive = info.get("archive")
+    archive_name = None
+    if archive is not None and (archive.get("codec") or "none") != "none":
+        archive_name = archive_key(dataset_id)
+    return StoredForm(form=FORM_LEGACY, archive_key=archive_name, original_key=original,
+                      registered_path=registered,
+                      sum_key=sum_key(dataset_id, legacy=True)
+                      if dataset["status"] == "ready" else None)
+
+
+def _key_under(path: Path, root: Path) -> str | None:
+    try:
+        return PurePosixPath(path.resolve().relative_to(root.resolve())).as_posix()
+    except ValueError:
+        return None
 
 
 class Storage:
-    def __init__(self, data_dir: Path):
+    """The datastore plus this replica's scratch folders."""
+
+    def __init__(self, data_dir: Path, store: DataStore | None = None):
         self.root = Path(data_dir).resolve()
+        self.store = store if store is not None else LocalStore(self.root)
         self.incoming = self.root / "incoming"
-        self.datasets = self.root / "datasets"
-        self.conversions = self.root / "conversions"
-        self.particle_sets = self.root / "particle_sets"
+        self.tus = self.root / "tus"
 
     def prepare(self) -> list[Path]:
-        """Create the folders and remove temporary files a crash left; returns those."""
-        for folder in (self.incoming, self.datasets, self.conversions, self.particle_sets):
+        """Create the scratch folders and remove temporaries whose writer is gone (a
+        crash's leftovers); files that live writers hold are left alone."""
+        for folder in (self.incoming, self.tus):
             folder.mkdir(parents=True, exist_ok=True)
-        stale = [p for pattern in (f"*{PART_SUFFIX}", f"*/.*{PART_SUFFIX}")
-                 for folder in (self.incoming, self.datasets, self.conversions,
-                                self.particle_sets)
-                 for p in folder.glob(pattern)]
-        for path in stale:
-            path.unlink(missing_ok=True)
-        return stale
-
-    def dataset_dir(self, dataset_id: str) -> Path:
-        return self.datasets / dataset_id
-
-    def archive_path(self, dataset_id: str, mrcz: bool) -> Path:
-        return self.dataset_dir(dataset_id) / ("archive.mrcz" if mrcz else "archive.mrc")
-
-    def sum_path(self, dataset_id: str) -> Path:
-        return self.dataset_dir(dataset_id) / "sum.npy"
-
-    def conversion_path(self, dataset_id: str, target: Target) -> Path:
-        mode = "auto" if target.mode is None else str(target.mode)
-        endian = "le" if target.byte_order == "<" else "be"
-        if target.is_mrcz:
-            name = f"mode{mode}-{target.codec.cname}{target.clevel}-{endian}.mrcz"
-        else:
-            name = f"mode{mode}-{endian}.mrc"
-        return self.conversions / dataset_id / name
-
-    def remove_dataset(self, dataset_id: str) -> None:
-        for folder in (self.dataset_dir(dataset_id), self.conversions / dataset_id):
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def evict_conversions(self, limit_bytes: int, keep: Path | None = None) -> list[Path]:
-        """Delete least recently used conversions until the cache fits ``limit_bytes``
-        (``keep``, the one about to be served, stays). Serving touches a file's mtime."""
-        files = sorted(((p.stat().st_mtime, p.stat().st_size, p)
-                        for p in self.conversions.glob("*/*.mrc*")), key=lambda t: t[0])
-        total = sum(size for _, size, _ in files)
-        removed = []
-        for _, size, path in files:
-            if total <= limit_bytes:
-                break
-            if path == keep:
-                continue
-            path.unlink(missing_ok=True)
-            total -= size
-            removed.append(path)
+        removed = sweep_abandoned(self.incoming, min_age=0.0)
+        if isinstance(self.store, LocalStore):
+            for folder in ("datasets", "conversions", "particle_sets"):
+                removed += sweep_abandoned(self.root / folder, min_age=0.0)
         return removed
+
+    def remove_dataset(self, dataset_id: str, form: StoredForm | None = None) -> None:
+        """Every object kept for the dataset, and its cached conversions. A registered
+        file is never touched (it is not in the datastore)."""
+        self.store.delete_prefix(dataset_prefix(dataset_id))
+        self.store.delete_prefix(conversions_prefix(dataset_id))
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

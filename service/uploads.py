@@ -1,37 +1,18 @@
-"""One path for every upload (raw PUT, multipart POST): stream to a temporary file in
-large blocks, hash while writing, check the MRC header the moment its 1024 bytes are in.
-
-The event loop only collects network chunks, in lists of about 4 MiB (never joined or
-copied there); hashing (hashlib releases the GIL) and ``writev`` run on a worker thread
-while the next list fills, so a 5 GB movie never sits in memory and the loop stays free. Nothing is created on disk until the
-header check has passed; any failure removes the temporary file.
-"""
+"""What arrives with an upload besides its bytes: the file name (checked), the client's
+digest of the body, and a multipart body parsed incrementally into its file part and
+small companion parts. The bytes themselves go through :mod:`service.receiver`."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import hashlib
-import os
 import re
-import secrets
-from pathlib import Path
 from typing import AsyncIterator
 
-import anyio
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
-from .errors import (BadRequest, DigestMismatch, NotMrc, ServiceError, TooLarge,
-                     to_service_error)
-from .mrc.findings import Finding
-from .mrc.header import HEADER_SIZE, Layout
-from .mrc.validate import check_header_bytes
-from .storage import PART_SUFFIX
-
-BLOCK = 4 << 20
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+from .errors import BadRequest, ServiceError, TooLarge
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,199}$")
 
 
@@ -72,109 +53,6 @@ def parse_digest(headers: dict[str, str]) -> str | None:
             return raw.hex()
         raise BadRequest(f"{name} header carries no sha-256 digest (the only one supported)")
     return None
-
-
-class UploadSink:
-    """Bytes of one upload on their way to ``incoming/<token>.part``."""
-
-    def __init__(self, incoming: Path, max_bytes: int, expected_sha256: str | None = None):
-        self.incoming = incoming
-        self.max_bytes = max_bytes
-        self.expected_sha256 = expected_sha256
-        self.path = incoming / f"{secrets.token_hex(12)}{PART_SUFFIX}"
-        self.received = 0
-        self.layout: Layout | None = None
-        self.header_findings: list[Finding] = []
-        self.sha256 = ""
-        self._hash = hashlib.sha256()
-        self._fd = -1
-
-    # -- on the event loop ------------------------------------------------------------
-
-    def count(self, n: int) -> None:
-        self.received += n
-        if self.received > self.max_bytes:
-            raise TooLarge(f"upload exceeds the limit of {self.max_bytes} bytes")
-
-    def check_header(self, first: bytes) -> None:
-        layout, findings = check_header_bytes(first)
-        if layout is None:
-            raise NotMrc({"message": "the body does not start with an MRC/MRCZ header; "
-                                     "nothing was stored",
-                          "findings": [f.to_dict() for f in findings]})
-        self.layout, self.header_findings = layout, findings
-
-    async def receive(self, chunks: AsyncIterator[bytes]) -> None:
-        """Consume ``chunks`` to the end; on return the file is complete and fsynced.
-
-        Chunks are handed to the writer thread as a list (no joining or copying on the
-        loop): the loop's only work per network chunk is bookkeeping."""
-        pending: asyncio.Future | None = None
-        batch: list[bytes] = []
-        batched = 0
-        try:
-            async for chunk in chunks:
-                if not chunk:
-                    continue
-                self.count(len(chunk))
-                batch.append(chunk)
-                batched += len(chunk)
-                if self.layout is None and self.received >= HEADER_SIZE:
-                    self.check_header(b"".join(batch)[:HEADER_SIZE])
-                if self.layout is not None and batched >= BLOCK:
-                    if pending is not None:
-                        await pending
-                    pending = asyncio.ensure_future(anyio.to_thread.run_sync(self.write, batch))
-                    batch, batched = [], 0
-            if pending is not None:
-                await pending
-                pending = None
-            if self.layout is None:
-                self.check_header(b"".join(batch))  # fewer than 1024 bytes: always refused
-            await anyio.to_thread.run_sync(self.finish, batch)
-        except BaseException:
-            if pending is not None:
-                await asyncio.gather(pending, return_exceptions=True)
-            await anyio.to_thread.run_sync(self.discard)
-            raise
-
-    # -- on a worker thread -----------------------------------------------------------
-
-    def write(self, chunks: list[bytes]) -> None:
-        try:
-            if self._fd < 0:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            for chunk in chunks:
-                self._hash.update(chunk)  # hashlib releases the GIL on large buffers
-            views = [memoryview(c) for c in chunks]
-            while views:
-                written = os.writev(self._fd, views[:IOV_MAX])
-                while views and written >= len(views[0]):
-                    written -= len(views[0])
-                    views.pop(0)
-                if written:
-                    views[0] = views[0][written:]
-        except OSError as exc:
-            raise to_service_error(exc) or exc from None
-
-    def finish(self, tail: list[bytes]) -> None:
-        self.write(tail)
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise to_service_error(exc) or exc from None
-        os.close(self._fd)
-        self._fd = -1
-        self.sha256 = self._hash.hexdigest()
-        if self.expected_sha256 and self.expected_sha256 != self.sha256:
-            raise DigestMismatch(f"the body's SHA-256 is {self.sha256}, the client said "
-                                 f"{self.expected_sha256}; nothing was stored")
-
-    def discard(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.path.unlink(missing_ok=True)
 
 
 class MultipartFile:

@@ -39,9 +39,9 @@ def upload_and_wait(client, path: Path, name: str | None = None, **params) -> di
     """PUT a file, wait for its ingest, return the dataset detail."""
     response = client.put(f"/v1/uploads/{name or path.name}", content=path.read_bytes(),
                           params=params)
-    assert response.status_code in (200, 202), response.text
+    assert response.status_code in (200, 201, 202), response.text
     body = response.json()
-    if body["job"] is not None:
+    if body["job"] is not None and body["job"]["state"] in ("queued", "running"):
         wait_job(client, body["job"]["id"])
     return client.get(f"/v1/datasets/{body['dataset']['id']}").json()
 
@@ -81,10 +81,13 @@ def start_server(data_dir: Path, *args: str, timeout: float = 60.0, stderr=None,
 
 
 def assert_consistent(data_dir: Path) -> None:
-    """The catalog and the data folder agree: every dataset's files exist, every folder
-    belongs to a dataset, nothing temporary or half-received is left."""
-    from service.catalog import DatasetQuery, Catalog
+    """The catalog and the data folder agree: every object a dataset's row names exists,
+    every dataset folder belongs to a dataset, a ready dataset has its frame sum and (in
+    archive form) its archive and restore record, and nothing temporary or half-received
+    is left."""
+    from service.catalog import Catalog, DatasetQuery
     from service.config import Settings
+    from service.storage import stored_form
 
     catalog = Catalog(Settings(data_dir=data_dir).catalog_url)
     try:
@@ -97,17 +100,20 @@ def assert_consistent(data_dir: Path) -> None:
         ids = {row["id"] for row in rows}
         for row in rows:
             full = catalog.get_dataset(row["id"])
-            assert Path(full["path"]).is_file(), full
-            if full["source"] == "upload":
-                assert Path(full["path"]).parent == data_dir.resolve() / "datasets" / full["id"]
+            assert full["status"] not in ("receiving",), full["id"]
+            form = stored_form(full, data_dir)
+            for key in form.keys:
+                assert (data_dir / key).is_file(), (full["id"], key)
+            if form.registered_path:
+                assert Path(form.registered_path).is_file()
             if full["status"] == "ready":
-                assert (data_dir / "datasets" / full["id"] / "sum.npy").is_file(), full["id"]
-                if full["info"].get("archive"):
-                    archives = list((data_dir / "datasets" / full["id"]).glob("archive.mrc*"))
-                    assert len(archives) == 1, full["id"]
+                assert form.sum_key is not None, full["id"]
+                if form.form == "archive":
+                    assert form.archive_key and form.record_key, full["id"]
         for folder in ("datasets", "conversions"):
-            for child in (data_dir / folder).iterdir():
-                assert child.name in ids, f"{folder}/{child.name} belongs to no dataset"
+            if (data_dir / folder).exists():
+                for child in (data_dir / folder).iterdir():
+                    assert child.name in ids, f"{folder}/{child.name} belongs to no dataset"
         assert list((data_dir / "incoming").iterdir()) == []
         assert [p for p in data_dir.rglob("*.part")] == []
     finally:

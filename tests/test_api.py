@@ -52,12 +52,12 @@ def test_put_upload_4bit_ingests_normalizes_and_archives(client, movie101, tmp_p
     path, data = movie101
     raw = path.read_bytes()
     response = client.put("/v1/uploads/movie.mrc", content=raw)
-    assert response.status_code == 202
+    assert response.status_code == 201  # ingested while it streamed: ready now
     assert response.headers["location"].startswith("/v1/datasets/")
     body = response.json()
-    assert body["duplicate"] is False and body["job"]["kind"] == "ingest"
-    job = wait_job(client, body["job"]["id"])
-    assert job["state"] == "done" and job["progress"]["done"] == job["progress"]["total"] == 10
+    assert body["duplicate"] is False and body["job"]["kind"] == "upload"
+    assert body["job"]["state"] == "done" and body["dataset"]["status"] == "ready"
+    assert body["job"]["result"]["status"] == "ready"
     ds = client.get(f"/v1/datasets/{body['dataset']['id']}").json()
     assert ds["status"] == "ready"
     assert ds["sha256"] == hashlib.sha256(raw).hexdigest()
@@ -70,7 +70,9 @@ def test_put_upload_4bit_ingests_normalizes_and_archives(client, movie101, tmp_p
     assert ds["stats"]["dmean"] == pytest.approx(expected.mean(), rel=1e-12)
     assert ds["stats"]["rms"] == pytest.approx(expected.std(), rel=1e-12)
     assert ds["archive"]["mode"] == 0 and ds["archive"]["codec"] == "zstd"
-    assert ds["stored_bytes"] == ds["archive"]["bytes"]
+    assert ds["archive"]["restorable"] is True
+    assert ds["storage"]["form"] == "archive" and "original" not in ds["storage"]["bytes"]
+    assert ds["stored_bytes"] == sum(ds["storage"]["bytes"].values())
     assert ds["compression_ratio"] == pytest.approx(len(raw) / ds["stored_bytes"], rel=1e-3)
     assert ds["timings"]["total_s"] >= 0
     # The archive, as a client downloads it: mrcz reads the raw counts, never shifted.
@@ -87,25 +89,32 @@ def test_multipart_upload_is_streamed_and_named_from_the_part(client, movie101):
     response = client.post("/v1/uploads", files={"file": ("from-scope_1.mrc",
                                                            path.read_bytes())},
                            data={"note": "ignored"})
-    assert response.status_code == 202, response.text
-    wait_job(client, response.json()["job"]["id"])
+    assert response.status_code == 201, response.text
     ds = client.get(response.headers["location"]).json()
     assert ds["name"] == "from-scope_1.mrc" and ds["status"] == "ready"
     assert ds["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_multipart_without_file_part_or_boundary(client):
-    detail = error_of(client.post("/v1/uploads", data={"a": "b"}), 400, "bad_request")
-    assert "file part" in detail or "multipart" in detail
-    error_of(client.post("/v1/uploads", content=b"x" * 2000,
-                         headers={"content-type": "application/octet-stream"}),
-             400, "bad_request")
+def test_multipart_without_file_part_or_boundary(client, tmp_path):
+    detail = error_of(client.post("/v1/uploads", files={"note": (None, "no file here")}),
+                      400, "bad_request")
+    assert "no file part" in detail and "-F file=@" in detail
+    for response in (client.post("/v1/uploads", data={"a": "b"}),  # urlencoded form
+                     client.post("/v1/uploads", content=b"x" * 2000,
+                                 headers={"content-type": "application/octet-stream"})):
+        detail = error_of(response, 400, "bad_request")
+        assert "multipart/form-data" in detail and "boundary" in detail
+    assert files_under(tmp_path / "data" / "incoming") == []
 
 
 @pytest.mark.parametrize("body", [b"hello world" * 200, b"\x00" * 5000, b"MRC" * 10])
 def test_garbage_is_refused_at_the_door_and_nothing_is_stored(client, tmp_path, body):
     detail = error_of(client.put("/v1/uploads/junk.mrc", content=body), 415, "not_mrc")
-    assert detail["findings"][0]["severity"] == "error"
+    assert "nothing was stored" in detail["message"]
+    [finding] = detail["findings"]
+    assert (finding["severity"], finding["field"]) == ("error", "header")
+    assert ("not an MRC header" if len(body) >= 1024 else
+            f"{len(body)} bytes received, fewer than the 1024-byte") in finding["message"]
     assert files_under(tmp_path / "data" / "incoming") == []
     assert files_under(tmp_path / "data" / "datasets") == []
     assert client.get("/v1/datasets").json()["items"] == []
@@ -124,11 +133,13 @@ def test_client_digest_is_verified(client, movie101, tmp_path):
     b64 = base64.b64encode(bytes.fromhex(good)).decode()
     response = client.put("/v1/uploads/m.mrc", content=raw,
                           headers={"Content-Digest": f"sha-256=:{b64}:"})
-    assert response.status_code == 202
-    error_of(client.put("/v1/uploads/m.mrc", content=raw,
-                        headers={"X-Content-SHA256": "xyz"}), 400, "bad_request")
-    error_of(client.put("/v1/uploads/m.mrc", content=raw,
-                        headers={"Content-Digest": "md5=:AAAA:"}), 400, "bad_request")
+    assert response.status_code == 201
+    assert "64 hex digits" in error_of(client.put(
+        "/v1/uploads/m.mrc", content=raw, headers={"X-Content-SHA256": "xyz"}), 400,
+        "bad_request")
+    assert "no sha-256 digest" in error_of(client.put(
+        "/v1/uploads/m.mrc", content=raw, headers={"Content-Digest": "md5=:AAAA:"}), 400,
+        "bad_request")
 
 
 def test_same_bytes_twice_return_the_first_dataset(client, movie101):
@@ -146,20 +157,23 @@ def test_upload_size_limit(tmp_path, movie101):
     with make_client(tmp_path / "data", max_upload_bytes=4096) as c:
         detail = error_of(c.put("/v1/uploads/m.mrc", content=path.read_bytes()), 413,
                           "too_large")
-        assert "4096" in detail
+        assert f"Content-Length {path.stat().st_size} exceeds the limit of 4096" in detail
 
         def chunked():  # no Content-Length: the limit is enforced while streaming
             data = path.read_bytes()
             for i in range(0, len(data), 1000):
                 yield data[i:i + 1000]
-        error_of(c.put("/v1/uploads/m.mrc", content=chunked()), 413, "too_large")
+        detail = error_of(c.put("/v1/uploads/m.mrc", content=chunked()), 413, "too_large")
+        assert "exceeds the limit of 4096 bytes" in detail
         assert files_under(tmp_path / "data" / "incoming") == []
 
 
 @pytest.mark.parametrize("name", [".hidden.mrc", "a..b.mrc", "sp ace.mrc", "x" * 300])
 def test_bad_file_names(client, movie101, name):
     path, _ = movie101
-    error_of(client.put(f"/v1/uploads/{name}", content=path.read_bytes()), 400, "bad_request")
+    detail = error_of(client.put(f"/v1/uploads/{name}", content=path.read_bytes()), 400,
+                      "bad_request")
+    assert f"file name {name!r} is not allowed" in detail
 
 
 def test_truncated_file_becomes_rejected_with_findings(client, tmp_path):
@@ -175,9 +189,10 @@ def test_truncated_file_becomes_rejected_with_findings(client, tmp_path):
     # The file stays for inspection; previews and conversions are refused clearly.
     original = client.get(f"/v1/datasets/{ds['id']}/download")
     assert original.content == cut.read_bytes()
-    error_of(client.get(f"/v1/datasets/{ds['id']}/frames/0.png"), 409, "conflict")
-    error_of(client.get(f"/v1/datasets/{ds['id']}/download", params={"mode": 2}), 409,
-             "conflict")
+    for response in (client.get(f"/v1/datasets/{ds['id']}/frames/0.png"),
+                     client.get(f"/v1/datasets/{ds['id']}/download", params={"mode": 2})):
+        detail = error_of(response, 409, "conflict")
+        assert f"dataset {ds['id']} is rejected, not ready" in detail
 
 
 def test_stats_mismatch_is_a_warning_not_a_rejection(client, tmp_path):
@@ -212,7 +227,7 @@ def test_register_inside_allowed_root(client, shared, movie101):
     assert again.status_code == 200 and again.json()["duplicate"] is True
     assert again.json()["dataset"]["id"] == ds["id"]
     # Deleting the dataset never touches the registered file.
-    assert client.delete(f"/v1/datasets/{ds['id']}").status_code == 200
+    assert client.delete(f"/v1/datasets/{ds['id']}").json() == {"deleted": ds["id"]}
     assert target.exists()
 
 
@@ -226,21 +241,22 @@ def test_registration_refusals(client, shared, tmp_path, movie101):
     path, _ = movie101
     outside = tmp_path / "outside.mrc"
     outside.write_bytes(path.read_bytes())
-    error_of(client.post("/v1/registrations", json={"path": str(outside)}), 403,
-             "path_not_allowed")
     link = shared / "link.mrc"
     link.symlink_to(outside)
-    detail = error_of(client.post("/v1/registrations", json={"path": str(link)}), 403,
-                      "path_not_allowed")
-    assert "outside.mrc" in detail
-    error_of(client.post("/v1/registrations", json={"path": str(shared / "../outside.mrc")}),
-             403, "path_not_allowed")
-    error_of(client.post("/v1/registrations", json={"path": str(shared / "none.mrc")}), 404,
-             "not_found")
-    error_of(client.post("/v1/registrations", json={"path": "relative.mrc"}), 422,
-             "unprocessable")
-    error_of(client.post("/v1/registrations", json={"path": str(shared)}), 422,
-             "unprocessable")
+    for asked in (outside, link, shared / "../outside.mrc"):  # plain, symlink, '..'
+        detail = error_of(client.post("/v1/registrations", json={"path": str(asked)}), 403,
+                          "path_not_allowed")
+        assert f"(resolved to {str(outside)!r}) is outside the allowed roots " \
+               f"[{str(shared)!r}]" in detail
+    detail = error_of(client.post("/v1/registrations", json={"path": str(shared / "none.mrc")}),
+                      404, "not_found")
+    assert f"no such file or folder: {str(shared / 'none.mrc')!r}" in detail
+    detail = error_of(client.post("/v1/registrations", json={"path": "relative.mrc"}), 422,
+                      "unprocessable")
+    assert "path must be absolute, got 'relative.mrc'" in detail
+    detail = error_of(client.post("/v1/registrations", json={"path": str(shared)}), 422,
+                      "unprocessable")
+    assert f"{str(shared)!r} is not a regular file" in detail
     detail = error_of(client.post("/v1/registrations", json={}), 422, "invalid_request")
     assert detail[0]["where"] == "body.path"
 
@@ -253,17 +269,30 @@ def test_registration_disabled_without_roots(tmp_path, movie101):
         assert "MRC_INGEST_ALLOWED_ROOTS" in detail
 
 
-def test_registered_file_changed_later_is_detected(client, shared, movie101):
+def test_registered_file_changed_later(client, shared, movie101, tmp_path):
+    """The archive holds the registered bytes (proven at ingest), so the dataset stays
+    exactly what was registered after the user's file changes; a dataset read from the
+    user's file itself (no archive kept) notices the change and says so."""
     path, _ = movie101
+    raw = path.read_bytes()
     target = shared / "m.mrc"
-    target.write_bytes(path.read_bytes())
+    target.write_bytes(raw)
     response = client.post("/v1/registrations", json={"path": str(target)})
     wait_job(client, response.json()["job"]["id"])
     ds_id = response.json()["dataset"]["id"]
     with open(target, "ab") as f:
         f.write(b"\x00" * 10)
-    detail = error_of(client.get(f"/v1/datasets/{ds_id}/download"), 409, "conflict")
-    assert "changed" in detail
+    served = client.get(f"/v1/datasets/{ds_id}/download")
+    assert served.status_code == 200 and served.content == raw
+    with make_client(tmp_path / "plain", allowed_roots=[shared], archive_codec="none") as c:
+        plain = c.post("/v1/registrations", json={"path": str(target)})
+        wait_job(c, plain.json()["job"]["id"])
+        ds = c.get(plain.headers["location"]).json()
+        assert ds["storage"]["form"] == "registered"
+        with open(target, "ab") as f:
+            f.write(b"\x01")
+        detail = error_of(c.get(f"/v1/datasets/{ds['id']}/download"), 409, "conflict")
+        assert "changed" in detail and "register it again" in detail
     fresh = client.post("/v1/registrations", json={"path": str(target)})  # as advised
     assert fresh.status_code == 202 and fresh.json()["dataset"]["id"] != ds_id
     wait_job(client, fresh.json()["job"]["id"])
@@ -319,12 +348,14 @@ def test_list_filters_sort_and_cursor_pagination(client, tmp_path):
 
 
 def test_list_bad_parameters(client):
-    error_of(client.get("/v1/datasets", params={"cursor": "not-a-cursor"}), 400, "bad_request")
-    detail = error_of(client.get("/v1/datasets", params={"limit": 0}), 422, "invalid_request")
-    assert detail[0]["where"] == "query.limit"
-    error_of(client.get("/v1/datasets", params={"status": "bogus"}), 422, "invalid_request")
-    error_of(client.get("/v1/datasets", params={"created_after": "yesterday"}), 422,
-             "invalid_request")
+    detail = error_of(client.get("/v1/datasets", params={"cursor": "not-a-cursor"}), 400,
+                      "bad_request")
+    assert "cursor 'not-a-cursor' is not one this service issued" in detail
+    for name, value in (("limit", "0"), ("status", "bogus"), ("created_after", "yesterday")):
+        [problem] = error_of(client.get("/v1/datasets", params={name: value}), 422,
+                             "invalid_request")
+        assert (problem["where"], problem["input"]) == (f"query.{name}", value)
+        assert problem["message"]
 
 
 def test_cursor_from_another_sort_is_refused(client, tmp_path):
@@ -332,16 +363,19 @@ def test_cursor_from_another_sort_is_refused(client, tmp_path):
         upload_and_wait(client, write_raw_mrc(tmp_path / f"c{i}.mrc",
                                               synthetic(1, (1, 4, 4), seed=i), 1))
     cursor = client.get("/v1/datasets", params={"limit": 1}).json()["next_cursor"]
-    error_of(client.get("/v1/datasets", params={"cursor": cursor, "sort": "name"}), 400,
-             "bad_request")
+    detail = error_of(client.get("/v1/datasets", params={"cursor": cursor, "sort": "name"}),
+                      400, "bad_request")
+    assert "cursor was issued for sort='created_at', not sort='name'" in detail
 
 
 def test_unknown_things_are_json_404(client):
-    error_of(client.get("/v1/datasets/nope"), 404, "not_found")
-    error_of(client.get("/v1/jobs/nope"), 404, "not_found")
-    error_of(client.get("/no/such/route"), 404, "not_found")
-    error_of(client.delete("/v1/datasets/nope"), 404, "not_found")
-    error_of(client.patch("/v1/datasets"), 405, "method_not_allowed")
+    assert error_of(client.get("/v1/datasets/nope"), 404, "not_found") == "no dataset 'nope'"
+    assert error_of(client.get("/v1/jobs/nope"), 404, "not_found") == "no job 'nope'"
+    assert error_of(client.get("/no/such/route"), 404, "not_found") == "Not Found"
+    assert error_of(client.delete("/v1/datasets/nope"), 404, "not_found") == \
+        "no dataset 'nope'"
+    assert error_of(client.patch("/v1/datasets"), 405, "method_not_allowed") == \
+        "Method Not Allowed"
 
 
 def test_delete_removes_rows_and_files(client, movie101, tmp_path):
@@ -349,7 +383,8 @@ def test_delete_removes_rows_and_files(client, movie101, tmp_path):
     ds = upload_and_wait(client, path)
     client.get(f"/v1/datasets/{ds['id']}/download", params={"mode": 1})  # cache a conversion
     assert client.delete(f"/v1/datasets/{ds['id']}").json() == {"deleted": ds["id"]}
-    error_of(client.get(f"/v1/datasets/{ds['id']}"), 404, "not_found")
+    assert error_of(client.get(f"/v1/datasets/{ds['id']}"), 404, "not_found") == \
+        f"no dataset {ds['id']!r}"
     assert files_under(tmp_path / "data" / "datasets") == []
     assert files_under(tmp_path / "data" / "conversions") == []
 
@@ -401,11 +436,15 @@ def test_preview_errors(client, movie101):
     ds = upload_and_wait(client, path)
     detail = error_of(client.get(f"/v1/datasets/{ds['id']}/frames/5.png"), 404,
                       "frame_not_found")
-    assert "5 frames" in detail
-    error_of(client.get(f"/v1/datasets/{ds['id']}/frames/x.png"), 422, "invalid_request")
-    error_of(client.get(f"/v1/datasets/{ds['id']}/frames/0.png", params={"size": 5}), 422,
-             "invalid_request")
-    error_of(client.get("/v1/datasets/nope/sum.png"), 404, "not_found")
+    assert detail == "frame 5 out of range: the file has 5 frames (0..4)"
+    [problem] = error_of(client.get(f"/v1/datasets/{ds['id']}/frames/x.png"), 422,
+                         "invalid_request")
+    assert (problem["where"], problem["input"]) == ("path.k", "x")
+    [problem] = error_of(client.get(f"/v1/datasets/{ds['id']}/frames/0.png",
+                                    params={"size": 5}), 422, "invalid_request")
+    assert (problem["where"], problem["input"]) == ("query.size", "5")
+    assert error_of(client.get("/v1/datasets/nope/sum.png"), 404, "not_found") == \
+        "no dataset 'nope'"
 
 
 # -- downloads and conversions ---------------------------------------------------------
@@ -425,7 +464,21 @@ def test_original_download_and_range(client, movie101):
     assert tail.content == raw[-100:]
     bad = client.get(f"/v1/datasets/{ds['id']}/download",
                      headers={"Range": f"bytes={len(raw) + 10}-"})
-    assert bad.status_code == 416
+    assert bad.status_code == 416  # RFC 9110: with the current length in Content-Range
+    assert bad.headers["content-range"] == f"bytes */{len(raw)}"
+
+
+def test_range_errors_are_json(client, movie101):
+    """Range errors go through the one error table too (Starlette's own FileResponse
+    answered them in text/plain, past the {error, detail} handler)."""
+    path, _ = movie101
+    ds = upload_and_wait(client, path)
+    size = path.stat().st_size
+    beyond = client.get(f"/v1/datasets/{ds['id']}/download",
+                        headers={"Range": f"bytes={size + 10}-"})
+    assert f"{size}" in error_of(beyond, 416, "range_not_satisfiable")
+    malformed = client.get(f"/v1/datasets/{ds['id']}/download", headers={"Range": "bytes=abc"})
+    assert "Range" in error_of(malformed, 400, "bad_request")
 
 
 @pytest.mark.parametrize("params, reader", [
@@ -464,16 +517,19 @@ def test_lossy_and_bad_conversions_are_refused(client, tmp_path):
     ds = upload_and_wait(client, write_raw_mrc(tmp_path / "f.mrc", data, 2))
     detail = error_of(client.get(f"/v1/datasets/{ds['id']}/download", params={"mode": 1}),
                       422, "lossy_conversion")
-    assert detail["lossless_targets"] == [2, 4] or 2 in detail["lossless_targets"]
-    assert "frame 0" in detail["message"]
-    error_of(client.get(f"/v1/datasets/{ds['id']}/download",
-                        params={"format": "mrc", "codec": "zstd"}), 400, "bad_request")
-    error_of(client.get(f"/v1/datasets/{ds['id']}/download", params={"codec": "snappyx"}),
-             400, "bad_request")
-    error_of(client.get(f"/v1/datasets/{ds['id']}/download", params={"mode": 99}), 422,
-             "conversion_refused")
-    error_of(client.get(f"/v1/datasets/{ds['id']}/download", params={"format": "tiff"}), 422,
-             "invalid_request")
+    assert detail["lossless_targets"] == [2, 4]  # float32: only float32 and complex64
+    assert f"frame 0, row 0, column 0 holds {data[0, 0, 0].item()!r}" in detail["message"]
+    assert "mode 2 -> 1 (int16) would change values" in detail["message"]
+    assert error_of(client.get(f"/v1/datasets/{ds['id']}/download",
+                               params={"format": "mrc", "codec": "zstd"}), 400,
+                    "bad_request") == "codec applies to format=mrcz only"
+    assert "unknown codec 'snappyx'" in error_of(client.get(
+        f"/v1/datasets/{ds['id']}/download", params={"codec": "snappyx"}), 400, "bad_request")
+    assert "unknown target mode 99" in error_of(client.get(
+        f"/v1/datasets/{ds['id']}/download", params={"mode": 99}), 422, "conversion_refused")
+    [problem] = error_of(client.get(f"/v1/datasets/{ds['id']}/download",
+                                    params={"format": "tiff"}), 422, "invalid_request")
+    assert (problem["where"], problem["input"]) == ("query.format", "tiff")
     assert files_under(tmp_path / "data" / "conversions") == []
 
 
@@ -504,18 +560,27 @@ def test_conversion_job_for_a_stored_dataset_json(client, tmp_path):
     lossy = client.post("/v1/conversions", json={"dataset_id": ds["id"], "mode": 0})
     job = wait_job(client, lossy.json()["job"]["id"])
     assert job["state"] == "failed" and job["error"]["error"] == "lossy_conversion"
-    error_of(client.get(job["links"]["result"]), 409, "conflict")
-    error_of(client.post("/v1/conversions", json={"dataset_id": "nope"}), 404, "not_found")
-    error_of(client.post("/v1/conversions", json={"mode": 1}), 422, "invalid_request")
-    error_of(client.post("/v1/conversions", content=b"{", headers={
+    assert job["error"]["detail"]["lossless_targets"] == [2, 4]
+    assert "mode 2 -> 0 (int8) would change values" in job["error"]["detail"]["message"]
+    detail = error_of(client.get(job["links"]["result"]), 409, "conflict")
+    assert detail == {"message": f"job {job['id']} is failed", "error": job["error"]}
+    assert error_of(client.post("/v1/conversions", json={"dataset_id": "nope"}), 404,
+                    "not_found") == "no dataset 'nope'"
+    [problem] = error_of(client.post("/v1/conversions", json={"mode": 1}), 422,
+                         "invalid_request")
+    assert problem["where"] == "dataset_id" and problem["message"] == "Field required"
+    [problem] = error_of(client.post("/v1/conversions", content=b"{", headers={
         "content-type": "application/json"}), 422, "invalid_request")
+    assert "Invalid JSON" in problem["message"]
 
 
 def test_ingest_job_has_no_result_file(client, movie101):
     path, _ = movie101
     response = client.put("/v1/uploads/m.mrc", content=path.read_bytes())
     job = wait_job(client, response.json()["job"]["id"])
-    error_of(client.get(job["links"]["self"] + "/result"), 400, "bad_request")
+    detail = error_of(client.get(job["links"]["self"] + "/result"), 400, "bad_request")
+    assert detail == f"job {job['id']} is an {job['kind']} job; it has no file to " \
+                     "download (see its dataset)"
 
 
 # -- settings, operations --------------------------------------------------------------
@@ -523,15 +588,20 @@ def test_ingest_job_has_no_result_file(client, movie101):
 def test_no_archive_and_no_normalize_settings(tmp_path, movie101):
     path, data = movie101
     with make_client(tmp_path / "data", archive_codec="none") as c:
-        ds = upload_and_wait(c, path)
-        assert ds["archive"] is not None and ds["archive"]["codec"] is None  # normalized copy
-        assert ds["archive"]["mode"] == 0
-        plain = write_raw_mrc(tmp_path / "p.mrc", synthetic(1, (2, 8, 8)), 1)
-        ds2 = upload_and_wait(c, plain)
-        assert ds2["archive"] is None and ds2["stored_bytes"] is None
+        ds = upload_and_wait(c, path)  # no archive: the file as received is kept
+        assert ds["storage"]["form"] == "original" and ds["archive"]["restorable"] is False
+        assert "ARCHIVE_CODEC=none" in ds["archive"]["reason"]
+        assert c.get(f"/v1/datasets/{ds['id']}/download").content == path.read_bytes()
+        normalized = c.get(f"/v1/datasets/{ds['id']}/download", params={"format": "mrc"})
+        (tmp_path / "n.mrc").write_bytes(normalized.content)
+        with mrcfile.open(tmp_path / "n.mrc") as m:  # normalized on request, raw counts
+            assert m.data.dtype == np.int8 and np.array_equal(m.data, data)
     with make_client(tmp_path / "data2") as c:
         ds = upload_and_wait(c, path, normalize="false")
         assert ds["normalize"] is False and ds["archive"]["mode"] == 0  # MRCZ cannot hold 4-bit
+        plain = write_raw_mrc(tmp_path / "p.mrc", synthetic(6, (2, 64, 64)) // 1024, 6)
+        kept = upload_and_wait(c, plain, normalize="false")
+        assert kept["archive"]["mode"] == 6 and kept["storage"]["form"] == "archive"
 
 
 def test_healthz_and_metrics(client, movie101):
@@ -544,7 +614,7 @@ def test_healthz_and_metrics(client, movie101):
     assert 'mrc_ingest_uploads_total{outcome="accepted"} 1.0' in text
     assert 'mrc_ingest_uploads_total{outcome="not_mrc"} 1.0' in text
     assert 'mrc_ingest_datasets{status="ready"} 1.0' in text
-    assert 'mrc_ingest_jobs_finished_total{kind="ingest",state="done"} 1.0' in text
+    assert 'mrc_ingest_jobs_finished_total{kind="upload",state="done"} 1.0' in text
     assert 'route="/v1/uploads/{filename}"' in text
 
 
@@ -557,7 +627,8 @@ def test_unexpected_errors_are_json_500(tmp_path, monkeypatch):
 
     def boom(self, *a, **k):
         raise RuntimeError("disk on fire")
-    monkeypatch.setattr(IngestService, "list_datasets", boom)
+    from service.queries import Queries
+    monkeypatch.setattr(Queries, "list_datasets", boom)
     app = create_app(Settings(data_dir=tmp_path / "d"))
     with TestClient(app, raise_server_exceptions=False) as c:
         response = c.get("/v1/datasets")
@@ -589,4 +660,8 @@ def test_previews_of_complex_data_show_the_magnitude(client, tmp_path, mode):
     magnitude = (np.hypot(data[1, ..., 0].astype(np.float64), data[1, ..., 1]) if mode == 3
                  else np.abs(data[1]).astype(np.float64))
     assert np.abs(image.astype(int) - reference_preview(magnitude, 0)).max() <= 1
-    assert client.get(f"/v1/datasets/{ds['id']}/sum.png").status_code == 200
+    total = client.get(f"/v1/datasets/{ds['id']}/sum.png", params={"clip": 0})
+    image = np.asarray(Image.open(io.BytesIO(total.content)))
+    magnitudes = (np.hypot(data[..., 0].astype(np.float64), data[..., 1]) if mode == 3
+                  else np.abs(data).astype(np.float64))
+    assert np.abs(image.astype(int) - reference_preview(magnitudes.sum(axis=0), 0)).max() <= 1

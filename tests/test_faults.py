@@ -1,13 +1,19 @@
-"""Faults: a full disk at every place we write, and a server killed with SIGKILL in the
-middle of a conversion. After each, the catalog and the data folder agree, nothing
-partial is visible, what was stored before is untouched, and the service answers."""
+"""Faults on the streaming path and beyond, each for real: a client that hangs up at
+several points of an upload, the server killed with SIGKILL mid-stream and
+mid-conversion, and a full disk (a tmpfs of a few MiB mounted as the data folder) under
+raw PUT, multipart, tus PATCH, the archive and the catalog. After each, the catalog and
+the data folder agree, nothing partial is visible, what was stored before is untouched,
+and the service answers."""
 
 from __future__ import annotations
 
-import errno
+import base64
 import hashlib
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import time
 
 import httpx
@@ -15,113 +21,111 @@ import mrcfile
 import numpy as np
 import pytest
 
-from service.mrc.writer import MrcWriter
 from tests.api_helpers import (assert_consistent, files_under, make_client, start_server,
-                               upload_and_wait, wait_job)
+                               wait_job)
 from tests.reference import counting_movie, raw_header, write_raw_mrc
+from tests.test_api import error_of
 
-
-def disk_full(*_args, **_kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-class DiskFullOs:
-    """``os`` as the upload sink sees it, on a disk with no room left for data."""
-    write = writev = staticmethod(disk_full)
-
-    def __getattr__(self, name):
-        return getattr(os, name)
+IS_ROOT = os.geteuid() == 0
 
 
 def temp_files(data_dir):
     return [p for p in files_under(data_dir) if p.name.endswith(".part")]
 
 
-@pytest.fixture
-def movie(tmp_path):
-    data = counting_movie((6, 64, 64))
-    return write_raw_mrc(tmp_path / "m.mrc", data, 101), data
+def movie_bytes(frames: int, n: int, seed: int = 0) -> bytes:
+    counts = np.random.default_rng(seed).integers(0, 16, size=(frames, n, n), dtype=np.uint8)
+    return raw_header(nx=n, ny=n, nz=frames, mode=101) + \
+        (counts[:, :, 0::2] | (counts[:, :, 1::2] << 4)).tobytes()
 
 
-def test_disk_full_during_upload(tmp_path, movie, monkeypatch):
-    path, _ = movie
-    with make_client(tmp_path / "data") as c:
-        stored = upload_and_wait(c, path, name="first.mrc")
-        first_file = tmp_path / "data" / "datasets" / stored["id"] / "first.mrc"
-        monkeypatch.setattr("service.uploads.os", DiskFullOs())
-        other = write_raw_mrc(tmp_path / "o.mrc", counting_movie((2, 8, 8), seed=3), 101)
-        response = c.put("/v1/uploads/second.mrc", content=other.read_bytes())
-        assert response.status_code == 507
-        assert response.json()["error"] == "insufficient_storage"
-        assert "disk is full" in response.json()["detail"]
-        assert files_under(tmp_path / "data" / "incoming") == []
-        assert [d["id"] for d in c.get("/v1/datasets").json()["items"]] == [stored["id"]]
-        assert hashlib.sha256(first_file.read_bytes()).hexdigest() == stored["sha256"]
-        assert c.get("/healthz").status_code == 200
-    assert_consistent(tmp_path / "data")
+def wait_until(condition, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what} not met after {timeout} s"
+        time.sleep(0.05)
+    return value
 
 
-def test_disk_full_during_ingest_archive(tmp_path, movie, monkeypatch):
-    path, _ = movie
-    monkeypatch.setattr(MrcWriter, "_encode_and_write", disk_full)
-    with make_client(tmp_path / "data") as c:
-        response = c.put("/v1/uploads/m.mrc", content=path.read_bytes())
-        job = wait_job(c, response.json()["job"]["id"])
-        assert job["state"] == "failed"
-        assert job["error"]["error"] == "insufficient_storage"
-        ds = c.get(response.headers["location"]).json()
-        assert ds["status"] == "failed" and ds["error"]["error"] == "insufficient_storage"
-        received = tmp_path / "data" / "datasets" / ds["id"] / "m.mrc"
-        assert received.read_bytes() == path.read_bytes()  # the input is untouched
-        assert not (received.parent / "archive.mrcz").exists()
-        assert temp_files(tmp_path / "data") == []
-        assert c.get("/healthz").status_code == 200
-        assert c.get("/v1/datasets", params={"status": "failed"}).json()["items"]
-    assert_consistent(tmp_path / "data")
+# -- a client that hangs up ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("faults-live")
+    proc, base = start_server(data_dir)
+    yield base, data_dir
+    proc.terminate()
+    proc.wait(timeout=30)
 
 
-def test_disk_full_during_a_download_conversion(tmp_path, movie, monkeypatch):
-    path, _ = movie
-    with make_client(tmp_path / "data") as c:
-        ds = upload_and_wait(c, path)
-        monkeypatch.setattr(MrcWriter, "_encode_and_write", disk_full)
-        response = c.get(f"/v1/datasets/{ds['id']}/download", params={"mode": 1})
-        assert response.status_code == 507
-        assert response.json()["error"] == "insufficient_storage"
-        assert files_under(tmp_path / "data" / "conversions") == []
-        assert temp_files(tmp_path / "data") == []
-        monkeypatch.undo()
-        again = c.get(f"/v1/datasets/{ds['id']}/download", params={"mode": 1})
-        assert again.status_code == 200  # and it recovers once there is room
-    assert_consistent(tmp_path / "data")
+@pytest.mark.parametrize("sent", [600, 1024 + 3000, 1024 + 40 * (1 << 20) // 8 + 17])
+def test_client_hanging_up_leaves_nothing(live, sent):
+    """Cut off inside the header, inside the first frame, and half-way: no dataset, no
+    partial archive, no scratch copy."""
+    base, data_dir = live
+    raw = movie_bytes(24, 1024)
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"PUT /v1/uploads/cut.mrc HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Length: {len(raw)}\r\n\r\n".encode())
+        sock.sendall(raw[:sent])
+        time.sleep(0.3)
+    wait_until(lambda: not any((data_dir / "incoming").iterdir()), what="incoming empty")
+    wait_until(lambda: httpx.get(f"{base}/v1/datasets").json()["items"] == [],
+               what="no dataset")
+    assert temp_files(data_dir) == [] and files_under(data_dir / "datasets") == []
+    assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def test_sigkill_mid_stream_leaves_nothing_half_visible(tmp_path):
+    data_dir = tmp_path / "data"
+    raw = movie_bytes(40, 1024, seed=2)
+    proc, base = start_server(data_dir)
+    try:
+        host, port = base.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(f"PUT /v1/uploads/killed.mrc HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Length: {len(raw)}\r\n\r\n".encode())
+        sock.sendall(raw[:len(raw) // 2])
+        receiving = wait_until(lambda: httpx.get(f"{base}/v1/datasets",
+                                                 params={"status": "receiving"}
+                                                 ).json()["items"], what="receiving")
+        assert receiving[0]["progress"]["phase"] == "receiving"
+        assert receiving[0]["progress"]["total"] == len(raw)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        sock.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert temp_files(data_dir), "the kill should have interrupted writes in progress"
+    proc, base = start_server(data_dir)
+    try:
+        assert httpx.get(f"{base}/v1/datasets").json()["items"] == []
+        assert temp_files(data_dir) == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert_consistent(data_dir)
 
 
 def test_sigkill_mid_conversion_then_restart(tmp_path):
-    """A real server process, killed -9 while a conversion writes; after a restart the
-    job completes and no partial output was ever visible under a final name."""
+    """Killed -9 while a conversion writes; after a restart the job completes and no
+    partial output was ever visible under a final name."""
     frames, n = 48, 2048
     data_dir = tmp_path / "data"
-    movie = tmp_path / "big.mrc"
-    rng = np.random.default_rng(0)
-    counts = rng.integers(0, 16, size=(frames, n, n), dtype=np.uint8)
-    with open(movie, "wb") as f:
-        f.write(raw_header(nx=n, ny=n, nz=frames, mode=101))
-        f.write((counts[:, :, 0::2] | (counts[:, :, 1::2] << 4)).tobytes())
+    raw = movie_bytes(frames, n)
     proc, base = start_server(data_dir)
     try:
         with httpx.Client(base_url=base, timeout=120) as client:
-            up = client.put("/v1/uploads/big.mrc", content=movie.read_bytes())
-            wait_job(client, up.json()["job"]["id"])
+            up = client.put("/v1/uploads/big.mrc", content=raw)
+            assert up.status_code == 201
             ds_id = up.json()["dataset"]["id"]
             conv = client.post("/v1/conversions", json={"dataset_id": ds_id, "mode": 2})
             job_id = conv.json()["job"]["id"]
-            deadline = time.monotonic() + 60
-            while True:
-                job = client.get(f"/v1/jobs/{job_id}").json()
-                if job["state"] == "running" and job["progress"]["done"] >= 2:
-                    break
-                assert job["state"] in ("queued", "running") and time.monotonic() < deadline
-                time.sleep(0.005)
+            wait_until(lambda: (job := client.get(f"/v1/jobs/{job_id}").json())["state"]
+                       == "running" and job["progress"]["done"] >= 2, timeout=60,
+                       what="conversion running")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
@@ -137,15 +141,145 @@ def test_sigkill_mid_conversion_then_restart(tmp_path):
         with httpx.Client(base_url=base, timeout=120) as client:
             job = wait_job(client, job_id, timeout=120)
             assert job["state"] == "done", job
-            result = client.get(f"/v1/jobs/{job_id}/result")
-            assert result.status_code == 200
             out = tmp_path / "out.mrc"
-            out.write_bytes(result.content)
+            out.write_bytes(client.get(f"/v1/jobs/{job_id}/result").content)
             assert client.get(f"/v1/datasets/{ds_id}").json()["status"] == "ready"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert_consistent(data_dir)
+    counts = np.frombuffer(raw[1024:], dtype=np.uint8).reshape(frames, n, n // 2)
     with mrcfile.mmap(str(out)) as m:
         assert m.data.dtype == np.float32 and m.data.shape == (frames, n, n)
-        assert np.array_equal(m.data[frames - 1], counts[frames - 1])
+        last = np.empty((n, n), dtype=np.uint8)
+        last[:, 0::2], last[:, 1::2] = counts[-1] & 0x0F, counts[-1] >> 4
+        assert np.array_equal(m.data[frames - 1], last)
+
+
+# -- a full disk, for real -----------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 12 MiB as the data folder (the catalog lives in it too)."""
+    if not IS_ROOT:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder, leave: int) -> None:
+    """Fill the file system of ``folder`` until ``leave`` bytes are free."""
+    free = shutil.disk_usage(folder).free
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def stored_first(client, path) -> dict:
+    response = client.put("/v1/uploads/first.mrc", content=path.read_bytes())
+    assert response.status_code == 201, response.text
+    return response.json()["dataset"]
+
+
+def check_untouched(client, first, raw_first) -> None:
+    assert client.get(f"/v1/datasets/{first['id']}/download").content == raw_first
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.fixture
+def small_movie(tmp_path):
+    return write_raw_mrc(tmp_path / "small.mrc", counting_movie((4, 64, 64)), 101)
+
+
+@pytest.mark.parametrize("how", ["put", "multipart"])
+def test_full_disk_during_an_upload(small_disk, small_movie, how):
+    raw = movie_bytes(10, 1024)  # 5 MiB, and nowhere near compressible enough
+    with make_client(small_disk) as c:
+        first = stored_first(c, small_movie)
+        fill(small_disk, 3 << 20)
+        if how == "put":
+            response = c.put("/v1/uploads/big.mrc", content=raw)
+        else:
+            response = c.post("/v1/uploads", files={"file": ("big.mrc", raw)})
+        assert "disk is full" in error_of(response, 507, "insufficient_storage")
+        assert [d["id"] for d in c.get("/v1/datasets").json()["items"]] == [first["id"]]
+        assert files_under(small_disk / "incoming") == []
+        check_untouched(c, first, small_movie.read_bytes())
+        (small_disk / "filler").unlink()
+        again = c.put("/v1/uploads/big.mrc", content=raw)  # room again: it goes through
+        assert again.status_code == 201
+    assert_consistent(small_disk)
+
+
+def test_full_disk_during_a_tus_patch(small_disk, small_movie):
+    raw = movie_bytes(10, 1024, seed=4)
+    with make_client(small_disk) as c:
+        first = stored_first(c, small_movie)
+        fill(small_disk, 2 << 20)
+        url = c.post("/v1/tus/", headers={
+            "Tus-Resumable": "1.0.0", "Upload-Length": str(len(raw)),
+            "Upload-Metadata": "filename " + base64.b64encode(b"t.mrc").decode()
+        }).headers["location"]
+        response = c.patch(url, content=raw, headers={
+            "Tus-Resumable": "1.0.0", "Upload-Offset": "0",
+            "Content-Type": "application/offset+octet-stream"})
+        error_of(response, 507, "insufficient_storage")
+        offset = int(c.head(url, headers={"Tus-Resumable": "1.0.0"}).headers["upload-offset"])
+        assert 0 <= offset < len(raw)
+        assert (small_disk / "tus" / f"{url.rsplit('/', 1)[1]}.tus").stat().st_size == offset
+        check_untouched(c, first, small_movie.read_bytes())
+        (small_disk / "filler").unlink()
+        resumed = c.patch(url, content=raw[offset:], headers={
+            "Tus-Resumable": "1.0.0", "Upload-Offset": str(offset),
+            "Content-Type": "application/offset+octet-stream"})
+        assert resumed.status_code == 204, resumed.text
+        dataset = resumed.headers["mrc-ingest-dataset"]
+        ds = c.get(dataset).json()
+        if ds["status"] != "ready":  # the stream was cut: ingested by a job from the file
+            wait_job(c, ds["jobs"][-1]["id"])
+            ds = c.get(dataset).json()
+        assert ds["status"] == "ready" and ds["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert_consistent(small_disk)
+
+
+def test_full_disk_while_writing_the_archive(small_disk, tmp_path):
+    """A registration writes nothing but its archive and record: the archive write is
+    what runs out of room. The job fails with the reason, the dataset says so, nothing
+    partial stays, and the registered file is untouched."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    registered = shared / "reg.mrc"
+    registered.write_bytes(write_raw_mrc(tmp_path / "r.mrc", counting_movie((40, 256, 256)),
+                                         101).read_bytes())
+    with make_client(small_disk, allowed_roots=[shared]) as c:
+        fill(small_disk, 200 << 10)
+        reg = c.post("/v1/registrations", json={"path": str(registered)})
+        job = wait_job(c, reg.json()["job"]["id"])
+        assert job["state"] == "failed" and job["error"]["error"] == "insufficient_storage"
+        ds = c.get(reg.headers["location"]).json()
+        assert ds["status"] == "failed" and ds["error"]["error"] == "insufficient_storage"
+        assert files_under(small_disk / "datasets") == []
+        assert c.get("/healthz").status_code == 200
+    assert registered.read_bytes() == (tmp_path / "r.mrc").read_bytes()
+    (small_disk / "filler").unlink()
+    assert_consistent(small_disk)
+
+
+def test_full_disk_under_the_catalog(small_disk, small_movie):
+    with make_client(small_disk) as c:
+        first = stored_first(c, small_movie)
+        fill(small_disk, 0)
+        for _ in range(3):  # the catalog's own file may have a little slack: use it up
+            response = c.put("/v1/uploads/small.mrc.mdoc",
+                             content=b"[ZValue = 0]\nTiltAngle = 1.0\n" * 2000)
+            if response.status_code != 201:
+                break
+        error_of(response, 507, "insufficient_storage")
+        assert c.get(f"/v1/datasets/{first['id']}").json()["status"] == "ready"
+        check_untouched(c, first, small_movie.read_bytes())
+    (small_disk / "filler").unlink()
+    assert_consistent(small_disk)

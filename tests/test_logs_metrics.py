@@ -29,14 +29,15 @@ def test_json_log_lines_for_requests_and_jobs(tmp_path):
     assert all({"time", "level", "logger", "message"} <= set(e) for e in lines)
     requests = [e for e in lines if e["message"] == "request"]
     put = next(e for e in requests if e["method"] == "PUT")
-    assert put["route"] == "/v1/uploads/{filename}" and put["status"] == 202 and put["ms"] > 0
+    assert put["route"] == "/v1/uploads/{filename}" and put["status"] == 201 and put["ms"] > 0
     detail = next(e for e in requests if e["path"] == f"/v1/datasets/{up['dataset']['id']}")
     assert detail["dataset_id"] == up["dataset"]["id"] and detail["status"] == 200
     assert any(e["status"] == 404 and e["dataset_id"] == "nope" for e in requests)
     jobs = [e for e in lines if e["logger"] == "mrc_ingest.jobs"]
     assert [e["message"] for e in jobs] == ["job running", "job done"]
     assert all(e["job_id"] == up["job"]["id"] and e["dataset_id"] == up["dataset"]["id"]
-               for e in jobs)
+               and e["kind"] == "upload" for e in jobs)
+    assert jobs[1]["seconds"] > 0
 
 
 def test_metrics_operators_graph(tmp_path):
@@ -48,11 +49,15 @@ def test_metrics_operators_graph(tmp_path):
         c.get(f"/v1/datasets/{ds['id']}/download", params={"mode": 1})
         text = c.get("/metrics").text
     assert f'mrc_ingest_upload_bytes_total {float(movie.stat().st_size)}' in text
-    archive = ds["stored_bytes"]
-    assert f'mrc_ingest_converted_bytes_total{{kind="ingest"}} {float(archive)}' in text
+    kept = ds["stored_bytes"] - ds["storage"]["conversions_bytes"]  # written at upload
+    assert f'mrc_ingest_converted_bytes_total{{kind="upload"}} {float(kept)}' in text
     assert 'mrc_ingest_converted_bytes_total{kind="convert"}' in text
     assert 'mrc_ingest_preview_seconds_count{cached="false",kind="frame"} 1.0' in text
     assert 'mrc_ingest_preview_seconds_count{cached="true",kind="frame"} 1.0' in text
     assert 'mrc_ingest_jobs{state="done"} 2.0' in text
+    received = float(movie.stat().st_size)
+    assert f"mrc_ingest_received_bytes {received}" in text
+    assert f"mrc_ingest_stored_bytes {float(ds['stored_bytes'])}" not in text  # + conversion
+    assert "mrc_ingest_storage_ratio " in text
     assert "mrc_ingest_queue_depth 0.0" in text
     assert 'mrc_ingest_job_seconds_count{kind="convert"} 1.0' in text

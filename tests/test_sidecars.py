@@ -1,6 +1,6 @@
 """Sidecars through the API: .mdoc uploaded after or before its movie, found beside a
 registered file, Direct Electron info.txt pairing, FEI extended headers; everything shows
-in the dataset detail and filters the list."""
+in the dataset detail and the catalog columns, and filters the list; refusals say why."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from tests.api_helpers import make_client, upload_and_wait, wait_job
 from tests.reference import counting_movie, synthetic, write_raw_mrc
-from tests.test_acquisition import MDOC, fei_records
+from tests.test_acquisition import DE_SUMMARY, MDOC, de_info_text, fei_records
 
 
 @pytest.fixture
@@ -58,8 +58,9 @@ def test_mdoc_before_the_movie(client, movie):
 def test_sidecars_beside_a_registered_movie(client, tmp_path):
     shared = tmp_path / "shared"
     write_raw_mrc(shared / "scan7_movie.mrc", counting_movie((2, 8, 8)), 101)
-    (shared / "scan7_info.txt").write_text("Scan - Size X = 64\nScan - Size Y = 32\n"
-                                           "Voltage = 200\n")
+    (shared / "scan7_info.txt").write_text(de_info_text(**{
+        "Scan - Enable": "Scan - Enable = Enable",
+        "Instrument Accelerating Voltage (V)": "Instrument Accelerating Voltage (V) = 200000"}))
     write_raw_mrc(shared / "tilt.mrc", counting_movie((2, 8, 8)), 101)
     (shared / "tilt.mrc.mdoc").write_text(MDOC)
     results = {}
@@ -68,8 +69,41 @@ def test_sidecars_beside_a_registered_movie(client, tmp_path):
         wait_job(client, response.json()["job"]["id"])
         results[name] = client.get(response.headers["location"]).json()
     de = results["scan7_movie.mrc"]["acquisition"]
-    assert de["navigation_shape"] == [32, 64] and de["voltage_kv"] == 200
+    assert de["navigation_shape"] == [32, 8] and de["voltage_kv"] == 200
+    assert results["scan7_movie.mrc"]["voltage_kv"] == 200
     assert results["tilt.mrc"]["acquisition"]["tilt_angles"] == [-0.002, 3.0]
+
+
+def test_direct_electron_movie_fills_the_catalog(client, tmp_path):
+    """DE writes a negative cell and its facts in info.txt; the header pixel size is the
+    magnitude, the rest comes from info.txt, into the detail and the catalog columns."""
+    shared = tmp_path / "shared"
+    write_raw_mrc(shared / "20241021_00405_movie.mrc", counting_movie((2, 8, 8)), 101,
+                  cella=(-8 * 0.827, -8 * 0.827, -2.0))
+    (shared / "20241021_00405_info.txt").write_text(de_info_text())
+    response = client.post("/v1/registrations",
+                           json={"path": str(shared / "20241021_00405_movie.mrc")})
+    wait_job(client, response.json()["job"]["id"])
+    ds = client.get(response.headers["location"]).json()
+    assert ds["status"] == "ready"
+    assert {k: ds[k] for k in ("voltage_kv", "pixel_size_angstrom", "exposure_s",
+                               "magnification", "camera", "total_dose")} == {
+        "voltage_kv": 300, "pixel_size_angstrom": pytest.approx(0.827),
+        "exposure_s": 0.045712, "magnification": 105000, "camera": "Apollo",
+        "total_dose": None}
+    acq = ds["acquisition"]
+    assert acq["sources"] == ["mrc_header", "de_info"]
+    assert acq["pixel_size_sources"] == [
+        {"source": "mrc_header", "key": "CELLA/MX", "value": 0.827},
+        {"source": "de_info", "key": "Specimen Pixel Size X", "value": 0.827}]
+    assert {k: v for k, v in acq.items() if k not in ("sources", "pixel_size_sources")} \
+        == {k: v for k, v in DE_SUMMARY.items() if k not in ("sources", "pixel_size_sources")}
+    assert [(f["severity"], f["field"]) for f in ds["sidecar_findings"]] == [
+        ("info", "pixel_size")]
+    assert "cell length x is negative" in " ".join(f["message"] for f in ds["findings"])
+    listed = client.get("/v1/datasets", params={"camera": "Apollo", "min_exposure": 0.04,
+                                                "max_pixel_size": 0.83}).json()["items"]
+    assert [d["id"] for d in listed] == [ds["id"]]
 
 
 def test_de_info_pairs_with_its_movie_by_name(client, tmp_path):
@@ -92,9 +126,36 @@ def test_fei_extended_header_fills_the_acquisition(client, tmp_path):
     assert ds["status"] == "ready"
     assert ds["acquisition"]["voltage_kv"] == 300
     assert ds["acquisition"]["dose_per_image"] == pytest.approx([1.1, 1.11])
-    assert ds["voltage_kv"] == 300
+    assert ds["voltage_kv"] == 300 and ds["camera"] == "BM-Falcon"
+    assert ds["pixel_size_angstrom"] == 0.83 and ds["exposure_s"] == 0.05
     listed = client.get("/v1/datasets", params={"voltage_kv": 300}).json()["items"]
     assert [d["id"] for d in listed] == [ds["id"]]
+
+
+def test_one_frame_epu_image_and_a_disagreeing_mdoc(client, tmp_path):
+    """1024 reserved FEI1 records, one filled: one value per list. An .mdoc that says
+    another pixel size: the header's stays in the catalog, with a finding that says so."""
+    path = write_raw_mrc(tmp_path / "FoilHole_1_Data_2.mrc", synthetic(1, (1, 8, 8)), 1,
+                         extended=fei_records(1, reserved=1023), exttyp=b"FEI1",
+                         cella=(8 * 0.83, 8 * 0.83, 1.0))
+    ds = upload_and_wait(client, path)
+    acq = ds["acquisition"]
+    assert acq["dose_per_image"] == [1.1] and acq["tilt_angles"] == [0.0]
+    assert acq["timestamps"] == [1000.0] and ds["total_dose"] == 1.1
+    assert ds["file"]["extended_header"]["n_records"] == 1024
+    assert ds["file"]["extended_header"]["n_filled"] == 1
+    assert ds["sidecar_findings"] == []
+    mdoc = MDOC.replace("PixelSpacing = 0.83", "PixelSpacing = 1.66")
+    body = put_sidecar(client, "FoilHole_1_Data_2.mrc.mdoc", mdoc).json()
+    assert body["dataset"]["pixel_size_angstrom"] == pytest.approx(0.83)
+    detail = client.get(f"/v1/datasets/{ds['id']}").json()
+    assert detail["acquisition"]["sources"] == ["mrc_header", "mdoc", "fei_extended_header"]
+    assert detail["acquisition"]["voltage_kv"] == 300
+    assert detail["acquisition"]["tilt_angles"] == [-0.002]  # the mdoc's, for the 1 image
+    warnings = [f for f in detail["sidecar_findings"] if f["field"] == "pixel_size_angstrom"]
+    assert len(warnings) == 1 and warnings[0]["severity"] == "warning"
+    assert "mdoc PixelSpacing: 1.66 Å" in warnings[0]["message"]
+    assert warnings[0]["message"].endswith("the catalog uses 0.83 Å from mrc_header")
 
 
 def test_bad_sidecars(client, movie):
@@ -108,9 +169,13 @@ def test_bad_sidecars(client, movie):
     assert any(m.startswith("line 3") for m in messages)
     assert detail["acquisition"]["voltage_kv"] == 300
     binary = client.put("/v1/uploads/x.mdoc", content=b"\x00\x01\x02")
-    assert binary.status_code == 400 and binary.json()["error"] == "bad_request"
+    assert (binary.status_code, binary.json()) == (400, {
+        "error": "bad_request",
+        "detail": "x.mdoc: a sidecar is text; this body holds NUL bytes"})
     big = client.put("/v1/uploads/y.mdoc", content=b"a = 1\n" * (3 << 20))
-    assert big.status_code == 413
+    assert (big.status_code, big.json()) == (413, {
+        "error": "too_large", "detail": f"y.mdoc: a sidecar may be at most {16 << 20} bytes"})
+    assert client.get("/v1/datasets", params={"name": ".mdoc"}).json()["items"] == []
 
 
 @pytest.mark.parametrize("mdoc_first", [False, True])
@@ -120,7 +185,7 @@ def test_mdoc_uploaded_with_the_movie_in_one_multipart_request(client, movie, md
     if mdoc_first:
         parts.reverse()
     response = client.post("/v1/uploads", files=parts)
-    assert response.status_code == 202, response.text
+    assert response.status_code == 201, response.text
     body = response.json()
     assert body["dataset"]["name"] == "movie.mrc"
     assert body["sidecars"] == [{"name": "notes-for-it.mdoc", "kind": "mdoc",

@@ -14,6 +14,7 @@ import pytest
 from tusclient import client as tus_client
 
 from tests.api_helpers import make_client, start_server, wait_job
+from tests.test_api import error_of
 from tests.reference import counting_movie, write_raw_mrc
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -144,29 +145,38 @@ def test_protocol_errors(tmp_path, movie):
         # 412 without (or with another) Tus-Resumable, naming the version we speak
         bad = c.head(url)
         assert bad.status_code == 412 and bad.headers["tus-version"] == "1.0.0"
-        assert c.patch(url, content=b"x", headers={"Tus-Resumable": "0.2.2"}).status_code == 412
+        old = c.patch(url, content=b"x", headers={"Tus-Resumable": "0.2.2"})
+        assert error_of(old, 412, "tus_version") == "Tus-Resumable must be 1.0.0, got '0.2.2'"
+        assert old.headers["tus-version"] == "1.0.0"
         # 415 without the tus content type
         wrong_type = c.patch(url, content=raw[:10], headers={**TUS, "Upload-Offset": "0"})
-        assert wrong_type.status_code == 415 and wrong_type.headers["tus-resumable"] == "1.0.0"
+        assert "application/offset+octet-stream" in error_of(wrong_type, 415, "content_type")
+        assert wrong_type.headers["tus-resumable"] == "1.0.0"
         # 409 on an offset mismatch
         assert patch(c, url, raw[:100], 0).status_code == 204
         conflict = patch(c, url, raw[100:200], 50)
-        assert conflict.status_code == 409 and conflict.json()["error"] == "offset_mismatch"
+        assert error_of(conflict, 409, "offset_mismatch") == \
+            "Upload-Offset 50 != the upload's offset 100"
         # 460 on a checksum mismatch, and the bytes are not kept
         wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
         mismatch = patch(c, url, raw[100:300], 100, **{"Upload-Checksum": f"sha1 {wrong}"})
-        assert mismatch.status_code == 460
+        detail = error_of(mismatch, 460, "checksum_mismatch")
+        assert "sha1 differs from Upload-Checksum" in detail and "discarded" in detail
         assert c.head(url, headers=TUS).headers["upload-offset"] == "100"
         good = base64.b64encode(hashlib.sha1(raw[100:]).digest()).decode()
         done = patch(c, url, raw[100:], 100, **{"Upload-Checksum": f"sha1 {good}"})
         assert done.status_code == 204 and done.headers["upload-offset"] == str(len(raw))
         assert done.headers["mrc-ingest-dataset"].startswith("/v1/datasets/")
         # 413 over Tus-Max-Size; 400 without Upload-Length
-        assert c.post("/v1/tus/", headers={**TUS, "Upload-Length": str(len(raw) + 11)}
-                      ).status_code == 413
-        assert c.post("/v1/tus/", headers=TUS).status_code == 400
-        # 404 unknown; termination
+        too_big = c.post("/v1/tus/", headers={**TUS, "Upload-Length": str(len(raw) + 11)})
+        assert error_of(too_big, 413, "too_large") == \
+            f"Upload-Length {len(raw) + 11} exceeds Tus-Max-Size {len(raw) + 10}"
+        assert "Upload-Length is required" in error_of(c.post("/v1/tus/", headers=TUS), 400,
+                                                       "bad_request")
+        # 404 unknown (HEAD has no body: the PATCH says why); termination
         assert c.head("/v1/tus/nope", headers=TUS).status_code == 404
+        assert error_of(patch(c, "/v1/tus/nope", b"x", 0), 404, "upload_not_found") == \
+            "no upload 'nope'"
         other = create(c, len(raw))
         assert c.delete(other, headers=TUS).status_code == 204
         gone = c.head(other, headers=TUS)
@@ -174,7 +184,9 @@ def test_protocol_errors(tmp_path, movie):
         # not MRC: refused once the header is in, and the upload is terminated
         junk = create(c, 4096)
         refused = patch(c, junk, b"hello" * 400, 0)
-        assert refused.status_code == 415 and refused.json()["error"] == "not_mrc"
+        detail = error_of(refused, 415, "not_mrc")
+        assert "terminated and nothing was stored" in detail["message"]
+        assert [(f["severity"], f["field"]) for f in detail["findings"]] == [("error", "header")]
         assert c.head(junk, headers=TUS).status_code == 404
         assert c.get("/v1/datasets").json()["items"][0]["name"] == "upload.mrc"
     assert [p for p in (tmp_path / "data" / "tus").iterdir()] == []
@@ -187,3 +199,7 @@ def test_expired_uploads_get_410(tmp_path, movie):
         time.sleep(0.05)
         assert c.head(url, headers=TUS).status_code == 410
         assert c.head(url, headers=TUS).status_code == 404  # and then it is gone
+        other = create(c, path.stat().st_size)
+        time.sleep(0.05)
+        detail = error_of(patch(c, other, b"x", 0), 410, "upload_expired")
+        assert detail.startswith(f"upload {other.rsplit('/', 1)[1]} expired at ")

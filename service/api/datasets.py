@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 
 from ..catalog import DatasetQuery
-from .deps import ADMIN, READ, Service
-from .schemas import (DatasetDetail, DatasetPage, ErrorBody, FrameStatsSeries, dataset_detail,
-                      dataset_summary)
+from .deps import ADMIN, READ, WRITE, Service
+from .schemas import (DatasetDetail, DatasetPage, ErrorBody, FrameStatsSeries, Job,
+                      dataset_detail, dataset_summary, job_view)
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -31,7 +31,8 @@ def _utc_text(moment: datetime | None) -> str | None:
 def list_datasets(
         service: Service,
         request: Request,
-        status: Annotated[Literal["queued", "processing", "ready", "rejected", "failed"] | None,
+        status: Annotated[Literal["receiving", "queued", "processing", "ready", "rejected",
+                                  "failed"] | None,
                           Query()] = None,
         mode: Annotated[int | None, Query(description="MRC mode as received")] = None,
         source: Annotated[Literal["upload", "registration"] | None, Query()] = None,
@@ -72,7 +73,7 @@ def list_datasets(
                          created_after=_utc_text(created_after),
                          created_before=_utc_text(created_before), sort=sort,
                          descending=order == "desc", limit=limit, cursor=cursor)
-    rows, next_cursor = service.list_datasets(query)
+    rows, next_cursor = service.queries.list_datasets(query)
     links = {}
     if next_cursor:  # the same query (filters, sort, limit), one page on
         following = request.url.include_query_params(cursor=next_cursor)
@@ -85,7 +86,7 @@ def list_datasets(
             summary="Metadata, statistics, findings and jobs of one dataset",
             dependencies=[READ])
 def get_dataset(dataset_id: str, service: Service) -> dict[str, Any]:
-    return dataset_detail(service.dataset(dataset_id), service.jobs_of(dataset_id))
+    return dataset_detail(service.queries.dataset(dataset_id), service.queries.jobs_of(dataset_id))
 
 
 @router.get("/{dataset_id}/frames/stats", response_model=FrameStatsSeries,
@@ -95,7 +96,19 @@ def get_dataset(dataset_id: str, service: Service) -> dict[str, Any]:
 def frame_stats(dataset_id: str, service: Service) -> dict[str, Any]:
     """Taken at ingest from every pixel of every frame (no sampling). Plotted over the
     movie, the mean shows dose fall-off and blanked or dropped frames at a glance."""
-    return service.frame_stats(dataset_id)
+    return service.queries.frame_stats(dataset_id)
+
+
+@router.post("/{dataset_id}/verify", status_code=202, response_model=Job,
+             responses=NOT_FOUND, dependencies=[WRITE],
+             summary="Rebuild the file as received from what is stored and check its SHA-256")
+def verify(dataset_id: str, service: Service) -> dict[str, Any]:
+    """A job: the bytes as received are rebuilt from the archive and restore record (or
+    read from the kept original) and their SHA-256 compared with the digest taken on
+    receipt; the job's result says whether they match."""
+    service.queries.dataset(dataset_id)
+    job, _future = service.submit_job("verify", dataset_id)
+    return job_view(job)
 
 
 @router.delete("/{dataset_id}", responses=NOT_FOUND,

@@ -10,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ServiceError, from_core, to_service_error
@@ -40,6 +41,17 @@ def install(app: FastAPI) -> None:
                    "message": e.get("msg", ""), "input": e.get("input")}
                   for e in exc.errors()]
         return error_response(422, "invalid_request", _jsonable(detail))
+
+    @app.exception_handler(DBAPIError)
+    async def _catalog(req: Request, exc: DBAPIError) -> JSONResponse:
+        mapped = to_service_error(exc)  # a full disk under the catalog, an unreachable one
+        if mapped is not None:
+            response = error_response(mapped.status, mapped.code, mapped.detail)
+            response.headers.update(mapped.headers)
+            return response
+        log.exception("catalog error on %s %s", req.method, req.url.path)
+        return error_response(500, "internal_error", f"{type(exc).__name__}; see the "
+                                                     "server log")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+import anyio
+from fastapi import APIRouter, Query, Request, Response
 
 from .deps import ADMIN, READ, Service
-from .downloads import FILE, file_response
+from .downloads import FILE, download_response
 from .schemas import ErrorBody, Job, JobPage, job_view
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -20,16 +20,17 @@ def list_jobs(service: Service,
               state: Annotated[Literal["queued", "running", "done", "failed", "cancelled"]
                                | None, Query()] = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
-    return {"items": [job_view(j) for j in service.list_jobs(state, limit)]}
+    return {"items": [job_view(j) for j in service.queries.list_jobs(state, limit)]}
 
 
 @router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorBody}},
             summary="State and progress of a job", dependencies=[READ])
 def get_job(job_id: str, service: Service) -> dict[str, Any]:
-    return job_view(service.job(job_id))
+    return job_view(service.queries.job(job_id))
 
 
-@router.get("/{job_id}/result", response_class=FileResponse, responses=FILE,
+@router.get("/{job_id}/result", response_class=Response, responses=FILE,
             summary="The file a finished conversion job produced", dependencies=[READ])
-def job_result(job_id: str, service: Service) -> FileResponse:
-    return file_response(*service.job_result_file(job_id))
+async def job_result(job_id: str, request: Request, service: Service) -> Response:
+    found = await anyio.to_thread.run_sync(service.downloads.job_result, job_id)
+    return download_response(request, found)

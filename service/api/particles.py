@@ -7,13 +7,12 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse
 
-from ..ingest import encode_png
 from ..particle_sets import ParticleSets
+from ..previews import encode_png
 from ..uploads import MultipartFile
 from .deps import ADMIN, READ, WRITE, Service, body_chunks
-from .downloads import FILE, file_response
+from .downloads import FILE, download_response
 from .previews import PNG, Clip, Size, png_response
 from .schemas import ErrorBody
 
@@ -76,13 +75,15 @@ def particle_png(set_id: str, n: int, request: Request, service: Service, size: 
     return png_response(request, png, f'"{set_id}-p{n}-{size}-{clip}"')
 
 
-@router.get("/{set_id}/export", response_class=FileResponse, responses=FILE,
+@router.get("/{set_id}/export", response_class=Response, responses=FILE,
             dependencies=[READ], summary="Rows a:b (default all) as one MRC stack")
-async def export(set_id: str, service: Service,
+async def export(set_id: str, request: Request, service: Service,
                  rows: Annotated[str | None, Query(description="a:b, 0-based, b exclusive")]
-                 = None) -> FileResponse:
-    path, filename = await anyio.to_thread.run_sync(sets(service).export, set_id, rows)
-    return file_response(path, filename)
+                 = None) -> Response:
+    key, filename = await anyio.to_thread.run_sync(sets(service).export, set_id, rows)
+    found = await anyio.to_thread.run_sync(service.downloads.object_download, key, filename,
+                                           f'"{set_id}-{rows or "all"}"')
+    return download_response(request, found)
 
 
 @router.delete("/{set_id}", responses=ERRORS, dependencies=[ADMIN],

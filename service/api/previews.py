@@ -31,7 +31,7 @@ def png_response(request: Request, png: bytes, etag: str) -> Response:
             dependencies=[READ])
 def frame_png(dataset_id: str, k: int, request: Request, service: Service, size: Size = 512,
               clip: Clip = 0.5) -> Response:
-    png = service.frame_png(dataset_id, k, size, clip)
+    png = service.previews.frame_png(dataset_id, k, size, clip)
     return png_response(request, png, f'"{dataset_id}-f{k}-{size}-{clip}"')
 
 
@@ -40,5 +40,5 @@ def frame_png(dataset_id: str, k: int, request: Request, service: Service, size:
             dependencies=[READ])
 def sum_png(dataset_id: str, request: Request, service: Service, size: Size = 512,
             clip: Clip = 0.5) -> Response:
-    png = service.sum_png(dataset_id, size, clip)
+    png = service.previews.sum_png(dataset_id, size, clip)
     return png_response(request, png, f'"{dataset_id}-sum-{size}-{clip}"')

@@ -13,7 +13,7 @@ class ErrorBody(BaseModel):
     detail: Any = Field(description="what was wrong and where")
 
 
-class Progress(BaseModel):
+class JobProgress(BaseModel):
     done: int
     total: int
     fraction: float | None
@@ -21,10 +21,13 @@ class Progress(BaseModel):
 
 class Job(BaseModel):
     id: str
-    kind: Literal["ingest", "convert"]
+    kind: Literal["upload", "ingest", "convert", "verify"] = Field(
+        description="upload: a movie ingested while it streamed; ingest: a registered file "
+                    "(or a resumable upload) read once; convert; verify: the stored form "
+                    "rebuilt and checked against the SHA-256 taken on receipt")
     dataset_id: str
     state: Literal["queued", "running", "done", "failed", "cancelled"]
-    progress: Progress
+    progress: JobProgress
     target: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
@@ -38,7 +41,7 @@ class JobPage(BaseModel):
     items: list[Job]
 
 
-class Progress(BaseModel):
+class DatasetProgress(BaseModel):
     phase: Literal["receiving", "processing"]
     done: int
     total: int | None = Field(description="null while the size is not known")
@@ -49,12 +52,16 @@ class DatasetSummary(BaseModel):
     id: str
     name: str
     source: Literal["upload", "registration"]
-    status: Literal["queued", "processing", "ready", "rejected", "failed"]
+    status: Literal["receiving", "queued", "processing", "ready", "rejected", "failed"]
     created_at: str
     updated_at: str
     size_bytes: int = Field(description="the file as received")
-    stored_bytes: int | None = Field(None, description="the archive copy, when one is kept")
+    stored_bytes: int | None = Field(None, description="everything kept for the dataset: "
+                                     "archive, restore record, frame sum, the file as "
+                                     "received where it is kept, cached conversions")
     compression_ratio: float | None = Field(None, description="size_bytes / stored_bytes")
+    storage_ratio: float | None = Field(None, description="stored_bytes / size_bytes: what "
+                                        "the dataset costs per byte received")
     sha256: str | None = None
     mode: int | None = None
     dtype: str | None = None
@@ -68,7 +75,7 @@ class DatasetSummary(BaseModel):
     magnification: float | None = None
     camera: str | None = Field(None, description="camera model, from a sidecar or "
                                                  "extended header")
-    progress: Progress | None = Field(None, description="while the dataset is being "
+    progress: DatasetProgress | None = Field(None, description="while the dataset is being "
                                       "received or processed; null once it is done")
     links: dict[str, str]
 
@@ -78,7 +85,13 @@ class DatasetDetail(DatasetSummary):
     file: dict[str, Any] | None = Field(None, description="header and derived facts")
     stats: dict[str, float] | None = Field(None, description="exact, over every frame")
     findings: list[dict[str, str]] = Field(default_factory=list)
-    archive: dict[str, Any] | None = None
+    archive: dict[str, Any] | None = Field(None, description="the MRCZ archive: mode, codec, "
+                                           "bytes; restorable (whether archive + restore "
+                                           "record were proven to give back the bytes as "
+                                           "received) and, if not, the reason")
+    storage: dict[str, Any] | None = Field(None, description="the stored form (archive, "
+                                           "original, registered) and the bytes of each "
+                                           "part kept, conversions included")
     timings: dict[str, float] | None = None
     normalize: bool | None = None
     acquisition: dict[str, Any] | None = Field(None, description="voltage, pixel size, dose, "
@@ -177,6 +190,8 @@ def dataset_summary(row: dict[str, Any]) -> dict[str, Any]:
         "updated_at": row["updated_at"], "size_bytes": row["size_bytes"],
         "stored_bytes": stored,
         "compression_ratio": round(row["size_bytes"] / stored, 4) if stored else None,
+        "storage_ratio": round(stored / row["size_bytes"], 4)
+        if stored and row["size_bytes"] else None,
         "sha256": row["sha256"], "mode": row["mode"], "dtype": row["dtype"],
         "nx": row["nx"], "ny": row["ny"], "frames": row["nz"],
         "pixel_size_angstrom": row["pixel_size"], "voltage_kv": row["voltage_kv"],
@@ -196,11 +211,22 @@ def dataset_detail(row: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str,
         "byte_order": described["byte_order"] if described else None,
         "file": described, "stats": info.get("stats"), "findings": findings,
         "archive": info.get("archive"), "timings": info.get("timings"),
+        "storage": storage_view(row),
         "normalize": info.get("normalize"), "error": info.get("error"),
         "acquisition": info.get("acquisition"), "sidecars": info.get("sidecars"),
         "sidecar_findings": info.get("sidecar_findings", []),
         "jobs": [job_view(j) for j in jobs],
     }
+
+
+def storage_view(row: dict[str, Any]) -> dict[str, Any] | None:
+    storage = row["info"].get("storage")
+    if storage is None:
+        return None
+    kept = sum(storage.get("bytes", {}).values())
+    return {"form": storage["form"], "bytes": storage.get("bytes", {}),
+            "received_bytes": row["size_bytes"],
+            "conversions_bytes": max(0, (row["stored_bytes"] or 0) - kept)}
 
 
 def job_view(row: dict[str, Any]) -> dict[str, Any]:

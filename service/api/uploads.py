@@ -26,8 +26,10 @@ Normalize = Annotated[bool | None, Query(description="override the default norma
 
 
 def accepted_response(result: dict[str, Any], response: Response) -> dict[str, Any]:
-    """202 with Location for a new dataset; 200 when these bytes were already here; 201
-    for a sidecar (with its movie's dataset, once that exists)."""
+    """201 with Location for a new dataset ingested while it streamed (ready, or
+    rejected with its findings); 202 when its processing continues in a job (a
+    registration); 200 when these bytes were already here; 201 for a sidecar (with its
+    movie's dataset, once that exists)."""
     dataset = result["dataset"]
     if "sidecar" in result:
         response.status_code = 201
@@ -35,30 +37,33 @@ def accepted_response(result: dict[str, Any], response: Response) -> dict[str, A
             response.headers["Location"] = f"/v1/datasets/{dataset['id']}"
         return {"sidecar": result["sidecar"],
                 "dataset": dataset_summary(dataset) if dataset else None}
-    response.status_code = 200 if result["duplicate"] else 202
+    response.status_code = 200 if result["duplicate"] else \
+        201 if dataset["status"] in ("ready", "rejected") else 202
     response.headers["Location"] = f"/v1/datasets/{dataset['id']}"
     return {"dataset": dataset_summary(dataset),
             "job": job_view(result["job"]) if result["job"] else None,
             "duplicate": result["duplicate"], "sidecars": result.get("sidecars", [])}
 
 
-@router.put("/uploads/{filename}", status_code=202,
+@router.put("/uploads/{filename}", status_code=201,
             response_model=Accepted | SidecarAccepted,
             responses=UPLOAD_ERRORS, summary="Upload a movie as the raw body (curl -T)",
             dependencies=[WRITE])
 async def put_upload(filename: str, request: Request, response: Response, service: Service,
                      normalize: Normalize = None) -> dict[str, Any]:
-    """Streamed to disk, SHA-256 computed on the way (checked against ``X-Content-SHA256``
-    or ``Content-Digest: sha-256=:…:`` if sent); the header is checked as soon as its 1024
-    bytes arrive. A name ending ``.mdoc`` (SerialEM) or ``_info.txt`` (Direct Electron)
+    """Ingested while it streams: the header is checked as soon as its 1024 bytes arrive,
+    every frame is validated, measured and compressed into the archive as it comes, and
+    the SHA-256 is taken on the way (checked against ``X-Content-SHA256`` or
+    ``Content-Digest: sha-256=:…:`` if sent). The response comes when the dataset is
+    ready (or rejected, with its findings). A name ending ``.mdoc`` (SerialEM) or ``_info.txt`` (Direct Electron)
     is a sidecar: attached to its movie (``movie.mrc.mdoc``, ``movie.mdoc``,
     ``<id>_info.txt`` for ``<id>_movie.mrc``), now or when the movie arrives (201)."""
-    result = await service.accept_upload(filename, body_chunks(request), parse_digest(
+    result = await service.intake.accept_upload(filename, body_chunks(request), parse_digest(
         request.headers), normalize, declared_length(request))
     return accepted_response(result, response)
 
 
-@router.post("/uploads", status_code=202, response_model=Accepted, responses=UPLOAD_ERRORS,
+@router.post("/uploads", status_code=201, response_model=Accepted, responses=UPLOAD_ERRORS,
              summary="Upload a movie as multipart/form-data (curl -F file=@movie.mrc), "
                      "optionally with its sidecars (-F mdoc=@movie.mrc.mdoc)",
             dependencies=[WRITE])
@@ -66,7 +71,7 @@ async def post_upload(request: Request, response: Response, service: Service,
                       normalize: Normalize = None) -> dict[str, Any]:
     body = MultipartFile(request.headers.get("content-type", ""), body_chunks(request),
                          extra_suffixes=SIDECAR_SUFFIXES, extra_max_bytes=SIDECAR_MAX_BYTES)
-    result = await service.accept_upload(None, body, parse_digest(request.headers),
+    result = await service.intake.accept_upload(None, body, parse_digest(request.headers),
                                          normalize, declared_length(request))
     return accepted_response(result, response)
 
@@ -76,4 +81,4 @@ async def post_upload(request: Request, response: Response, service: Service,
              summary="Register a file already on allowed shared storage",
             dependencies=[WRITE])
 def register(body: RegistrationIn, response: Response, service: Service) -> dict[str, Any]:
-    return accepted_response(service.register(body.path, body.normalize), response)
+    return accepted_response(service.intake.register(body.path, body.normalize), response)

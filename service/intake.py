@@ -1,0 +1,257 @@
+"""Intake: movies arriving (raw PUT, multipart POST), files registered on shared storage,
+and sidecars. Uploads are ingested while they stream (:mod:`service.ingest_pass`): the
+response comes once the dataset is ready. Registrations are read once, by a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, AsyncIterator
+
+import anyio
+
+from .catalog import Catalog, now
+from .config import Settings
+from .errors import BadRequest, NotMrc, ServiceError, TooLarge
+from .ingest_pass import LIVE_STATUSES, IngestPass, LocalOriginal, PassDeps
+from .jobs import JobQueue
+from .metadata import Acquisition
+from .metrics import Metrics
+from .mrc.validate import check_header_bytes
+from .readers import source_fingerprint
+from .receiver import ScratchCopy, pump
+from .sidecars import (SIDECAR_MAX_BYTES, beside, belongs_to, decode_text, name_prefix,
+                       sidecar_kind)
+from .storage import Storage, resolve_registration
+from .uploads import check_filename
+
+log = logging.getLogger("mrc_ingest.intake")
+job_log = logging.getLogger("mrc_ingest.jobs")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:20]
+
+
+def refuse_non_mrc(first: bytes) -> None:
+    """The door check on the first 1024 bytes, before anything is written."""
+    layout, findings = check_header_bytes(first)
+    if layout is None:
+        raise NotMrc({"message": "the body does not start with an MRC/MRCZ header; "
+                                 "nothing was stored",
+                      "findings": [f.to_dict() for f in findings]})
+
+
+class Intake:
+    def __init__(self, settings: Settings, catalog: Catalog, storage: Storage,
+                 metrics: Metrics, queue: JobQueue, acquisition: Acquisition,
+                 deps: PassDeps):
+        self.settings, self.catalog, self.storage = settings, catalog, storage
+        self.metrics, self.queue, self.acquisition, self.deps = (metrics, queue,
+                                                                 acquisition, deps)
+
+    # -- uploads ------------------------------------------------------------------
+
+    async def accept_upload(self, filename: str | None, chunks: AsyncIterator[bytes],
+                            expected_sha256: str | None, normalize: bool | None,
+                            declared_size: int | None = None) -> dict[str, Any]:
+        """Receive a movie and ingest it while it streams; the dataset is ready (or
+        rejected, with findings) when this returns. The same bytes uploaded again
+        return the existing dataset (``duplicate``: true). ``filename`` None: ``chunks``
+        is a :class:`~service.uploads.MultipartFile`, which names (and checks) it."""
+        if filename is not None:
+            filename = check_filename(filename)
+            if sidecar_kind(filename):
+                return await self._accept_sidecar(filename, chunks)
+        if declared_size is not None and declared_size > self.settings.max_upload_bytes:
+            self.metrics.uploads.labels("too_large").inc()
+            raise TooLarge(f"Content-Length {declared_size} exceeds the limit of "
+                           f"{self.settings.max_upload_bytes} bytes")
+        try:
+            result = await self._stream(filename, chunks, expected_sha256, normalize,
+                                        declared_size)
+        except ServiceError as exc:
+            self.metrics.uploads.labels(exc.code).inc()
+            raise
+        for extra_name, raw in getattr(chunks, "extras", {}).items():  # -F mdoc=@movie.mdoc
+            sidecar = await asyncio.to_thread(self.store_sidecar, extra_name,
+                                              sidecar_text(extra_name, raw),
+                                              result["dataset"]["id"])
+            result.setdefault("sidecars", []).append(sidecar["sidecar"])
+        return result
+
+    async def _stream(self, filename: str | None, chunks: AsyncIterator[bytes],
+                      expected_sha256: str | None, normalize: bool | None,
+                      declared_size: int | None) -> dict[str, Any]:
+        scratch: ScratchCopy | None = None
+        ingest: IngestPass | None = None
+        dataset_id, job_id = new_id(), new_id()
+
+        def consume(batch: list[bytes]) -> None:
+            nonlocal scratch, ingest
+            if ingest is None:
+                name = filename if filename is not None else getattr(chunks, "filename")
+                scratch = ScratchCopy(self.storage.incoming, self.settings.max_upload_bytes)
+                ingest = IngestPass(
+                    self.deps, dataset_id=dataset_id, name=name, source="upload",
+                    normalize=normalize, declared_size=declared_size, create_row=True,
+                    original=LocalOriginal(scratch.keep, scratch.discard), job_id=job_id)
+                ingest.on_row = lambda: self._start_upload_job(job_id, dataset_id)
+            scratch.receiver.write_beside(batch, ingest.feed)
+
+        counter = _Counter(self.settings.max_upload_bytes)
+        try:
+            await pump(chunks, counter, consume, refuse_non_mrc)
+            if ingest is None:  # under 1024 bytes: the header check refused it already
+                raise NotMrc({"message": "empty body", "findings": []})
+            sha256 = scratch.receiver.digest(expected_sha256)
+            result = await anyio.to_thread.run_sync(ingest.finish, sha256)
+        except BaseException:
+            if ingest is not None:
+                await anyio.to_thread.run_sync(ingest.abort)
+            elif scratch is not None:
+                scratch.discard()
+            raise
+        scratch.receiver.close()
+        received = ingest.received
+        if result["duplicate"]:
+            self.metrics.uploads.labels("duplicate").inc()
+            jobs = self.catalog.jobs_in_states(("queued", "running"), result["dataset"]["id"])
+            return {**result, "job": jobs[0] if jobs else None}
+        job = self.catalog.finish_job(job_id, state="done", result={
+            "status": result["dataset"]["status"],
+            "findings": len(result["dataset"]["info"].get("findings", [])),
+            "bytes_written": result["dataset"]["stored_bytes"] or 0})
+        seconds = result["dataset"]["info"]["timings"]["total_s"]
+        job_log.info("job done", extra={"job_id": job_id, "dataset_id": dataset_id,
+                                        "kind": "upload", "seconds": seconds})
+        self.attach_pending_sidecars(dataset_id, result["dataset"]["name"])
+        self.metrics.uploads.labels("accepted").inc()
+        self.metrics.upload_bytes.inc(received)
+        self.metrics.job_finished(job, "done", seconds, job["result"])
+        return {"dataset": self.catalog.get_dataset(dataset_id), "job": job,
+                "duplicate": False}
+
+    def _start_upload_job(self, job_id: str, dataset_id: str) -> None:
+        """The upload's job: running from the header's arrival until the dataset is
+        committed (its row is what a restart finds of an upload that was cut off)."""
+        self.catalog.add_job(id=job_id, kind="upload", dataset_id=dataset_id,
+                             state="running", started_at=now())
+        job_log.info("job running", extra={"job_id": job_id, "dataset_id": dataset_id,
+                                           "kind": "upload"})
+
+    def recover(self) -> list[str]:
+        """At start-up: uploads that were streaming when the service stopped cannot
+        resume (their client is gone); their datasets and partial objects go."""
+        dropped = []
+        for job in self.catalog.jobs_in_states(("queued", "running")):
+            if job["kind"] != "upload":
+                continue
+            dataset = self.catalog.get_dataset(job["dataset_id"])
+            if dataset is not None and dataset["status"] == "receiving":
+                self.catalog.delete_dataset(job["dataset_id"])
+                self.storage.remove_dataset(job["dataset_id"])
+            else:
+                self.catalog.finish_job(job["id"], state="failed", error={
+                    "error": "interrupted", "detail": "the service stopped during the upload"})
+            dropped.append(job["dataset_id"])
+        return dropped
+
+    # -- sidecars -----------------------------------------------------------------
+
+    async def _accept_sidecar(self, filename: str,
+                              chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        """A SerialEM .mdoc or Direct Electron info.txt: small text, kept in the catalog,
+        attached to its movie's dataset now or when the movie arrives."""
+        parts, size = [], 0
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > SIDECAR_MAX_BYTES:
+                raise TooLarge(f"{filename}: a sidecar may be at most {SIDECAR_MAX_BYTES} "
+                               "bytes")
+            parts.append(chunk)
+        return await asyncio.to_thread(self.store_sidecar, filename,
+                                       sidecar_text(filename, b"".join(parts)))
+
+    def store_sidecar(self, filename: str, text: str,
+                      dataset_id: str | None = None) -> dict[str, Any]:
+        """Keep a sidecar; attach it to ``dataset_id`` (sent together with its movie) or
+        to the newest live dataset its name belongs to, if any."""
+        kind = sidecar_kind(filename)
+        if dataset_id is not None:
+            movie = self.catalog.get_dataset(dataset_id)
+        else:
+            movie = next((d for d in self.catalog.datasets_named_like(name_prefix(filename))
+                          if belongs_to(filename, d["name"])), None)
+        self.catalog.add_sidecar(id=new_id(), name=filename, kind=kind, text=text,
+                                 dataset_id=movie["id"] if movie else None)
+        if movie is not None:
+            movie = self.acquisition.refresh(movie["id"])
+        self.metrics.uploads.labels("sidecar").inc()
+        return {"sidecar": {"name": filename, "kind": kind,
+                            "dataset_id": movie["id"] if movie else None},
+                "dataset": movie}
+
+    def attach_pending_sidecars(self, dataset_id: str, name: str) -> None:
+        attached = False
+        for row in self.catalog.pending_sidecars():
+            if belongs_to(row["name"], name):
+                self.catalog.attach_sidecar(row["id"], dataset_id)
+                attached = True
+        if attached:
+            self.acquisition.refresh(dataset_id)
+
+    # -- registrations ------------------------------------------------------------
+
+    def register(self, path: str, normalize: bool | None) -> dict[str, Any]:
+        real = resolve_registration(path, self.settings.allowed_roots,
+                                    self.settings.allow_hard_links)
+        current = source_fingerprint(real)
+        for existing in self.catalog.find_registration(str(real), LIVE_STATUSES):
+            # The same file, unchanged since (or still queued): that dataset, not a twin.
+            if existing["info"].get("source_fingerprint", current) == current:
+                jobs = self.catalog.jobs_in_states(("queued", "running"), existing["id"])
+                return {"dataset": existing, "job": jobs[0] if jobs else None,
+                        "duplicate": True}
+        info: dict[str, Any] = {"registered_path": path}
+        if normalize is not None:
+            info["normalize"] = normalize
+        dataset_id = new_id()
+        dataset = self.catalog.add_dataset(
+            id=dataset_id, name=real.name, source="registration", status="queued",
+            size_bytes=current["size"], path=str(real), info=info)
+        for name, text in beside(real):
+            self.catalog.add_sidecar(id=new_id(), name=name, kind=sidecar_kind(name),
+                                     text=text, dataset_id=dataset_id)
+        self.attach_pending_sidecars(dataset_id, real.name)
+        return {"dataset": dataset, "job": self.queue_job("ingest", dataset_id),
+                "duplicate": False}
+
+    def queue_job(self, kind: str, dataset_id: str,
+                  target: dict[str, Any] | None = None) -> dict[str, Any]:
+        job = self.catalog.add_job(id=new_id(), kind=kind, dataset_id=dataset_id,
+                                   target=target)
+        assert job is not None
+        self.queue.submit(job["id"])
+        return job
+
+
+class _Counter:
+    """What :func:`~service.receiver.pump` needs to count bytes against the limit on
+    the loop, before the pass's own receiver exists."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.received = max_bytes, 0
+
+    def check_size(self, total: int) -> None:
+        if total > self.max_bytes:
+            raise TooLarge(f"upload exceeds the limit of {self.max_bytes} bytes")
+
+
+def sidecar_text(filename: str, raw: bytes) -> str:
+    text = decode_text(raw)
+    if "\x00" in text:
+        raise BadRequest(f"{filename}: a sidecar is text; this body holds NUL bytes")
+    return text

@@ -1,0 +1,187 @@
+"""The one writer every upload's bytes go through (raw PUT, multipart, tus PATCH, .cs
+particle files): counted against the size limit, hashed (SHA-256) and appended to a
+file in the same pass, in arrival order.
+
+For a PUT or multipart upload the file is this replica's scratch copy of the upload
+(``incoming/<random>.part``, flock-ed while alive): the fallback original, kept only if
+the archive cannot be proven; for tus it is the upload's own partial file, appended
+PATCH after PATCH with the hash carried across them in memory.
+
+The event-loop side (:func:`pump`) gathers network chunks into lists of about 4 MiB (never
+joined or copied on the loop) and hands each list to a worker thread while the next one
+fills, so the loop stays free and an upload is back-pressured, not buffered, when the
+work behind it (hashing, compression) is slower than the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import anyio
+
+from .errors import DigestMismatch, TooLarge, to_service_error
+from .mrc.sink import LockedTempFile
+
+BLOCK = 4 << 20
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+class Receiver:
+    """Hash and append bytes to ``fd`` from ``offset`` on (the caller owns ``fd``)."""
+
+    def __init__(self, fd: int, offset: int = 0, max_bytes: int | None = None):
+        self.fd = fd
+        self.offset = offset
+        self.max_bytes = max_bytes
+        self.received = 0
+        self._hash = hashlib.sha256()
+        self.sha256 = ""
+        #: another digest fed the same bytes (a tus PATCH's Upload-Checksum)
+        self.side_digest: Any = None
+        self._beside: ThreadPoolExecutor | None = None
+
+    def check_size(self, total: int) -> None:
+        """``total`` bytes have arrived (counted on the loop, ahead of the writes)."""
+        if self.max_bytes is not None and total > self.max_bytes:
+            raise TooLarge(f"upload exceeds the limit of {self.max_bytes} bytes")
+
+    def write(self, chunks: list[bytes]) -> None:
+        """On a worker thread: hash (hashlib releases the GIL) and append."""
+        try:
+            for chunk in chunks:
+                self._hash.update(chunk)
+                if self.side_digest is not None:
+                    self.side_digest.update(chunk)
+            views = [memoryview(c).cast("B") for c in chunks if len(c)]
+            while views:
+                written = os.pwritev(self.fd, views[:IOV_MAX], self.offset)
+                self.offset += written
+                self.received += written
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if written:
+                    views[0] = views[0][written:]
+        except OSError as exc:
+            raise to_service_error(exc) or exc from None
+
+    def write_beside(self, chunks: list[bytes], work: Callable[[list[bytes]], None]) -> None:
+        """:meth:`write` on this receiver's own thread while ``work`` (the frame
+        processing of the same bytes) runs on the calling one: hashing and the scratch
+        copy then cost no time on the path of the frames."""
+        if self._beside is None:
+            self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrc-receive")
+        pending = self._beside.submit(self.write, chunks)
+        try:
+            work(chunks)
+        finally:
+            pending.result()
+
+    def close(self) -> None:
+        if self._beside is not None:
+            self._beside.shutdown()
+            self._beside = None
+
+    def digest(self, expected: str | None = None) -> str:
+        """The SHA-256 of everything written; a client's ``expected`` digest must match."""
+        self.sha256 = self._hash.hexdigest()
+        if expected and expected != self.sha256:
+            raise DigestMismatch(f"the body's SHA-256 is {self.sha256}, the client said "
+                                 f"{expected}; nothing was stored")
+        return self.sha256
+
+
+class ScratchCopy:
+    """The scratch file behind a :class:`Receiver` for a one-request upload."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self._temp = LockedTempFile(folder / "upload")
+        self.path = self._temp.path
+        self.receiver = Receiver(self._temp.fd, 0, max_bytes)
+
+    def keep(self) -> Path:
+        """Make the copy durable and give up ownership of its path (it is about to be
+        moved into the datastore)."""
+        self.receiver.close()
+        try:
+            os.fsync(self._temp.fd)
+        except OSError as exc:
+            raise to_service_error(exc) or exc from None
+        self._temp.close()
+        return self.path
+
+    def discard(self) -> None:
+        self.receiver.close()
+        self._temp.discard()
+
+
+async def pump(chunks: AsyncIterator[bytes], receiver: Receiver,
+               consume: Callable[[list[bytes]], None],
+               first: Callable[[bytes], None] | None = None,
+               keep_partial: bool = False) -> None:
+    """Read ``chunks`` to the end. ``first(bytes)`` sees the first 1024 bytes on the loop
+    before anything is written (the header check); then each ~4 MiB list goes to
+    ``consume`` on a worker thread, one list in flight while the next fills.
+    ``keep_partial``: when the body breaks off (the client went away), what arrived is
+    still consumed before the error goes on (a tus upload resumes from there)."""
+    pending: asyncio.Future | None = None
+    batch: list[bytes] = []
+    batched = 0
+    total = receiver.received  # what earlier requests gave (tus), then this one's bytes
+    checked = first is None
+    try:
+        async for chunk in _flushing(chunks, lambda: batch if keep_partial and checked
+                                     else None, consume, lambda: pending):
+            if not chunk:
+                continue
+            total += len(chunk)
+            receiver.check_size(total)
+            batch.append(chunk)
+            batched += len(chunk)
+            if not checked and batched >= 1024:
+                first(b"".join(batch)[:1024])  # type: ignore[misc]
+                checked = True
+            if checked and batched >= BLOCK:
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(anyio.to_thread.run_sync(consume, batch))
+                batch, batched = [], 0
+        if pending is not None:
+            await pending
+            pending = None
+        if not checked:
+            first(b"".join(batch))  # type: ignore[misc]  # under 1024 bytes: refused
+        if batch:
+            await anyio.to_thread.run_sync(consume, batch)
+    except BaseException:
+        if pending is not None:
+            await asyncio.gather(pending, return_exceptions=True)
+        raise
+
+
+async def _flushing(chunks: AsyncIterator[bytes], partial: Callable[[], list[bytes] | None],
+                    consume: Callable[[list[bytes]], None],
+                    pending: Callable[[], asyncio.Future | None]) -> AsyncIterator[bytes]:
+    """``chunks``, but if reading them fails, the batch gathered so far (``partial()``)
+    is consumed first, after the batch in flight."""
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        except BaseException:
+            batch = partial()
+            if batch:
+                in_flight = pending()
+                if in_flight is not None:
+                    await asyncio.gather(in_flight, return_exceptions=True)
+                await anyio.to_thread.run_sync(consume, list(batch))
+                batch.clear()
+            raise
+        yield chunk
