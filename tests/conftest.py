@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 
+#: real servers the tests start: PostgreSQL (postgres, pg_url) and SeaweedFS (seaweedfs)
+pytest_plugins = ["tests.postgres", "tests.servers"]
+
 SETTINGS_PREFIX = "MRC_INGEST_"
 
 for _name in [n for n in os.environ if n.startswith(SETTINGS_PREFIX)]:

@@ -1,0 +1,77 @@
+"""The catalog's engine and the row helpers every part of it uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .clock import db_now
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(url: str, pool_size: int = 10) -> Engine:
+    """SQLite (embedded, WAL) or PostgreSQL through psycopg 3 with a connection pool
+    that checks a connection before handing it out, so a restarted database is
+    reconnected to instead of failing the next request."""
+    if url.startswith("sqlite"):
+        database = sa.engine.make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False,
+                                                     "timeout": 30})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size,
+                            pool_pre_ping=True, pool_recycle=1800, pool_timeout=10,
+                            connect_args={"connect_timeout": 5,
+                                          "application_name": "mrc-ingest"})
+
+
+class CatalogBase:
+    """Engine, dialect and the generic row operations."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.is_postgres = self.dialect == "postgresql"
+
+    def now(self, plus_seconds: float | None = None) -> sa.ColumnElement[str]:
+        """The database's time, as catalog text (see :mod:`.clock`)."""
+        return db_now(self.dialect, plus_seconds)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(1)).scalar() == 1
+
+    def _insert(self, table: sa.Table, row: dict[str, Any]) -> dict[str, Any] | None:
+        with self.engine.begin() as conn:
+            conn.execute(table.insert().values(**row))
+        return self._by_id(table, row["id"])
+
+    def _delete(self, table: sa.Table, row_id: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(table.delete().where(table.c.id == row_id)).rowcount > 0
+
+    def _by_id(self, table: sa.Table, row_id: str,
+               columns: list[sa.Column] | None = None) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(*(columns or [table]))
+                               .where(table.c.id == row_id)).first()
+        return dict(row._mapping) if row else None
+
+    def _rows(self, query: sa.Select) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]

@@ -1,0 +1,322 @@
+"""Datasets and what hangs off them: sidecars, cached conversions, particle sets; the
+paged, filtered listing and the name search."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+
+from .base import CatalogBase
+from .schema import (DATASET_STATES, DETAIL_COLUMNS, LIVE_STATUSES, SORT_KEYS,
+                     SUMMARY_COLUMNS, conversions, datasets, jobs, particle_sets, sidecars)
+
+#: (column, DatasetQuery field of the inclusive lower bound, ... of the upper bound)
+RANGE_FILTERS = (("total_dose", "min_dose", "max_dose"),
+                 ("pixel_size", "min_pixel_size", "max_pixel_size"),
+                 ("exposure_s", "min_exposure", "max_exposure"),
+                 ("nz", "min_frames", "max_frames"))
+#: A name substring matching at most this many rows is looked up in the trigram index;
+#: a commoner one is found faster by walking the sort order and testing each name.
+RARE_NAME_ROWS = 2000
+#: ... and a page of a common one is looked for first among this many rows in sort order.
+NAME_WINDOW = 5000
+
+
+class CursorError(ValueError):
+    """A pagination cursor that this catalog did not issue (or for another sort)."""
+
+
+@dataclass(frozen=True)
+class DatasetQuery:
+    status: str | None = None
+    mode: int | None = None
+    sha256: str | None = None
+    voltage_kv: float | None = None
+    min_dose: float | None = None
+    max_dose: float | None = None
+    camera: str | None = None
+    min_pixel_size: float | None = None   # Å
+    max_pixel_size: float | None = None
+    min_exposure: float | None = None     # s
+    max_exposure: float | None = None
+    min_frames: int | None = None
+    max_frames: int | None = None
+    source: str | None = None
+    name: str | None = None            # substring, case-insensitive
+    created_after: str | None = None   # ISO text, exclusive
+    created_before: str | None = None  # ISO text, exclusive
+    sort: str = "created_at"
+    descending: bool = True
+    limit: int = 50
+    cursor: str | None = None
+
+
+def _encode_cursor(sort: str, value: Any, row_id: str) -> str:
+    raw = json.dumps([sort, value, row_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, sort: str) -> tuple[Any, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        cursor_sort, value, row_id = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise CursorError(f"cursor {cursor!r} is not one this service issued") from exc
+    if cursor_sort != sort or not isinstance(row_id, str):
+        raise CursorError(f"cursor was issued for sort={cursor_sort!r}, not sort={sort!r}")
+    return value, row_id
+
+
+def escape_like(text: str) -> str:
+    """``text`` with LIKE's own wildcards escaped (escape character ``\\``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def like_pattern(text: str) -> str:
+    """``%text%``: a substring match of ``text`` taken literally."""
+    return f"%{escape_like(text)}%"
+
+
+class DatasetRows(CatalogBase):
+    #: SQLite with FTS5 trigram support: the datasets_name index exists (migrations)
+    name_index = False
+
+    # -- datasets ---------------------------------------------------------------------
+
+    def add_dataset(self, **row: Any) -> dict[str, Any] | None:
+        stamp = self.now()
+        return self._insert(datasets, {"created_at": stamp, "updated_at": stamp, "info": {},
+                                       **row})
+
+    def update_dataset(self, dataset_id: str, *, fence: tuple[str, str] | None = None,
+                       **fields: Any) -> bool:
+        """Update a dataset; ``fence=(job id, owner)`` makes the write happen only while
+        that worker still holds that job's lease (a worker that lost it writes nothing).
+        False when no row was written."""
+        fields["updated_at"] = self.now()
+        condition = datasets.c.id == dataset_id
+        if fence is not None:
+            condition = sa.and_(condition, sa.exists().where(
+                jobs.c.id == fence[0], jobs.c.lease_owner == fence[1],
+                jobs.c.state == "running"))
+        with self.engine.begin() as conn:
+            result = conn.execute(datasets.update().where(condition).values(**fields))
+        return result.rowcount > 0
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        return self._by_id(datasets, dataset_id, DETAIL_COLUMNS)
+
+    def frame_stats(self, dataset_id: str) -> tuple[bool, Any]:
+        """(whether the dataset exists, its per-frame statistics or None)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(datasets.c.frame_stats)
+                               .where(datasets.c.id == dataset_id)).first()
+        return (row is not None, row[0] if row is not None else None)
+
+    def find_by_sha256(self, sha256: str, statuses: Iterable[str] = LIVE_STATUSES,
+                       exclude_id: str | None = None) -> dict[str, Any] | None:
+        query = (sa.select(*DETAIL_COLUMNS).where(datasets.c.sha256 == sha256,
+                                                  datasets.c.status.in_(list(statuses)))
+                 .order_by(datasets.c.created_at).limit(1))
+        if exclude_id is not None:
+            query = query.where(datasets.c.id != exclude_id)
+        rows = self._rows(query)
+        return rows[0] if rows else None
+
+    def find_registration(self, path: str, statuses: Iterable[str]) -> list[dict[str, Any]]:
+        return self._rows(sa.select(*DETAIL_COLUMNS).where(
+            datasets.c.source == "registration", datasets.c.path == path,
+            datasets.c.status.in_(list(statuses))).order_by(datasets.c.created_at))
+
+    def delete_dataset(self, dataset_id: str) -> bool:
+        with self.engine.begin() as conn:
+            conn.execute(jobs.delete().where(jobs.c.dataset_id == dataset_id))
+            conn.execute(sidecars.delete().where(sidecars.c.dataset_id == dataset_id))
+            conn.execute(conversions.delete().where(conversions.c.dataset_id == dataset_id))
+            result = conn.execute(datasets.delete().where(datasets.c.id == dataset_id))
+        return result.rowcount > 0
+
+    def datasets_in_status(self, status: str, older_than_seconds: float | None = None
+                           ) -> list[dict[str, Any]]:
+        query = sa.select(*DETAIL_COLUMNS).where(datasets.c.status == status)
+        if older_than_seconds is not None:
+            query = query.where(datasets.c.updated_at < self.now(-older_than_seconds))
+        return self._rows(query)
+
+    def list_datasets(self, q: DatasetQuery) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of dataset summaries, and the cursor of the next page (None at the
+        end). Keyset pagination on (sort key, id): stable while rows are added."""
+        if q.sort not in SORT_KEYS:
+            raise CursorError(f"sort must be one of {SORT_KEYS}, got {q.sort!r}")
+        key, tie = datasets.c[q.sort], datasets.c.id
+        query = sa.select(*SUMMARY_COLUMNS)
+        for column, value in (("status", q.status), ("mode", q.mode), ("source", q.source),
+                              ("sha256", q.sha256), ("voltage_kv", q.voltage_kv),
+                              ("camera", q.camera)):
+            if value is not None:
+                query = query.where(datasets.c[column] == value)
+        for column, low, high in RANGE_FILTERS:
+            if getattr(q, low) is not None:
+                query = query.where(datasets.c[column] >= getattr(q, low))
+            if getattr(q, high) is not None:
+                query = query.where(datasets.c[column] <= getattr(q, high))
+        if q.created_after:
+            query = query.where(datasets.c.created_at > q.created_after)
+        if q.created_before:
+            query = query.where(datasets.c.created_at < q.created_before)
+        if q.cursor:
+            value, row_id = _decode_cursor(q.cursor, q.sort)
+            if q.descending:
+                query = query.where(sa.or_(key < value, sa.and_(key == value, tie < row_id)))
+            else:
+                query = query.where(sa.or_(key > value, sa.and_(key == value, tie > row_id)))
+        order = (key.desc(), tie.desc()) if q.descending else (key.asc(), tie.asc())
+        rows = None
+        if q.name:
+            rows = self._common_name_page(query.order_by(*order), q)
+            if rows is None:
+                query = query.where(self._name_condition(q.name))
+        if rows is None:
+            rows = self._rows(query.order_by(*order).limit(q.limit + 1))
+        if len(rows) <= q.limit:
+            return rows, None
+        rows = rows[:q.limit]
+        return rows, _encode_cursor(q.sort, rows[-1][q.sort], rows[-1]["id"])
+
+    def _common_name_page(self, ordered: sa.Select, q: DatasetQuery) -> list[dict] | None:
+        """A full page for a common name substring, found among the next NAME_WINDOW rows
+        in sort order; None when that window holds too few matches (a rarer substring,
+        which the trigram index serves instead)."""
+        window = ordered.limit(NAME_WINDOW).subquery()
+        inner_key, inner_tie = window.c[q.sort], window.c.id
+        order = (inner_key.desc(), inner_tie.desc()) if q.descending else \
+            (inner_key.asc(), inner_tie.asc())
+        rows = self._rows(sa.select(window).where(
+            window.c.name.ilike(like_pattern(q.name), escape="\\")).order_by(*order)
+            .limit(q.limit + 1))
+        return rows if len(rows) > q.limit else None
+
+    def _name_condition(self, text: str) -> sa.ColumnElement[bool]:
+        """The exact, case-insensitive substring test. On PostgreSQL a pg_trgm GIN index
+        serves it directly; on SQLite an FTS5 trigram table narrows the rows first."""
+        like = datasets.c.name.ilike(like_pattern(text), escape="\\")
+        if not self.name_index or len(text) < 3:  # trigrams need three characters
+            return like
+        # Without ESCAPE (which the trigram index cannot serve) '%' and '_' in the text act
+        # as wildcards here: a superset, which the exact LIKE above then narrows.
+        with self.engine.connect() as conn:
+            rowids = conn.exec_driver_sql(
+                "SELECT rowid FROM datasets_name WHERE name LIKE ? LIMIT ?",
+                (f"%{text}%", RARE_NAME_ROWS + 1)).scalars().all()
+        if len(rowids) > RARE_NAME_ROWS:
+            return like
+        return sa.and_(sa.literal_column("datasets.rowid").in_(rowids), like)
+
+    def count_datasets_by_status(self) -> dict[str, int]:
+        query = sa.select(datasets.c.status, sa.func.count()).group_by(datasets.c.status)
+        with self.engine.connect() as conn:
+            counts = dict(conn.execute(query).all())
+        return {state: counts.get(state, 0) for state in DATASET_STATES}
+
+    def storage_totals(self) -> dict[str, int]:
+        """Bytes received and bytes stored over all datasets."""
+        query = sa.select(sa.func.coalesce(sa.func.sum(datasets.c.size_bytes), 0),
+                          sa.func.coalesce(sa.func.sum(datasets.c.stored_bytes), 0))
+        with self.engine.connect() as conn:
+            received, stored = conn.execute(query).one()
+        return {"received": int(received), "stored": int(stored)}
+
+    # -- sidecars ---------------------------------------------------------------------
+
+    def add_sidecar(self, **row: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sidecars.insert().values(created_at=self.now(), **row))
+
+    def sidecars_of(self, dataset_id: str) -> list[dict[str, Any]]:
+        return self._rows(sa.select(sidecars).where(sidecars.c.dataset_id == dataset_id)
+                          .order_by(sidecars.c.created_at, sidecars.c.id))
+
+    def pending_sidecars(self) -> list[dict[str, Any]]:
+        return self._rows(sa.select(sidecars).where(sidecars.c.dataset_id.is_(None))
+                          .order_by(sidecars.c.created_at, sidecars.c.id))
+
+    def attach_sidecar(self, sidecar_id: str, dataset_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sidecars.update().where(sidecars.c.id == sidecar_id)
+                         .values(dataset_id=dataset_id))
+
+    def datasets_named_like(self, prefix: str) -> list[dict[str, Any]]:
+        """Live datasets whose name starts with ``prefix`` (sidecar matching)."""
+        return self._rows(sa.select(*DETAIL_COLUMNS).where(
+            datasets.c.name.like(f"{escape_like(prefix)}%", escape="\\"),
+            datasets.c.status.in_(LIVE_STATUSES)).order_by(datasets.c.created_at.desc()))
+
+    # -- converted downloads ----------------------------------------------------------
+
+    def record_conversion(self, dataset_id: str, key: str, size: int) -> None:
+        """A conversion is stored (or was just served): count its bytes once, mark it
+        used now."""
+        stamp = self.now()
+        with self.engine.begin() as conn:
+            touched = conn.execute(conversions.update().where(
+                conversions.c.dataset_id == dataset_id, conversions.c.key == key)
+                .values(used_at=stamp)).rowcount
+            if touched:
+                return
+            try:
+                with conn.begin_nested():  # another replica may record it at the same time
+                    conn.execute(conversions.insert().values(
+                        dataset_id=dataset_id, key=key, bytes=size, created_at=stamp,
+                        used_at=stamp))
+            except sa.exc.IntegrityError:
+                return
+            conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(
+                stored_bytes=sa.func.coalesce(datasets.c.stored_bytes, 0) + size))
+
+    def forget_conversion(self, dataset_id: str, key: str) -> None:
+        with self.engine.begin() as conn:
+            gone = conn.execute(conversions.delete().where(
+                conversions.c.dataset_id == dataset_id, conversions.c.key == key)
+                .returning(conversions.c.bytes)).first()
+            if gone is not None:
+                conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(
+                    stored_bytes=datasets.c.stored_bytes - gone[0]))
+
+    def conversion_exists(self, dataset_id: str, key: str) -> bool:
+        return bool(self._rows(sa.select(conversions.c.key).where(
+            conversions.c.dataset_id == dataset_id, conversions.c.key == key)))
+
+    def conversions_to_evict(self, limit_bytes: int,
+                             keep: str | None = None) -> list[dict[str, Any]]:
+        """The least recently used conversions to drop so that the rest fit
+        ``limit_bytes`` (never ``keep``)."""
+        with self.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(conversions.c.bytes),
+                                                            0))).scalar()
+            if total <= limit_bytes:
+                return []
+            out = []
+            for row in conn.execute(sa.select(conversions).order_by(conversions.c.used_at)):
+                if total <= limit_bytes:
+                    break
+                if row.key == keep:
+                    continue
+                out.append(dict(row._mapping))
+                total -= row.bytes
+        return out
+
+    # -- particle sets ----------------------------------------------------------------
+
+    def add_particle_set(self, **row: Any) -> dict[str, Any] | None:
+        return self._insert(particle_sets, {"created_at": self.now(), **row})
+
+    def get_particle_set(self, set_id: str) -> dict[str, Any] | None:
+        return self._by_id(particle_sets, set_id)
+
+    def delete_particle_set(self, set_id: str) -> bool:
+        return self._delete(particle_sets, set_id)

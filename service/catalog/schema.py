@@ -1,0 +1,158 @@
+"""The catalog's tables: datasets, their sidecars and cached conversions, jobs, resumable
+uploads, particle sets. One definition for SQLite and PostgreSQL; Alembic migrations
+(``migrations/versions``) bring any older catalog to it.
+
+Times are fixed-width ISO 8601 UTC text (``2026-11-29T00:22:47.123456+00:00``), written
+by the database's own clock (:mod:`.clock`), so text order is time order on both
+backends and every replica agrees on "now". The JSON column ``info`` holds what only the
+detail view needs (header, findings, stats, storage, timings); the other columns are what
+lists filter and sort on.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+DATASET_STATES = ("receiving", "queued", "processing", "ready", "rejected", "failed")
+#: statuses a re-upload of the same bytes is answered from (no second copy is kept)
+LIVE_STATUSES = ("receiving", "queued", "processing", "ready")
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+UNFINISHED_JOB_STATES = ("queued", "running")
+
+datasets = sa.Table(
+    "datasets", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),       # upload | registration
+    sa.Column("status", sa.String(16), nullable=False),       # DATASET_STATES
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("updated_at", sa.String(32), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),   # the file as received
+    sa.Column("sha256", sa.String(64)),
+    sa.Column("path", sa.Text, nullable=False),               # registrations: the user's file
+    sa.Column("mode", sa.Integer),
+    sa.Column("nx", sa.Integer),
+    sa.Column("ny", sa.Integer),
+    sa.Column("nz", sa.Integer),
+    sa.Column("dtype", sa.String(32)),
+    sa.Column("pixel_size", sa.Float),                        # Å, X axis
+    sa.Column("stored_bytes", sa.BigInteger),                 # everything kept for it
+    sa.Column("voltage_kv", sa.Float),
+    sa.Column("total_dose", sa.Float),                        # e-/Å², all images
+    sa.Column("exposure_s", sa.Float),
+    sa.Column("magnification", sa.Float),
+    sa.Column("camera", sa.String(64)),
+    sa.Column("frame_stats", sa.JSON),                        # per frame mean/std/min/max
+    sa.Column("progress", sa.JSON),                           # while in flight, else null
+    sa.Column("info", sa.JSON, nullable=False, default=dict),
+)
+# Newest-first listing under any one or two equality filters walks one index in order.
+DATASET_INDEXES = (
+    ("created_at", "id"), ("status", "created_at", "id"), ("mode", "created_at", "id"),
+    ("source", "created_at", "id"), ("status", "mode", "created_at", "id"),
+    ("status", "source", "created_at", "id"), ("mode", "source", "created_at", "id"),
+    ("name", "id"), ("size_bytes", "id"), ("sha256",), ("voltage_kv", "created_at", "id"),
+    ("total_dose",), ("camera", "created_at", "id"), ("pixel_size",), ("exposure_s",),
+    ("nz",))
+for _cols in DATASET_INDEXES:
+    sa.Index(f"ix_datasets_{'_'.join(_cols)}", *(datasets.c[c] for c in _cols))
+#: One live upload per content: two uploads of the same bytes committing at the same
+#: instant (on one replica or two) cannot both become datasets.
+LIVE_UPLOAD_SHA256 = sa.and_(datasets.c.sha256.isnot(None), datasets.c.source == "upload",
+                             datasets.c.status.in_(LIVE_STATUSES))
+sa.Index("uq_datasets_live_upload_sha256", datasets.c.sha256, unique=True,
+         sqlite_where=LIVE_UPLOAD_SHA256, postgresql_where=LIVE_UPLOAD_SHA256)
+
+#: SerialEM .mdoc / Direct Electron info.txt files, attached to their movie's dataset
+#: (dataset_id) or waiting for it to arrive (dataset_id NULL).
+sidecars = sa.Table(
+    "sidecars", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),          # mdoc | de_info
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("dataset_id", sa.String(32), index=True),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
+
+#: cryoSPARC .cs particle sets (the .cs and its exports live in the datastore)
+particle_sets = sa.Table(
+    "particle_sets", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("folder", sa.Text, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("info", sa.JSON, nullable=False, default=dict),
+)
+
+#: tus resumable uploads: in progress, or finished (completed_at set). With an object
+#: store the bytes are the parts of an S3 multipart upload (multipart_id, parts) plus a
+#: tail shorter than one part kept as a small object until the next PATCH completes it.
+tus_uploads = sa.Table(
+    "tus_uploads", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("length", sa.BigInteger, nullable=False),
+    sa.Column("offset", sa.BigInteger, nullable=False),
+    sa.Column("metadata", sa.JSON, nullable=False, default=dict),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("expires_at", sa.String(32), nullable=False, index=True),
+    sa.Column("dataset_id", sa.String(32), index=True),       # reserved at creation
+    sa.Column("completed_at", sa.String(32)),                 # set once every byte is in
+    sa.Column("multipart_id", sa.Text),                       # S3: the multipart upload
+    sa.Column("parts", sa.JSON),                              # S3: [[number, size, etag]]
+    sa.Column("pending_bytes", sa.BigInteger, nullable=False, default=0),  # S3: the tail
+    sa.Column("pending_key", sa.Text),                        # S3: the tail's object
+)
+
+#: converted downloads kept in the datastore (a cache bounded in bytes, least recently
+#: used first out); their bytes count in their dataset's stored_bytes
+conversions = sa.Table(
+    "conversions", metadata,
+    sa.Column("dataset_id", sa.String(32), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("used_at", sa.String(32), nullable=False, index=True),
+)
+
+#: Jobs are rows leased by workers (pgqueuer/river pattern, DESIGN section 10): a worker
+#: claims a queued row (or one whose lease expired) with SELECT ... FOR UPDATE SKIP
+#: LOCKED, renews the lease while it works, and every renewal and completion is guarded
+#: by lease_owner, so a worker that lost its lease writes nothing.
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),         # upload|ingest|convert|verify
+    sa.Column("dataset_id", sa.String(32), nullable=False, index=True),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("target", sa.JSON),                             # convert: the Target fields
+    sa.Column("done", sa.BigInteger, nullable=False, default=0),
+    sa.Column("total", sa.BigInteger, nullable=False, default=0),
+    sa.Column("error", sa.JSON),                              # {"error": code, "detail": ...}
+    sa.Column("result", sa.JSON),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("started_at", sa.String(32)),
+    sa.Column("finished_at", sa.String(32)),
+    sa.Column("priority", sa.Integer, nullable=False, default=100),  # lower runs first
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("max_attempts", sa.Integer, nullable=False, default=3),
+    sa.Column("run_after", sa.String(32), nullable=False),    # not before this time
+    sa.Column("lease_owner", sa.String(96)),
+    sa.Column("lease_expires_at", sa.String(32)),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("dedup_key", sa.String(160)),                   # one unfinished job per key
+)
+sa.Index("ix_jobs_claim", jobs.c.state, jobs.c.run_after, jobs.c.priority)
+UNFINISHED_DEDUP = sa.and_(jobs.c.dedup_key.isnot(None),
+                           jobs.c.state.in_(UNFINISHED_JOB_STATES))
+sa.Index("uq_jobs_unfinished_dedup", jobs.c.dataset_id, jobs.c.dedup_key, unique=True,
+         sqlite_where=UNFINISHED_DEDUP, postgresql_where=UNFINISHED_DEDUP)
+
+SORT_KEYS = ("created_at", "name", "size_bytes")
+SUMMARY_COLUMNS = [c for c in datasets.c if c.name not in ("info", "path", "frame_stats")]
+#: columns a detail read needs (the per-frame statistics have their own endpoint)
+DETAIL_COLUMNS = [c for c in datasets.c if c.name != "frame_stats"]
