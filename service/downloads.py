@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 
 from . import mrc
 from .catalog import Catalog
-from .errors import BadRequest, Conflict, RangeNotSatisfiable, to_service_error
-from .jobs import JobFailed, JobQueue
+from .errors import BadRequest, Conflict, RangeNotSatisfiable, from_body
+from .jobs import JobQueue
 from .pipeline import target_from_dict, target_to_dict
 from .queries import Queries
 from .readers import Readers
@@ -113,32 +113,41 @@ class Downloads:
         return None
 
     def request_conversion(self, dataset_id: str, target: mrc.Target) -> dict[str, Any]:
-        """Queue a conversion job (it waits for the dataset's ingest if that is running)."""
+        """Queue a conversion job (it waits for the dataset's ingest if that is running).
+        The same conversion asked for again while one is queued or running, on any
+        replica, is that job."""
         dataset = self.queries.dataset(dataset_id)
         if dataset["status"] in ("rejected", "failed"):
             raise Conflict(f"dataset {dataset_id} is {dataset['status']}; nothing to convert")
-        return self.submit_job("convert", dataset_id, target_to_dict(target))[0]
+        return self.submit_job("convert", dataset_id, target_to_dict(target),
+                               dedup_key=PurePath(conversion_key(dataset_id, target)).name)
 
     async def converted(self, dataset_id: str, target: mrc.Target) -> Download:
-        """``target``, converting now (on the pool) if it is not stored yet."""
+        """``target``, converting now (by a worker) if it is not stored yet."""
         dataset = await asyncio.to_thread(self.queries.ready_dataset, dataset_id)
         key = await asyncio.to_thread(self.stored_conversion, dataset, target)
         if key is None:
-            _job, future = await asyncio.to_thread(self.submit_job, "convert", dataset_id,
-                                                   target_to_dict(target))
-            try:
-                await asyncio.wrap_future(future)
-            except JobFailed as exc:
-                mapped = to_service_error(exc.__cause__) if exc.__cause__ else None
-                if mapped is None:
-                    raise
-                raise mapped from None
+            job = await asyncio.to_thread(self.request_conversion, dataset_id, target)
+            await self.wait_for(job["id"])
             key = await asyncio.to_thread(self.stored_conversion, dataset, target)
             if key is None:  # evicted between conversion and now: cache far too small
                 raise Conflict("the conversion was evicted before it could be served; "
                                "raise MRC_INGEST_CONVERSION_CACHE_BYTES")
         return self.object_download(key, download_name(dataset["name"], target),
                                     f'"{dataset["sha256"]}-{PurePath(key).name}"')
+
+    async def wait_for(self, job_id: str, poll_seconds: float = 0.1) -> dict[str, Any]:
+        """Until the job is done (a worker here or on another replica ran it): its row.
+        A failed job raises its recorded error, typed, as the request's own."""
+        finished_here = self.queue.finished_event(job_id)
+        while True:
+            job = await asyncio.to_thread(self.queries.job, job_id)
+            if job["state"] == "done":
+                return job
+            if job["state"] in ("failed", "cancelled"):
+                raise from_body(job["error"] or {"error": "conflict",
+                                                 "detail": f"job {job_id} was cancelled"})
+            await asyncio.to_thread(finished_here.wait, poll_seconds)
 
     def job_result(self, job_id: str) -> Download:
         """The converted file of a finished conversion job."""

@@ -28,6 +28,8 @@ import numpy as np
 from .catalog import Catalog
 from .config import Settings
 from .datastore import DataStore
+from sqlalchemy import exc as sa_exc
+
 from .errors import Conflict
 from .mrc.archiver import FORM_ARCHIVE, ArchiveOutcome, ArchivePolicy, Archiver
 from .mrc.stream import StreamCutter
@@ -91,7 +93,7 @@ class IngestPass:
                  normalize: bool | None, original: OriginalBytes,
                  declared_size: int | None = None, create_row: bool = False,
                  phase: str = "receiving", job_id: str | None = None,
-                 registered_path: str = ""):
+                 registered_path: str = "", fence: tuple[str, str] | None = None):
         self.deps = deps
         self.dataset_id, self.name, self.source = dataset_id, name, source
         self.normalize = deps.settings.normalize if normalize is None else normalize
@@ -99,6 +101,8 @@ class IngestPass:
         self.declared_size = declared_size
         self.create_row, self.phase, self.job_id = create_row, phase, job_id
         self.registered_path = registered_path
+        #: (job id, owner): the final write happens only while that lease is held
+        self.fence = fence
         #: called (on the feeding thread) once the dataset row exists
         self.on_row: Callable[[], None] | None = None
         #: merged into the dataset's info at the end (a registration's fingerprint)
@@ -153,8 +157,13 @@ class IngestPass:
         if (self.row_created or not self.create_row) and \
                 moment - self._last_progress >= PROGRESS_INTERVAL:
             self._last_progress = moment
-            if not self.deps.catalog.update_dataset(self.dataset_id,
-                                                    progress=self._progress()):
+            try:
+                exists = self.deps.catalog.update_dataset(self.dataset_id,
+                                                          progress=self._progress())
+            except sa_exc.DBAPIError:  # progress is best effort: a catalog hiccup is not
+                log.warning("progress not recorded", exc_info=True)  # a reason to fail
+                return
+            if not exists:
                 raise Conflict(f"dataset {self.dataset_id} was deleted while it was being "
                                "received; nothing was stored")
 
@@ -177,6 +186,15 @@ class IngestPass:
                                            self.cutter.header_findings + self.cutter.findings)
             try:
                 dataset = self._commit(outcome, sha256)
+            except sa_exc.IntegrityError:
+                # The same bytes became a dataset an instant ago, here or on another
+                # replica (the catalog keeps one live upload per content): that one.
+                existing = catalog.find_by_sha256(sha256, LIVE_STATUSES,
+                                                  exclude_id=self.dataset_id)
+                self.abort(delete_row=True)
+                if existing is None:
+                    raise
+                return {"dataset": existing, "duplicate": True}
             except BaseException:
                 self._remove_objects()
                 raise
@@ -225,7 +243,8 @@ class IngestPass:
         if not deps.finalize(dataset_id, info, fields,
                              source.extended if source is not None else None,
                              source.header if source is not None else None,
-                             source.layout.nz if source is not None else None):
+                             source.layout.nz if source is not None else None,
+                             fence=self.fence):
             raise Conflict(f"dataset {dataset_id} was deleted while it was being ingested")
         return deps.catalog.get_dataset(dataset_id)  # type: ignore[return-value]
 
@@ -256,14 +275,23 @@ class IngestPass:
         info["archive"] = archive
         return info
 
-    def abort(self, delete_row: bool | None = None) -> None:
+    def abort(self, delete_row: bool | None = None) -> bool:
         """The upload failed (or was a duplicate): nothing of it stays. The dataset row
-        goes too when this pass made it (or ``delete_row``)."""
+        goes too when this pass made it (or ``delete_row``), but only once its objects
+        are gone: while the store or catalog is away the row stays ``receiving`` and its
+        upload job's lease lapses, so a worker finishes the cleanup later
+        (:meth:`Pipeline.drop_upload`). True when everything is gone now."""
         self.archiver.abort()
         self.original.discard()
-        self._remove_objects()
-        if self.row_created if delete_row is None else delete_row:
-            self.deps.catalog.delete_dataset(self.dataset_id)
+        try:
+            self._remove_objects()
+            if self.row_created if delete_row is None else delete_row:
+                self.deps.catalog.delete_dataset(self.dataset_id)
+        except Exception:  # noqa: BLE001 - the request's own error is the one to report
+            log.warning("upload cleanup deferred to its lapsed job", exc_info=True,
+                        extra={"dataset_id": self.dataset_id})
+            return False
+        return True
 
     def _remove_objects(self) -> None:
         for key in (archive_key(self.dataset_id), record_key(self.dataset_id),

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 
 import anyio
 
-from .catalog import Catalog, now
+from .catalog import Catalog
 from .config import Settings
 from .errors import BadRequest, NotMrc, ServiceError, TooLarge
 from .ingest_pass import LIVE_STATUSES, IngestPass, LocalOriginal, PassDeps
@@ -113,6 +113,7 @@ class Intake:
                 await anyio.to_thread.run_sync(ingest.abort)
             elif scratch is not None:
                 scratch.discard()
+            self.queue.release(job_id)
             raise
         scratch.receiver.close()
         received = ingest.received
@@ -120,10 +121,12 @@ class Intake:
             self.metrics.uploads.labels("duplicate").inc()
             jobs = self.catalog.jobs_in_states(("queued", "running"), result["dataset"]["id"])
             return {**result, "job": jobs[0] if jobs else None}
-        job = self.catalog.finish_job(job_id, state="done", result={
+        self.catalog.complete_job(job_id, self.queue.owner, state="done", result={
             "status": result["dataset"]["status"],
             "findings": len(result["dataset"]["info"].get("findings", [])),
             "bytes_written": result["dataset"]["stored_bytes"] or 0})
+        self.queue.release(job_id)
+        job = self.catalog.get_job(job_id)
         seconds = result["dataset"]["info"]["timings"]["total_s"]
         job_log.info("job done", extra={"job_id": job_id, "dataset_id": dataset_id,
                                         "kind": "upload", "seconds": seconds})
@@ -135,29 +138,17 @@ class Intake:
                 "duplicate": False}
 
     def _start_upload_job(self, job_id: str, dataset_id: str) -> None:
-        """The upload's job: running from the header's arrival until the dataset is
-        committed (its row is what a restart finds of an upload that was cut off)."""
-        self.catalog.add_job(id=job_id, kind="upload", dataset_id=dataset_id,
-                             state="running", started_at=now())
+        """The upload's job: running, leased by this process, from the header's arrival
+        until the dataset is committed. If this process dies, the lease lapses and any
+        worker cleans up what the cut-off upload left (:meth:`Pipeline.drop_upload`)."""
+        catalog = self.catalog
+        catalog.add_job(id=job_id, kind="upload", dataset_id=dataset_id, state="running",
+                        started_at=catalog.now(),
+                        lease_owner=self.queue.owner,
+                        lease_expires_at=catalog.now(self.queue.lease_seconds))
+        self.queue.hold(job_id)
         job_log.info("job running", extra={"job_id": job_id, "dataset_id": dataset_id,
                                            "kind": "upload"})
-
-    def recover(self) -> list[str]:
-        """At start-up: uploads that were streaming when the service stopped cannot
-        resume (their client is gone); their datasets and partial objects go."""
-        dropped = []
-        for job in self.catalog.jobs_in_states(("queued", "running")):
-            if job["kind"] != "upload":
-                continue
-            dataset = self.catalog.get_dataset(job["dataset_id"])
-            if dataset is not None and dataset["status"] == "receiving":
-                self.catalog.delete_dataset(job["dataset_id"])
-                self.storage.remove_dataset(job["dataset_id"])
-            else:
-                self.catalog.finish_job(job["id"], state="failed", error={
-                    "error": "interrupted", "detail": "the service stopped during the upload"})
-            dropped.append(job["dataset_id"])
-        return dropped
 
     # -- sidecars -----------------------------------------------------------------
 
@@ -229,13 +220,10 @@ class Intake:
         return {"dataset": dataset, "job": self.queue_job("ingest", dataset_id),
                 "duplicate": False}
 
-    def queue_job(self, kind: str, dataset_id: str,
-                  target: dict[str, Any] | None = None) -> dict[str, Any]:
-        job = self.catalog.add_job(id=new_id(), kind=kind, dataset_id=dataset_id,
-                                   target=target)
+    def queue_job(self, kind: str, dataset_id: str) -> dict[str, Any]:
+        job = self.catalog.add_job(id=new_id(), kind=kind, dataset_id=dataset_id)
         assert job is not None
-        self.queue.submit(job["id"])
-        return job
+        return self.queue.submit(job)
 
 
 class _Counter:

@@ -1,56 +1,92 @@
-"""The job queue: a bounded thread pool that runs persisted jobs, reports progress to
-the catalog, and re-runs what a restart interrupted.
+"""Workers: threads that claim leased job rows from the catalog and run them.
 
-Jobs live in the catalog from the moment they are created (state ``queued``), so a crash
-loses nothing: :meth:`JobQueue.start` re-submits every job still ``queued`` or
-``running``. Re-running is safe because every output is written to a temporary name
-and renamed only when complete.
+Jobs live in the catalog, not in process memory (:mod:`service.catalog.jobs`): any
+worker of any replica may claim a queued job, or one whose lease expired because its
+worker died. A heartbeat renews the leases this process holds every third of the lease;
+a renewal that finds the lease gone (or a cancellation asked for) stops the job at its
+next progress report, and its last write, guarded by the lease owner, writes nothing.
+A failure retries with exponential backoff up to the job's ``max_attempts``; a failure
+that is the input's fault (a 4xx) fails at once. Workers wake on a new job in this
+process, on PostgreSQL's NOTIFY from another replica, and otherwise poll.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Protocol
+import uuid
+from collections import OrderedDict
+from typing import Any, Callable, Protocol, Sequence
 
-from .catalog import UNFINISHED_JOB_STATES, Catalog, now
-from .errors import error_body
+from .catalog import Catalog
+from .errors import ServiceError, error_body, to_service_error
 
 log = logging.getLogger("mrc_ingest.jobs")
 
 #: Progress goes to the catalog at most this often (seconds), plus once at the end.
 PROGRESS_INTERVAL = 0.25
+#: An idle worker looks for work at least this often, notified or not.
+POLL_SECONDS = 2.0
+#: A job that must wait (a conversion whose dataset is still ingesting) looks again after
+DEFER_SECONDS = 2.0
+NOTIFY_CHANNEL = "mrc_ingest_jobs"
+#: finished-job events kept for in-process waiters
+FINISHED_EVENTS_KEPT = 1024
+
+
+def replica_id() -> str:
+    """This process, as lease owner: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()[:48]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class JobCancelled(Exception):
-    """Raised inside a job (from its progress callback) when the job was cancelled."""
+    """Raised inside a job (from its progress callback) when it was cancelled or its
+    lease was lost."""
 
 
 class JobDeferred(Exception):
-    """Raised by a job that cannot run yet; it goes back to ``queued`` (not re-submitted:
-    whatever it waits for submits it again)."""
+    """Raised by a job that cannot run yet; it goes back to the queue for a while (not
+    counted as an attempt)."""
+
+
+class LeaseLost(JobCancelled):
+    """The job's lease was taken over: stop, write nothing."""
 
 
 class JobContext:
-    """What a running job may do: report progress (which is also where cancellation is
-    noticed) and read its own row."""
+    """What a running job may do: report progress (which is also where cancellation and
+    a lost lease are noticed) and name its lease for guarded writes."""
 
     def __init__(self, queue: "JobQueue", job: dict[str, Any], cancel: threading.Event):
         self.queue, self.job, self._cancel = queue, job, cancel
         self._last = 0.0
 
+    @property
+    def fence(self) -> tuple[str, str]:
+        """(job id, owner): catalog writes guarded by this lease."""
+        return self.job["id"], self.queue.owner
+
+    @property
+    def lost(self) -> bool:
+        return self.job["id"] in self.queue.lost
+
+    def check(self) -> None:
+        if self._cancel.is_set():
+            raise LeaseLost(self.job["id"]) if self.lost else JobCancelled(self.job["id"])
+
     def progress(self, done: int, total: int) -> bool:
         """Record progress (at most every PROGRESS_INTERVAL, and at the end); True when
         this call wrote it."""
-        if self._cancel.is_set():
-            raise JobCancelled(self.job["id"])
+        self.check()
         moment = time.monotonic()
         if done >= total or moment - self._last >= PROGRESS_INTERVAL:
             self._last = moment
-            self.queue.catalog.update_job(self.job["id"], done=done, total=total)
+            self.queue.catalog.update_job(self.job["id"], owner=self.queue.owner, done=done,
+                                          total=total)
             return True
         return False
 
@@ -59,123 +95,247 @@ class Runner(Protocol):
     def __call__(self, job: dict[str, Any], ctx: JobContext) -> dict[str, Any] | None: ...
 
 
+def retryable(exc: BaseException) -> bool:
+    """Worth another attempt: an unexpected error, or the catalog or object store away
+    for a moment. Not the input's fault (a 4xx fails the same way again), and not a full
+    disk (507), which needs an operator, not a retry."""
+    mapped = to_service_error(exc)
+    return mapped is None or mapped.status in (500, 502, 503, 504)
+
+
 class JobQueue:
-    def __init__(self, catalog: Catalog, workers: int, runner: Runner,
+    """``workers`` threads running jobs of ``kinds`` (all when None), plus a heartbeat.
+    With no workers, this process only queues jobs and tracks leases it holds itself
+    (uploads streaming into it)."""
+
+    def __init__(self, catalog: Catalog, workers: int, runner: Runner, *,
+                 lease_seconds: float = 30.0, owner: str | None = None,
+                 kinds: Sequence[str] | None = None,
                  on_finish: Callable[[dict[str, Any], str, float, dict[str, Any] | None],
                                      None] | None = None):
         self.catalog, self.workers, self.runner = catalog, workers, runner
+        self.lease_seconds = lease_seconds
+        self.owner = owner or replica_id()
+        self.kinds = list(kinds) if kinds is not None else None
         self.on_finish = on_finish
-        self._pool: ThreadPoolExecutor | None = None
-        self._futures: dict[str, Future] = {}
-        self._cancel: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-        self._stopping = False
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        #: job id -> cancel event, for every lease this process holds
+        self._held: dict[str, threading.Event] = {}
+        self._held_lock = threading.Lock()
+        #: jobs whose lease was found lost
+        self.lost: set[str] = set()
+        #: job id -> event set when it finishes here (in-process waiters; bounded)
+        self._done: OrderedDict[str, threading.Event] = OrderedDict()
+        self._done_lock = threading.Lock()
 
-    def start(self) -> list[str]:
-        """Start the pool and re-submit unfinished jobs; returns their ids."""
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mrc-job")
-        resumed = []
-        for job in self.catalog.jobs_in_states(UNFINISHED_JOB_STATES):
-            self.catalog.update_job(job["id"], state="queued", done=0)
-            self.submit(job["id"])
-            resumed.append(job["id"])
-        return resumed
+    # -- lifetime ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        for i in range(self.workers):
+            self._spawn(self._work, f"mrc-job-{i}")
+        self._spawn(self._heartbeat, "mrc-lease")
+        if self.catalog.is_postgres and self.workers:
+            self._spawn(self._listen, "mrc-notify")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def shutdown(self, wait: bool = True) -> None:
-        """Stop taking jobs. Running jobs are cancelled (their rows stay ``running`` and
-        are re-run at the next start) unless ``wait``."""
-        if self._pool is None:
-            return
-        self._stopping = True
-        if not wait:
-            for event in list(self._cancel.values()):
+        """Stop claiming. Running jobs are cancelled; their leases expire and another
+        worker (or this process after a restart) takes them over."""
+        self._stop.set()
+        with self._held_lock:
+            for event in self._held.values():
                 event.set()
-        self._pool.shutdown(wait=True, cancel_futures=not wait)
-        self._pool = None
-        self._stopping = False
+        with self._wake:
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30 if wait else 5)
+        self._threads = []
 
-    def submit(self, job_id: str) -> Future:
-        assert self._pool is not None, "JobQueue.start() first"
-        with self._lock:
-            if job_id in self._futures:
-                return self._futures[job_id]
-            cancel = threading.Event()
-            self._cancel[job_id] = cancel
-            future = self._pool.submit(self._run, job_id, cancel)
-            self._futures[job_id] = future
-        future.add_done_callback(lambda _f: self._forget(job_id))
-        return future
+    # -- queueing ---------------------------------------------------------------------
 
-    def cancel_dataset(self, dataset_id: str) -> list[str]:
-        """Cancel the dataset's unfinished jobs and wait until none of them runs."""
-        jobs = self.catalog.jobs_in_states(UNFINISHED_JOB_STATES, dataset_id=dataset_id)
-        futures = []
-        for job in jobs:
-            with self._lock:
-                event, future = self._cancel.get(job["id"]), self._futures.get(job["id"])
-            if event is not None:
-                event.set()
-            if future is not None:
-                futures.append(future)
-        for future in futures:
+    def submit(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Wake workers (here and, on PostgreSQL, on every replica) for a queued job."""
+        self.wake()
+        if self.catalog.is_postgres:
             try:
-                future.result(timeout=60)
-            except Exception:  # noqa: BLE001 - its outcome is recorded by _run
-                pass
-        return [job["id"] for job in jobs]
+                with self.catalog.engine.begin() as conn:
+                    conn.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+            except Exception:  # noqa: BLE001 - polling finds the job anyway
+                log.debug("NOTIFY failed", exc_info=True)
+        return job
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def finished_event(self, job_id: str) -> threading.Event:
+        """Set when ``job_id`` finishes in this process (waiters elsewhere poll)."""
+        with self._done_lock:
+            event = self._done.setdefault(job_id, threading.Event())
+            self._done.move_to_end(job_id)
+            while len(self._done) > FINISHED_EVENTS_KEPT:
+                self._done.popitem(last=False)
+        return event
 
     def pending(self) -> int:
-        with self._lock:
-            return sum(1 for f in self._futures.values() if not f.done())
+        return self.catalog.runnable_count()
 
-    def _forget(self, job_id: str) -> None:
-        with self._lock:
-            self._futures.pop(job_id, None)
-            self._cancel.pop(job_id, None)
+    # -- leases this process holds ----------------------------------------------------
 
-    def _run(self, job_id: str, cancel: threading.Event) -> dict[str, Any] | None:
-        job = self.catalog.get_job(job_id)
-        if job is None or job["state"] not in UNFINISHED_JOB_STATES:
-            return None  # deleted or finished while it waited
-        if cancel.is_set():
-            self.catalog.update_job(job_id, state="cancelled", finished_at=now())
-            return None
+    def hold(self, job_id: str) -> threading.Event:
+        """Keep renewing the lease of ``job_id`` (a job running here: a worker's, or an
+        upload streaming in); returns its cancel event."""
+        event = threading.Event()
+        with self._held_lock:
+            self._held[job_id] = event
+        return event
+
+    def release(self, job_id: str) -> None:
+        with self._held_lock:
+            self._held.pop(job_id, None)
+        self.lost.discard(job_id)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            with self._held_lock:
+                held = dict(self._held)
+            if not held:
+                continue
+            try:
+                renewed = self.catalog.renew_leases(self.owner, list(held), self.lease_seconds)
+            except Exception as exc:  # noqa: BLE001 - the catalog is away: try next beat
+                log.warning("lease renewal failed: %s",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                continue
+            for job_id, event in held.items():
+                if job_id not in renewed:
+                    self.lost.add(job_id)
+                    log.warning("job lease lost", extra={"job_id": job_id})
+                    event.set()
+                elif renewed[job_id]:
+                    event.set()  # cancellation asked for
+
+    def cancel_dataset(self, dataset_id: str, timeout: float = 60.0) -> list[str]:
+        """Cancel the dataset's unfinished jobs; wait (up to ``timeout``) until those
+        running in this process stopped. Jobs running elsewhere see the request at
+        their next lease renewal."""
+        running = self.catalog.request_cancel(dataset_id)
+        local = []
+        with self._held_lock:
+            for job_id in running:
+                if job_id in self._held:
+                    self._held[job_id].set()
+                    local.append(job_id)
+        deadline = time.monotonic() + timeout
+        for job_id in local:
+            self.finished_event(job_id).wait(max(0.0, deadline - time.monotonic()))
+        return running
+
+    # -- the workers ------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        """PostgreSQL LISTEN: wake the workers when another replica queues a job."""
+        import psycopg
+
+        dsn = self.catalog.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=POLL_SECONDS):
+                            self.wake()
+            except Exception:  # noqa: BLE001 - the database is away; polling goes on
+                self._stop.wait(POLL_SECONDS)
+
+    def _work(self) -> None:
+        away_since: float | None = None
+        while not self._stop.is_set():
+            try:
+                job = self.catalog.claim_job(self.owner, self.lease_seconds, self.kinds)
+            except Exception as exc:  # noqa: BLE001 - the catalog is away: wait, try again
+                # one line when it goes away, not a traceback every poll while it is
+                if away_since is None:
+                    away_since = time.monotonic()
+                    log.warning("catalog unreachable, cannot claim jobs: %s",
+                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self._stop.wait(POLL_SECONDS)
+                continue
+            if away_since is not None:
+                log.info("catalog back after %.1f s", time.monotonic() - away_since)
+                away_since = None
+            if job is None:
+                with self._wake:
+                    self._wake.wait(POLL_SECONDS)
+                continue
+            self._run(job)
+
+    def _run(self, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        cancel = self.hold(job_id)
         started = time.monotonic()
-        self.catalog.update_job(job_id, state="running", started_at=now())
         log.info("job running", extra={"job_id": job_id, "dataset_id": job["dataset_id"],
-                                       "kind": job["kind"]})
+                                       "kind": job["kind"], "attempt": job["attempts"]})
         state, result, error = "done", None, None
-        exc_seen: BaseException | None = None
         try:
+            if job["cancel_requested"]:
+                raise JobCancelled(job_id)
+            if job["attempts"] > job["max_attempts"]:
+                raise JobGaveUp(f"gave up after {job['max_attempts']} attempts (its worker "
+                                "stopped each time)")
             result = self.runner(job, JobContext(self, job, cancel))
         except JobDeferred:
-            self.catalog.update_job(job_id, state="queued")
-            return None
+            self.catalog.requeue_job(job_id, self.owner, delay_seconds=DEFER_SECONDS,
+                                     count_attempt=False)
+            self.release(job_id)
+            return
+        except LeaseLost:
+            log.warning("job stopped: lease lost", extra={"job_id": job_id})
+            self.release(job_id)
+            return
         except JobCancelled:
-            if self._stopping:  # shut down mid-job: leave it for the next start
-                return None
+            if self._stop.is_set():  # shut down mid-job: another worker takes it over
+                self.release(job_id)
+                return
             state = "cancelled"
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
-            state, error, exc_seen = "failed", error_body(exc), exc
+            error = error_body(exc)
             if error["error"] == "internal_error":
                 log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-        self.catalog.update_job(job_id, state=state, result=result, error=error,
-                                finished_at=now())
+            if retryable(exc) and not isinstance(exc, JobGaveUp) and \
+                    job["attempts"] < job["max_attempts"]:
+                delay = min(60.0, 2.0 ** job["attempts"])
+                log.warning("job will retry", extra={"job_id": job_id, "seconds": delay,
+                                                     "error": error["error"]})
+                self.catalog.requeue_job(job_id, self.owner, delay_seconds=delay,
+                                         error=error)
+                self.release(job_id)
+                return
+            state = "failed"
+        written = self.catalog.complete_job(job_id, self.owner, state=state, result=result,
+                                            error=error)
+        self.release(job_id)
         seconds = time.monotonic() - started
+        if not written:
+            log.warning("job result discarded: lease lost", extra={"job_id": job_id})
+            return
         log.log(logging.WARNING if state == "failed" else logging.INFO, f"job {state}",
                 extra={"job_id": job_id, "dataset_id": job["dataset_id"], "kind": job["kind"],
                        "seconds": round(seconds, 3),
                        **({"error": error["error"]} if error else {})})
+        self.finished_event(job_id).set()
         if self.on_finish:
             self.on_finish(job, state, seconds, result)
-        if error is not None:
-            raise JobFailed(error) from exc_seen
-        return result
 
 
-class JobFailed(Exception):
-    """The future of a failed job raises this, carrying the recorded error body."""
-
-    def __init__(self, body: dict[str, Any]):
-        self.body = body
-        super().__init__(body)
+class JobGaveUp(ServiceError):
+    """A job whose worker died in every attempt."""
+    status, code = 500, "gave_up"

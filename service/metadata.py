@@ -37,11 +37,13 @@ class Acquisition:
         fields.update(columns)
 
     def finalize(self, dataset_id: str, info: dict[str, Any], fields: dict[str, Any],
-                 extended: ExtendedHeader | None, header: Any, n_frames: int | None) -> bool:
-        """The final write of an ingest, summary included; False if the row is gone."""
+                 extended: ExtendedHeader | None, header: Any, n_frames: int | None,
+                 fence: tuple[str, str] | None = None) -> bool:
+        """The final write of an ingest, summary included (guarded by the job's lease
+        when ``fence`` is given); False if the row is gone or the lease was lost."""
         with self._lock:
             self._apply(dataset_id, info, fields, extended, header, n_frames)
-            return self.catalog.update_dataset(dataset_id, info=info, **fields)
+            return self.catalog.update_dataset(dataset_id, fence=fence, info=info, **fields)
 
     def refresh(self, dataset_id: str) -> dict[str, Any] | None:
         """Recompute a dataset's summary after a sidecar arrived."""

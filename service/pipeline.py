@@ -12,13 +12,13 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import mrc
 from .catalog import Catalog
 from .config import Settings
 from .errors import Conflict, NotFound, error_body
-from .ingest_pass import IngestPass, LocalOriginal, OriginalBytes, PassDeps
+from .ingest_pass import IngestPass, OriginalBytes, PassDeps
 from .jobs import JobCancelled, JobContext, JobDeferred
 from .mrc.stats import Stats
 from .readers import Readers, source_fingerprint
@@ -39,6 +39,12 @@ def target_from_dict(d: dict[str, Any]) -> mrc.Target:
                       clevel=d["clevel"], byte_order=d["byte_order"])
 
 
+def _file_blocks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(READ_BLOCK):
+            yield block
+
+
 def known_stats(dataset: dict[str, Any]) -> Stats | None:
     """The dataset's exact statistics from ingest (a lossless conversion keeps every
     value, so they are the output's too)."""
@@ -56,14 +62,19 @@ class Pipeline:
                  readers: Readers, deps: PassDeps):
         self.settings, self.catalog, self.storage = settings, catalog, storage
         self.readers, self.deps = readers, deps
-        #: set by the service once the queue exists: re-submits deferred conversions
-        self.submit: Callable[[str], Any] = lambda job_id: None
-        #: set by the service: where a finished resumable upload's bytes are
-        self.tus_file: Callable[[dict[str, Any]], Path | None] = lambda dataset: None
+        #: set by the service once the queue exists: wakes its workers
+        self.wake: Callable[[], None] = lambda: None
+        #: set by the service: a finished resumable upload's bytes, and its original
+        self.tus_blocks: Callable[[dict[str, Any]], Iterator[bytes] | None] = \
+            lambda dataset: None
+        self.tus_original: Callable[[dict[str, Any]], OriginalBytes] = \
+            lambda dataset: OriginalBytes()
         #: set by the service: attach sidecars that arrived before the movie
         self.on_ingested: Callable[[str, str], None] = lambda dataset_id, name: None
 
     def __call__(self, job: dict[str, Any], ctx: JobContext) -> dict[str, Any] | None:
+        if job["kind"] == "upload":
+            return self.drop_upload(job)
         if job["kind"] == "ingest":
             return self.ingest(job["dataset_id"], ctx)
         if job["kind"] == "convert":
@@ -71,6 +82,22 @@ class Pipeline:
         if job["kind"] == "verify":
             return self.verify(job["dataset_id"], ctx)
         raise ValueError(f"unknown job kind {job['kind']!r}")
+
+    # -- uploads cut off ----------------------------------------------------------
+
+    def drop_upload(self, job: dict[str, Any]) -> dict[str, Any]:
+        """An upload's job whose lease lapsed: the process receiving it died, its client
+        is gone, and an upload cannot resume. What it left (the receiving dataset, a
+        partial archive) goes; finished uploads are never touched."""
+        dataset = self.catalog.get_dataset(job["dataset_id"])
+        if dataset is not None and dataset["status"] == "receiving":
+            # objects first: should the store be away, the row (and this job) stay and
+            # the job is retried, so nothing is orphaned in the store
+            self.storage.remove_dataset(dataset["id"])
+            self.catalog.delete_dataset(dataset["id"])  # the job row goes with it
+            log.warning("cut-off upload dropped", extra={"dataset_id": dataset["id"],
+                                                         "job_id": job["id"]})
+        return {"dropped": dataset is not None}
 
     # -- ingest -------------------------------------------------------------------
 
@@ -83,7 +110,7 @@ class Pipeline:
         try:
             outcome = self._ingest(dataset, info, ctx)
         except JobCancelled:
-            raise
+            raise  # its lease went to another worker, or it was cancelled: no writes
         except Exception as exc:
             self.catalog.update_dataset(dataset_id, status="failed", progress=None,
                                         info={**info, "error": error_body(exc)})
@@ -99,33 +126,33 @@ class Pipeline:
         if dataset["source"] == "registration":
             path = Path(dataset["path"])
             info["source_fingerprint"] = source_fingerprint(path)
-            registered = str(path)
-        else:  # a resumable upload finished after a restart: replay its file
-            found = self.tus_file(dataset)
+            registered, total = str(path), info["source_fingerprint"]["size"]
+            blocks = _file_blocks(path)
+        else:  # a resumable upload finished without being ingested on the way
+            found = self.tus_blocks(dataset)
             if found is None:
                 raise Conflict(f"the bytes of upload {dataset_id} are gone")
-            path, registered = found, ""
-            original = LocalOriginal(lambda: path, lambda: path.unlink(missing_ok=True))
+            blocks, registered, total = found, "", dataset["size_bytes"]
+            original = self.tus_original(dataset)
         ingest = IngestPass(self.deps, dataset_id=dataset_id, name=dataset["name"],
                             source=dataset["source"], normalize=info.get("normalize"),
-                            original=original, declared_size=path.stat().st_size,
-                            phase="processing", registered_path=registered)
+                            original=original, declared_size=total,
+                            phase="processing", registered_path=registered, fence=ctx.fence)
         ingest.extra_info = info
         digest = hashlib.sha256()
-        total = path.stat().st_size
         try:
-            with open(path, "rb", buffering=0) as f:
-                while block := f.read(READ_BLOCK):
-                    digest.update(block)
-                    ingest.feed([block])
-                    ctx.progress(ingest.received, total)
+            for block in blocks:
+                digest.update(block)
+                ingest.feed([block])
+                ctx.progress(ingest.received, total)
             if dataset["source"] == "registration" and \
                     source_fingerprint(path) != info["source_fingerprint"]:
                 raise Conflict(f"the registered file {str(path)!r} changed while it was "
                                "being read; register it again once it is complete")
             result = ingest.finish(digest.hexdigest())
         except BaseException:
-            ingest.abort(delete_row=False)
+            if not ctx.lost:  # after a takeover, the objects are the new worker's
+                ingest.abort(delete_row=False)
             raise
         row = result["dataset"]
         if not result["duplicate"]:
@@ -137,9 +164,8 @@ class Pipeline:
     def _release_conversions(self, dataset_id: str) -> None:
         """Conversions requested while the dataset was ingesting can run now (or fail
         with the reason, if the dataset was rejected)."""
-        for job in self.catalog.jobs_in_states(("queued",), dataset_id=dataset_id):
-            if job["kind"] == "convert":
-                self.submit(job["id"])
+        if self.catalog.release_jobs(dataset_id, "convert"):
+            self.wake()
 
     # -- conversions --------------------------------------------------------------
 
