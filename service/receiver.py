@@ -20,7 +20,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import anyio
 
@@ -31,11 +31,26 @@ BLOCK = 4 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
-class Receiver:
-    """Hash and append bytes to ``fd`` from ``offset`` on (the caller owns ``fd``)."""
+class Appender(Protocol):
+    def append(self, views: list[memoryview], offset: int) -> int:
+        """Write (a first part of) ``views`` at ``offset``; the bytes written."""
 
-    def __init__(self, fd: int, offset: int = 0, max_bytes: int | None = None):
+
+class FileAppender:
+    """Appends to a local file with ``pwritev`` (the caller owns ``fd``)."""
+
+    def __init__(self, fd: int):
         self.fd = fd
+
+    def append(self, views: list[memoryview], offset: int) -> int:
+        return os.pwritev(self.fd, views[:IOV_MAX], offset)
+
+
+class Receiver:
+    """Hash and append bytes through ``out`` from ``offset`` on."""
+
+    def __init__(self, out: Appender | None, offset: int = 0, max_bytes: int | None = None):
+        self.out = out
         self.offset = offset
         self.max_bytes = max_bytes
         self.received = 0
@@ -58,8 +73,9 @@ class Receiver:
                 if self.side_digest is not None:
                     self.side_digest.update(chunk)
             views = [memoryview(c).cast("B") for c in chunks if len(c)]
+            assert self.out is not None
             while views:
-                written = os.pwritev(self.fd, views[:IOV_MAX], self.offset)
+                written = self.out.append(views, self.offset)
                 self.offset += written
                 self.received += written
                 while views and written >= len(views[0]):
@@ -102,7 +118,7 @@ class ScratchCopy:
     def __init__(self, folder: Path, max_bytes: int):
         self._temp = LockedTempFile(folder / "upload")
         self.path = self._temp.path
-        self.receiver = Receiver(self._temp.fd, 0, max_bytes)
+        self.receiver = Receiver(FileAppender(self._temp.fd), 0, max_bytes)
 
     def keep(self) -> Path:
         """Make the copy durable and give up ownership of its path (it is about to be

@@ -1,9 +1,10 @@
 """Resumable uploads, tus 1.0 (https://tus.io/protocols/resumable-upload): core, creation,
-termination and checksum extensions. The protocol lives here; the router only maps HTTP.
+termination and checksum extensions. The protocol lives here; the router only maps HTTP;
+where the bytes wait is :mod:`service.tus_bytes` (a local file, or S3 multipart parts).
 
-An upload's bytes go to ``data_dir/tus/<id>.tus`` (through the same :class:`Receiver`
-every upload uses) and its offset to the catalog after each PATCH is fsynced, so offsets
-survive a restart. Bytes received before a dropped connection are kept (the client
+An upload's bytes go through the same :class:`Receiver` every upload uses, and its
+offset to the catalog once each PATCH's bytes are durable, so offsets survive a restart
+and any replica can take the next PATCH. Bytes received before a dropped connection are kept (the client
 resumes from the offset HEAD reports), unless the PATCH carried an ``Upload-Checksum``,
 in which case a partial body is discarded.
 
@@ -21,26 +22,24 @@ import base64
 import binascii
 import hashlib
 import logging
-import os
-import threading
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, AsyncIterator, Iterator
 
 import anyio
 
-from .catalog import Catalog, now
+from .catalog import Catalog
+from .datastore import DataStore
 from .errors import BadRequest, NotMrc, ServiceError, TooLarge
-from .ingest_pass import IngestPass, LocalOriginal, PassDeps
+from .ingest_pass import IngestPass, OriginalBytes, PassDeps
 from .intake import Intake, new_id, refuse_non_mrc
 from .metrics import Metrics
 from .mrc.header import HEADER_SIZE
-from .mrc.sink import fsync_directory
 from .mrc.stream import HeaderRefused
 from .receiver import Receiver, pump
 from .storage import Storage
+from .tus_bytes import Patch, TusBytes, tus_bytes
 from .uploads import check_filename
 
 log = logging.getLogger("mrc_ingest.tus")
@@ -73,6 +72,11 @@ class UnsupportedVersion(TusError):
 
 class WrongContentType(TusError):
     status, code = 415, "content_type"
+
+
+class UploadLocked(TusError):
+    """Another PATCH of the same upload is running (tus allows 423 or 409 here)."""
+    status, code = 423, "upload_locked"
 
 
 class ChecksumMismatch(TusError):
@@ -114,38 +118,40 @@ def parse_checksum(header: str | None) -> tuple[str, bytes] | None:
 
 @dataclass
 class _Stream:
-    """An upload's ingest while its PATCHes arrive (in this process's memory)."""
+    """An upload's ingest while its PATCHes arrive in this process, in order."""
 
     receiver: Receiver
     ingest: IngestPass | None        # None: the ingest runs after the last PATCH
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class TusUploads:
+    """The protocol over a :class:`~service.tus_bytes.TusBytes` backend. A PATCH holds
+    the upload's lock in the catalog (PostgreSQL: an advisory lock), so two PATCHes of
+    one upload never interleave, whichever replicas they reach; the offset is the
+    catalog's. The streaming ingest state lives in the process that took the previous
+    PATCH; a PATCH elsewhere, or after a restart, finds none and the upload is ingested
+    from its bytes after the last PATCH instead."""
+
     def __init__(self, storage: Storage, catalog: Catalog, max_bytes: int,
                  expiry: timedelta, deps: PassDeps, intake: Intake, metrics: Metrics):
-        self.folder = storage.tus
         self.storage, self.catalog, self.max_bytes = storage, catalog, max_bytes
         self.expiry, self.deps, self.intake, self.metrics = expiry, deps, intake, metrics
+        self.bytes: TusBytes = tus_bytes(storage.store, catalog, storage.tus)
         self._streams: dict[str, _Stream] = {}
-        self._busy: set[str] = set()
-        self._lock = threading.Lock()
 
     def prepare(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for row in self.catalog.expired_tus_uploads(_now()):
+        """Expired uploads go (any replica may do it: dropping is idempotent)."""
+        for row in self.catalog.expired_tus_uploads():
             self._drop(row)
 
-    def path(self, upload_id: str) -> Path:
-        return self.folder / f"{upload_id}.tus"
-
-    def file_of(self, dataset: dict[str, Any]) -> Path | None:
-        """The file of the finished upload behind ``dataset`` (for its ingest job)."""
+    def blocks_of(self, dataset: dict[str, Any]) -> Iterator[bytes] | None:
+        """The bytes of the finished upload behind ``dataset`` (for its ingest job)."""
         row = self.catalog.tus_upload_of(dataset["id"])
-        if row is None:
-            return None
-        path = self.path(row["id"])
-        return path if path.exists() else None
+        return self.bytes.blocks(row) if row is not None else None
+
+    def original_of(self, dataset: dict[str, Any]) -> OriginalBytes:
+        row = self.catalog.tus_upload_of(dataset["id"])
+        return self.bytes.original(row) if row is not None else OriginalBytes()
 
     # -- creation / termination / HEAD -------------------------------------------------
 
@@ -165,40 +171,41 @@ class TusUploads:
         filename = check_filename(metadata.get("filename") or metadata.get("name")
                                   or "upload.mrc")
         upload_id = uuid.uuid4().hex
-        self.path(upload_id).touch(exist_ok=False)
+        fields = self.bytes.create(upload_id)
         return self.catalog.add_tus_upload(
             id=upload_id, filename=filename, length=length, offset=0, metadata=metadata,
-            dataset_id=new_id(),
-            expires_at=(_now_dt() + self.expiry).isoformat(timespec="microseconds"))
+            dataset_id=new_id(), expires_at=self.catalog.now(self.expiry.total_seconds()),
+            **fields)
 
     def get(self, upload_id: str) -> dict[str, Any]:
         row = self.catalog.get_tus_upload(upload_id)
         if row is None:
             raise UnknownUpload(f"no upload {upload_id!r}")
-        if row["completed_at"] is None and row["expires_at"] < _now():
+        if row["completed_at"] is None and self.catalog.tus_expired(row):
             self._drop(row)
             raise UploadGone(f"upload {upload_id} expired at {row['expires_at']}")
         return row
 
     def terminate(self, upload_id: str) -> None:
         row = self.get(upload_id)
-        if upload_id in self._busy:
-            raise OffsetMismatch(f"upload {upload_id} is receiving a PATCH")
-        self._drop(row)
+        handle = self.catalog.lock_upload(upload_id)
+        if handle is None:
+            raise UploadLocked(f"upload {upload_id} is receiving a PATCH")
+        try:
+            self._drop(row)
+        finally:
+            self.catalog.unlock_upload(handle)
 
     def _drop(self, row: dict[str, Any]) -> None:
-        """An unfinished upload goes: its file, its stream, its receiving dataset."""
-        stream = self._streams.pop(row["id"], None)
-        if stream is not None:
-            stream.receiver.close()
-            if stream.ingest is not None:
-                stream.ingest.abort(delete_row=False)
+        """An unfinished upload goes: its bytes, its stream, its receiving dataset."""
+        self._lose_stream(row["id"])
         dataset = self.catalog.get_dataset(row["dataset_id"]) if row["dataset_id"] else None
         if row["completed_at"] is None and dataset is not None and \
                 dataset["status"] == "receiving":
             self.catalog.delete_dataset(dataset["id"])
             self.storage.remove_dataset(dataset["id"])
-        self.path(row["id"]).unlink(missing_ok=True)
+        if row["completed_at"] is None:
+            self.bytes.drop(row)
         self.catalog.delete_tus_upload(row["id"])
 
     # -- PATCH -------------------------------------------------------------------------
@@ -209,37 +216,37 @@ class TusUploads:
         if offset_header is None or not offset_header.isdigit():
             raise BadRequest("Upload-Offset is required and must be a number")
         checksum = parse_checksum(checksum_header)
-        row = await anyio.to_thread.run_sync(self.get, upload_id)
-        start = int(offset_header)
-        if start != row["offset"]:
-            raise OffsetMismatch(f"Upload-Offset {start} != the upload's offset "
-                                 f"{row['offset']}")
-        if row["completed_at"] is not None:
-            raise OffsetMismatch(f"upload {upload_id} is complete")
-        with self._lock:
-            if upload_id in self._busy:
-                raise OffsetMismatch(f"upload {upload_id} is already receiving a PATCH")
-            self._busy.add(upload_id)
+        handle = await anyio.to_thread.run_sync(self.catalog.lock_upload, upload_id)
+        if handle is None:
+            await anyio.to_thread.run_sync(self.get, upload_id)  # 404/410 before 423
+            raise UploadLocked(f"upload {upload_id} is already receiving a PATCH")
         try:
+            row = await anyio.to_thread.run_sync(self.get, upload_id)
+            start = int(offset_header)
+            if start != row["offset"]:
+                raise OffsetMismatch(f"Upload-Offset {start} != the upload's offset "
+                                     f"{row['offset']}")
+            if row["completed_at"] is not None:
+                raise OffsetMismatch(f"upload {upload_id} is complete")
             return await self._receive(row, start, checksum, chunks)
         finally:
-            self._busy.discard(upload_id)
+            await anyio.to_thread.run_sync(self.catalog.unlock_upload, handle)
 
     def _stream(self, row: dict[str, Any], start: int) -> _Stream:
         stream = self._streams.get(row["id"])
+        if stream is not None and stream.receiver.received != start:
+            self._lose_stream(row["id"])  # PATCHes went elsewhere meanwhile
+            stream = None
         if stream is None:
             if start == 0:
                 self._forget_receiving(row["dataset_id"])  # an earlier attempt at byte 0
                 ingest = IngestPass(
                     self.deps, dataset_id=row["dataset_id"], name=row["filename"],
                     source="upload", normalize=None, declared_size=row["length"],
-                    create_row=True,
-                    original=LocalOriginal(lambda: self._finished_file(row["id"]),
-                                           lambda: self.path(row["id"]).unlink(
-                                               missing_ok=True)))
-                stream = _Stream(Receiver(-1, 0, row["length"]), ingest)
-            else:  # the state of the bytes before is gone: ingest after the last PATCH
-                stream = _Stream(Receiver(-1, start, row["length"]), None)
+                    create_row=True, original=_Later(self, row["id"]))
+                stream = _Stream(Receiver(None, 0, row["length"]), ingest)
+            else:  # the state of the bytes before is not here: ingest after the last PATCH
+                stream = _Stream(Receiver(None, start, row["length"]), None)
                 stream.receiver.received = start
             self._streams[row["id"]] = stream
         return stream
@@ -250,21 +257,16 @@ class TusUploads:
             self.catalog.delete_dataset(dataset_id)
             self.storage.remove_dataset(dataset_id)
 
-    def _finished_file(self, upload_id: str) -> Path:
-        path = self.path(upload_id)
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        return path
-
     async def _receive(self, row: dict[str, Any], start: int,
                        checksum: tuple[str, bytes] | None,
                        chunks: AsyncIterator[bytes]) -> dict[str, Any]:
         upload_id, length = row["id"], row["length"]
         stream = self._stream(row, start)
         digest = CHECKSUMS[checksum[0]]() if checksum else None
-        fd = os.open(self.path(upload_id), os.O_RDWR)
+        patch = await anyio.to_thread.run_sync(self.bytes.open_patch, row, start,
+                                               checksum is not None)
         receiver = stream.receiver
-        receiver.fd, receiver.offset, receiver.side_digest = fd, start, digest
+        receiver.out, receiver.offset, receiver.side_digest = patch, start, digest
 
         def consume(batch: list[bytes]) -> None:
             if stream.ingest is not None:  # the header check happens in feed, at 1024 bytes
@@ -274,11 +276,13 @@ class TusUploads:
 
         complete_body = refused = False
         try:
-            os.ftruncate(fd, start)  # drop any tail a crash left past the stored offset
             await pump(chunks, receiver, consume, keep_partial=checksum is None)
             complete_body = True
             if stream.ingest is None and start < HEADER_SIZE <= receiver.offset:
-                refuse_non_mrc(os.pread(fd, HEADER_SIZE, 0))
+                first = await anyio.to_thread.run_sync(self.bytes.first_bytes, row,
+                                                       HEADER_SIZE)
+                if first is not None:
+                    refuse_non_mrc(first)
         except (NotMrc, HeaderRefused) as exc:
             refused = True
             findings = [f.to_dict() for f in exc.findings] if isinstance(exc, HeaderRefused) \
@@ -298,10 +302,10 @@ class TusUploads:
                 keep = start
                 self._lose_stream(upload_id)
             if refused:
-                os.close(fd)
+                patch.close()
                 await anyio.to_thread.run_sync(self._drop, row)
             else:
-                await anyio.to_thread.run_sync(self._settle, upload_id, fd, start, keep)
+                await anyio.to_thread.run_sync(self._settle, upload_id, patch, keep)
         if keep != offset:
             raise ChecksumMismatch(f"the PATCH body's {checksum[0]} differs from "
                                    "Upload-Checksum; its bytes were discarded")
@@ -319,27 +323,30 @@ class TusUploads:
             if stream.ingest is not None:
                 stream.ingest.archiver.abort()
 
-    def _settle(self, upload_id: str, fd: int, start: int, keep: int) -> None:
-        """Make ``keep`` bytes durable, then record the offset; if the offset cannot be
-        recorded (the catalog's disk is full, say), the file goes back to ``start`` so
-        that file and catalog agree on where to resume."""
+    def _settle(self, upload_id: str, patch: Patch, keep: int) -> None:
+        """Make ``keep`` bytes durable and record them; if they cannot be recorded (the
+        catalog's disk is full, say), the stream is dropped and the catalog's offset
+        stands: the next PATCH starts there and overwrites whatever lies beyond."""
         try:
-            os.ftruncate(fd, keep)
-            os.fsync(fd)
-            if self.catalog.get_tus_upload(upload_id) is not None:  # not dropped meanwhile
-                self.catalog.update_tus_upload(upload_id, offset=keep)
+            fields = patch.settle(keep)
+            try:
+                if self.catalog.get_tus_upload(upload_id) is not None:  # not dropped
+                    self.catalog.update_tus_upload(upload_id, **fields)
+            except BaseException:
+                patch.unsettle()
+                raise
+            patch.after_settle()
         except BaseException:
-            os.ftruncate(fd, start)
             self._lose_stream(upload_id)
             raise
         finally:
-            os.close(fd)
+            patch.close()
         stream = self._streams.get(upload_id)
         if stream is not None:
-            stream.receiver.received = keep
-            if stream.ingest is not None and stream.ingest.received != keep:
+            stream.receiver.received = fields["offset"]
+            if stream.ingest is not None and stream.ingest.received != fields["offset"]:
                 # the pass saw bytes that were not kept (a write that failed part-way):
-                # its state no longer matches the file, so the file is read at the end
+                # its state no longer matches the bytes, so they are read at the end
                 self._lose_stream(upload_id)
 
     def _finish(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -358,7 +365,7 @@ class TusUploads:
             if not result["duplicate"]:
                 self.catalog.add_job(id=new_id(), kind="upload", dataset_id=dataset_id,
                                      state="done", started_at=row["created_at"],
-                                     finished_at=now(), result={
+                                     finished_at=self.catalog.now(), result={
                                          "status": result["dataset"]["status"],
                                          "bytes_written":
                                              result["dataset"]["stored_bytes"] or 0})
@@ -367,16 +374,15 @@ class TusUploads:
                 self.metrics.upload_bytes.inc(row["length"])
             else:
                 self.metrics.uploads.labels("duplicate").inc()
-                self.path(row["id"]).unlink(missing_ok=True)
         else:
             self._replay_later(row)
-        self.catalog.update_tus_upload(row["id"], dataset_id=dataset_id, completed_at=now())
+        self.catalog.update_tus_upload(row["id"], dataset_id=dataset_id,
+                                       completed_at=self.catalog.now())
         return {**row, "dataset_id": dataset_id}
 
     def _replay_later(self, row: dict[str, Any]) -> None:
-        """The bytes are all in but were not ingested on the way: an ingest job reads the
-        upload's file once."""
-        fsync_directory(self.folder)
+        """The bytes are all in but were not ingested on the way: an ingest job reads
+        them once (on any replica)."""
         dataset = self.catalog.get_dataset(row["dataset_id"])
         if dataset is None:
             self.catalog.add_dataset(id=row["dataset_id"], name=row["filename"],
@@ -387,9 +393,21 @@ class TusUploads:
         self.intake.queue_job("ingest", row["dataset_id"])
 
 
-def _now_dt() -> datetime:
-    return datetime.now(timezone.utc)
+class _Later(OriginalBytes):
+    """The upload's bytes as its original, looked up when the pass ends (its row then
+    holds every part)."""
 
+    def __init__(self, uploads: TusUploads, upload_id: str):
+        self.uploads, self.upload_id = uploads, upload_id
 
-def _now() -> str:
-    return _now_dt().isoformat(timespec="microseconds")
+    def _row(self) -> dict[str, Any] | None:
+        return self.uploads.catalog.get_tus_upload(self.upload_id)
+
+    def keep(self, store: DataStore, key: str) -> int | None:
+        row = self._row()
+        return self.uploads.bytes.original(row).keep(store, key) if row else None
+
+    def discard(self) -> None:
+        row = self._row()
+        if row is not None:
+            self.uploads.bytes.drop(row)

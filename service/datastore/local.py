@@ -125,6 +125,15 @@ class LocalStore(DataStore):
     def local_path(self, key: str) -> Path | None:
         return self.path(key)
 
+    def move(self, source: str, target: str) -> int:
+        src, dst = self.path(source), self.path(target)
+        if not src.is_file():
+            raise ObjectMissing(source)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        fsync_directory(dst.parent)
+        return dst.stat().st_size
+
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreUnavailable(f"the data folder {self.root} is not writable")
