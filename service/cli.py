@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import httpx
+from sqlalchemy.exc import DBAPIError
 
 from .client import ClientError
 from .mrc import Codec, MrcError, Target, convert, inspect
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrc-ingest", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -60,6 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--log-level", default="info")
     p_serve.add_argument("--log-format", choices=["json", "text"], default="json",
                          help="one JSON object per line (default) or plain text")
+
+    p_worker = sub.add_parser("worker", help="run job workers only (no HTTP): ingest, "
+                                             "conversions, verification, for a catalog "
+                                             "shared with API processes")
+    p_worker.add_argument("--data-dir", type=Path, default=None,
+                          help="overrides MRC_INGEST_DATA_DIR (scratch space)")
+    p_worker.add_argument("--workers", type=int, default=None,
+                          help="worker threads; overrides MRC_INGEST_WORKERS")
+    p_worker.add_argument("--log-level", default="info")
+    p_worker.add_argument("--log-format", choices=["json", "text"], default="json")
+
+    p_migrate = sub.add_parser("migrate", help="upgrade the catalog's schema to this "
+                                               "version (the service does it at start "
+                                               "unless MRC_INGEST_MIGRATE_ON_START=false)")
+    p_migrate.add_argument("--data-dir", type=Path, default=None)
 
     def server_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default=os.environ.get("MRC_INGEST_SERVER",
@@ -109,17 +125,68 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace):
+    """Settings from the environment, with the command line's overrides."""
+    from .config import Settings
+
+    overrides = {k: getattr(args, k) for k in ("data_dir", "workers", "host", "port")
+                 if getattr(args, k, None) is not None}
+    return Settings(**overrides)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .ingest import IngestService
+    from .logs import configure
+
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        return _fail(f"bad settings: {exc}")
+    if settings.workers < 1:
+        return _fail("a worker process needs MRC_INGEST_WORKERS (or --workers) >= 1", 2)
+    configure(args.log_level, args.log_format)
+    service = IngestService(settings)
+    service.start()
+    assert service.queue is not None
+    logging.getLogger("mrc_ingest").info(
+        f"worker {service.queue.owner} running {settings.workers} workers",
+        extra={"catalog": service.catalog.database if service.catalog else "",
+               "storage": service.storage.store.describe()})
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    stop.wait()
+    service.stop()
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .catalog import Catalog
+    from .catalog.migrate import upgrade
+
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        return _fail(f"bad settings: {exc}")
+    catalog = Catalog(settings.catalog_url, migrate=False)
+    try:
+        before, after = upgrade(catalog.engine)
+    finally:
+        catalog.close()
+    print(f"catalog {catalog.database}: {before or 'new'} -> {after}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn  # the web stack loads only for this command
 
     from .api import create_app
-    from .config import Settings
 
-    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("workers", args.workers),
-                                   ("host", args.host), ("port", args.port))
-                 if v is not None}
     try:
-        settings = Settings(**overrides)
+        settings = _settings(args)
     except ValueError as exc:
         return _fail(f"bad settings: {exc}")
     if not settings.tokens and settings.host not in LOOPBACK_HOSTS:
@@ -130,7 +197,8 @@ def _serve(args: argparse.Namespace) -> int:
     configure(args.log_level, args.log_format)
     logging.getLogger("mrc_ingest").info(
         f"serving http://{settings.host}:{settings.port} (OpenAPI at /docs)",
-        extra={"data_dir": str(settings.data_dir.resolve()), "catalog": settings.catalog_url,
+        extra={"data_dir": str(settings.data_dir.resolve()),
+               "catalog": settings.catalog_display, "storage": settings.storage_url or "data_dir",
                "workers": settings.workers, "auth": bool(settings.tokens)})
     # Our middleware logs every request (with ids); uvicorn's access log would repeat it.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
@@ -234,13 +302,13 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "serve": _serve, "token": _token, "push": _push, "ls": _ls, "status": _status,
-    "inspect": _inspect,
+    "serve": _serve, "worker": _worker, "migrate": _migrate, "token": _token,
+    "push": _push, "ls": _ls, "status": _status, "inspect": _inspect,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
@@ -254,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{getattr(args, 'input', getattr(args, 'file', ''))}: {exc}")
     except OSError as exc:
         return _fail(f"{exc.filename or ''}: {exc.strerror or exc}")
+    except DBAPIError as exc:
+        return _fail(f"the catalog database: {exc.orig or exc}")
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 

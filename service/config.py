@@ -27,13 +27,29 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port of `mrc-ingest serve` "
                       "(also --port)")
     data_dir: Path = Field(Path("mrc-ingest-data"),
-                           description="uploads, archives, conversions and the SQLite catalog")
+                           description="the embedded store (archives, records, conversions) "
+                           "and SQLite catalog; with an object store, this replica's "
+                           "scratch space for uploads in flight")
     database_url: str | None = Field(None, description="SQLAlchemy URL of the catalog; "
-                                     "default sqlite:///<data_dir>/catalog.sqlite3")
+                                     "default sqlite:///<data_dir>/catalog.sqlite3; "
+                                     "postgresql+psycopg://user:pw@host/db for replicas")
+    storage_url: str | None = Field(None, description="where everything stored lives: unset "
+                                    "for the data folder, s3://bucket/prefix for an "
+                                    "S3-compatible object store")
+    s3_endpoint_url: str | None = Field(None, description="endpoint of an S3-compatible "
+                                        "store other than AWS (credentials: the usual AWS "
+                                        "environment variables)")
+    s3_part_bytes: int = Field(8 << 20, ge=5 << 20, description="S3 multipart part size")
+    job_lease_seconds: float = Field(30.0, gt=1, le=3600, description="a job's lease; a "
+                                     "worker renews it every third of this, and another "
+                                     "replica takes a job over once it lapses")
+    migrate_on_start: bool = Field(True, description="upgrade the catalog schema at start "
+                                   "(else run `mrc-ingest migrate`)")
     allowed_roots: list[Path] = Field(default_factory=list,
                                       description="folders from which POST /v1/registrations "
                                                   "may register files (symlinks resolved)")
-    workers: int = Field(2, ge=1, le=64, description="processing thread-pool size")
+    workers: int = Field(2, ge=0, le=64, description="processing threads; 0: this process "
+                         "answers the API only and runs no jobs")
     max_upload_bytes: int = Field(64 * GiB, gt=1024, description="largest accepted upload")
     normalize: bool = Field(True, description="default policy: store 4-bit (mode 101) data "
                                               "normalized to mode 0, losslessly")
@@ -77,3 +93,10 @@ class Settings(BaseSettings):
     @property
     def catalog_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'catalog.sqlite3'}"
+
+    @property
+    def catalog_display(self) -> str:
+        """The catalog URL without its password, for logs."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.catalog_url).render_as_string(hide_password=True)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
+
+from .datastore import StoreUnavailable
 from .mrc import ConversionError, FormatError, FrameIndexError, LossyConversionError, MrcError
 from .mrc.particles import ParticleSetError
 
@@ -93,6 +96,12 @@ class RangeNotSatisfiable(ServiceError):
         self.headers = {"Content-Range": f"bytes */{size}"}
 
 
+class ServiceUnavailable(ServiceError):
+    """The catalog or the object store cannot be reached right now."""
+    status, code = 503, "unavailable"
+    headers = {"Retry-After": "5"}
+
+
 class FrameNotFound(ServiceError):
     status, code = 404, "frame_not_found"
 
@@ -126,7 +135,40 @@ def to_service_error(exc: BaseException) -> ServiceError | None:
     if _catalog_disk_full(exc):
         return InsufficientStorage("the catalog's disk is full; the change was rolled back, "
                                    "nothing stored before was touched")
+    if isinstance(exc, StoreUnavailable):
+        return ServiceUnavailable(f"the object store is unavailable: {exc}")
+    if _catalog_unreachable(exc):
+        return ServiceUnavailable("the catalog database is unavailable; try again shortly")
     return None
+
+
+def _catalog_unreachable(exc: BaseException) -> bool:
+    """A connection that could not be made or was lost (PostgreSQL restarting, say)."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+def from_body(body: dict[str, Any]) -> ServiceError:
+    """The typed error a recorded ``{"error", "detail"}`` body stands for (a job's error,
+    answered to the request that waited for it)."""
+    kind = _classes_by_code().get(body.get("error", ""), ServiceError)
+    error = kind.__new__(kind)
+    ServiceError.__init__(error, body.get("detail"))
+    if kind is ServiceError:
+        error.code = body.get("error", "internal_error")
+    return error
+
+
+def _classes_by_code() -> dict[str, type[ServiceError]]:
+    """code -> class, derived from the classes themselves (no hand-kept map)."""
+    found: dict[str, type[ServiceError]] = {}
+    pending = list(ServiceError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        found.setdefault(cls.code, cls)
+    return found
 
 
 def _catalog_disk_full(exc: BaseException) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 from .auth import Authenticator
 from .catalog import Catalog
 from .config import Settings
+from .datastore import open_store
 from .downloads import Downloads
 from .ingest_pass import PassDeps
 from .intake import Intake, new_id
@@ -31,7 +32,9 @@ from .tus import TusUploads
 class IngestService:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.storage = Storage(settings.data_dir)
+        self.storage = Storage(settings.data_dir, open_store(
+            settings.storage_url, settings.data_dir.resolve(), settings.s3_endpoint_url,
+            settings.s3_part_bytes))
         self.auth = Authenticator(settings.tokens)
         self.metrics = Metrics(self.snapshot)
         self.catalog: Catalog | None = None
@@ -42,13 +45,15 @@ class IngestService:
     def start(self) -> None:
         settings, storage = self.settings, self.storage
         storage.prepare()
-        self.catalog = catalog = Catalog(settings.catalog_url)
+        self.catalog = catalog = Catalog(settings.catalog_url,
+                                         migrate=settings.migrate_on_start)
         self.readers = Readers(storage.store, storage.root)
         self.acquisition = Acquisition(catalog, self.readers)
         deps = PassDeps(settings=settings, catalog=catalog, store=storage.store,
                         finalize=self.acquisition.finalize, commit_lock=threading.Lock())
         self.pipeline = Pipeline(settings, catalog, storage, self.readers, deps)
         self.queue = queue = JobQueue(catalog, settings.workers, self.pipeline,
+                                      lease_seconds=settings.job_lease_seconds,
                                       on_finish=self.metrics.job_finished)
         self.queries = Queries(catalog)
         self.intake = Intake(settings, catalog, storage, self.metrics, queue,
@@ -61,10 +66,14 @@ class IngestService:
         self.tus = TusUploads(storage, catalog, settings.max_upload_bytes,
                               timedelta(hours=settings.tus_expiry_hours), deps,
                               self.intake, self.metrics)
-        self.pipeline.submit = queue.submit
-        self.pipeline.tus_file = self.tus.file_of
+        self.pipeline.wake = queue.wake
+        self.pipeline.tus_blocks = self.tus.blocks_of
+        self.pipeline.tus_original = self.tus.original_of
         self.pipeline.on_ingested = self.intake.attach_pending_sidecars
-        self.intake.recover()
+        if catalog.dialect == "sqlite":
+            # Embedded: no other process shares this catalog, so a lease still held is
+            # this process's own from before a restart; its jobs may run again at once.
+            catalog.expire_leases()
         self.tus.prepare()
         queue.start()
 
@@ -82,16 +91,41 @@ class IngestService:
                 "free_bytes": self.storage.free_bytes(),
                 "storage": self.catalog.storage_totals()}
 
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this replica can serve (catalog and datastore reachable), and the
+        facts /healthz reports."""
+        from . import __version__
+
+        catalog = storage = "ok"
+        depth = None
+        try:
+            assert self.catalog is not None and self.queue is not None
+            self.catalog.ping()
+            depth = self.queue.pending()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            catalog = f"unreachable: {type(exc).__name__}"
+        try:
+            self.storage.store.ping()
+        except Exception as exc:  # noqa: BLE001
+            storage = f"unreachable: {exc}"
+        ok = catalog == storage == "ok"
+        body = {"status": "ok" if ok else "unavailable", "version": __version__,
+                "replica": self.queue.owner if self.queue else "", "catalog": catalog,
+                "storage": storage, "workers": self.settings.workers, "queue_depth": depth,
+                "data_free_bytes": self.storage.free_bytes()}
+        return ok, body
+
     # -- shared by several parts ------------------------------------------------------
 
-    def submit_job(self, kind: str, dataset_id: str,
-                   target: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
-        """Record a job and hand it to the pool: (its row, a future of its result)."""
+    def submit_job(self, kind: str, dataset_id: str, target: dict[str, Any] | None = None,
+                   dedup_key: str | None = None) -> dict[str, Any]:
+        """Queue a job (or, with ``dedup_key``, find the same one already queued or
+        running) and wake the workers; its row."""
         assert self.catalog is not None and self.queue is not None
         job = self.catalog.add_job(id=new_id(), kind=kind, dataset_id=dataset_id,
-                                   target=target)
+                                   target=target, dedup_key=dedup_key)
         assert job is not None
-        return job, self.queue.submit(job["id"])
+        return self.queue.submit(job)
 
     def delete(self, dataset_id: str) -> None:
         """Cancel its jobs, drop it from the catalog, then remove its objects (a

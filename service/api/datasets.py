@@ -107,8 +107,7 @@ def verify(dataset_id: str, service: Service) -> dict[str, Any]:
     read from the kept original) and their SHA-256 compared with the digest taken on
     receipt; the job's result says whether they match."""
     service.queries.dataset(dataset_id)
-    job, _future = service.submit_job("verify", dataset_id)
-    return job_view(job)
+    return job_view(service.submit_job("verify", dataset_id, dedup_key="verify"))
 
 
 @router.delete("/{dataset_id}", responses=NOT_FOUND,

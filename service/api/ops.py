@@ -6,8 +6,8 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 
-from .. import __version__
 from ..metrics import CONTENT_TYPE
 from .deps import READ, Service
 from .schemas import Health
@@ -15,14 +15,15 @@ from .schemas import Health
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness and readiness")
-def healthz(service: Service) -> dict[str, Any]:
-    # Cheap on purpose (probes call it often): no counting over the catalog here.
-    return {"status": "ok", "version": __version__,
-            "catalog": "ok" if service.catalog and service.catalog.ping() else "down",
-            "workers": service.settings.workers,
-            "queue_depth": service.queue.pending() if service.queue else 0,
-            "data_free_bytes": service.storage.free_bytes()}
+@router.get("/healthz", response_model=Health,
+            responses={503: {"model": Health, "description": "the catalog or the "
+                                                             "datastore is unreachable"}},
+            summary="Liveness and readiness: catalog and datastore reachable")
+def healthz(service: Service) -> Any:
+    """Cheap on purpose (probes call it often). 200 when this replica can serve: its
+    catalog answers and its datastore is reachable; 503 with the reason otherwise."""
+    ok, body = service.health()
+    return body if ok else JSONResponse(body, status_code=503)
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus text format",

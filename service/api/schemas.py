@@ -34,6 +34,8 @@ class Job(BaseModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    attempts: int = Field(0, description="runs so far (a worker that died counts)")
+    worker: str | None = Field(None, description="the replica running it (its lease owner)")
     links: dict[str, str]
 
 
@@ -164,12 +166,14 @@ class ConversionIn(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "unavailable"]
     version: str
-    catalog: str
+    replica: str = Field(description="this process, as it appears as a job lease owner")
+    catalog: str = Field(description="ok, or why the catalog cannot be used")
+    storage: str = Field(description="ok, or why the datastore cannot be used")
     workers: int
-    queue_depth: int
-    data_free_bytes: int
+    queue_depth: int | None = Field(description="jobs queued or running (all replicas)")
+    data_free_bytes: int = Field(description="free space of this replica's data folder")
 
 
 #: dataset statuses that may carry progress
@@ -241,5 +245,7 @@ def job_view(row: dict[str, Any]) -> dict[str, Any]:
                      "fraction": round(done / total, 4) if total else None},
         "target": row["target"], "error": row["error"], "result": row["result"],
         "created_at": row["created_at"], "started_at": row["started_at"],
-        "finished_at": row["finished_at"], "links": links,
+        "finished_at": row["finished_at"], "attempts": row.get("attempts", 0),
+        "worker": row.get("lease_owner") if row["state"] == "running" else None,
+        "links": links,
     }
