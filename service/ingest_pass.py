@@ -16,14 +16,12 @@ received as well. A registered file stays where it is and is never touched.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 
 from .catalog import Catalog
 from .config import Settings
@@ -32,6 +30,7 @@ from sqlalchemy import exc as sa_exc
 
 from .errors import Conflict
 from .mrc.archiver import FORM_ARCHIVE, ArchiveOutcome, ArchivePolicy, Archiver
+from .mrc.preview import encode_sum
 from .mrc.stream import StreamCutter
 from .storage import (FORM_REGISTERED, archive_key, original_key, record_key, sum_key,
                       tail_key)
@@ -109,7 +108,6 @@ class IngestPass:
         self.extra_info: dict[str, Any] = {}
         self.received = 0
         self.row_created = False
-        self.cutter = StreamCutter()
         settings = deps.settings
         policy = ArchivePolicy(codec=settings.archive, clevel=settings.archive_clevel,
                                normalize=self.normalize,
@@ -117,6 +115,7 @@ class IngestPass:
         self.archiver = Archiver(
             policy, lambda: deps.store.open_writer(archive_key(dataset_id), reserve_head=1024),
             lambda: deps.store.open_writer(tail_key(dataset_id)))
+        self.cutter = StreamCutter(pool=self.archiver.pool)
         self._last_progress = 0.0
         self.started = time.perf_counter()
         self.finished = False
@@ -214,11 +213,8 @@ class IngestPass:
             if outcome.tail_bytes:
                 keys["tail"], sizes["tail"] = tail_key(dataset_id), outcome.tail_bytes
         if outcome.frame_sum is not None and outcome.frame_sum.total is not None:
-            buffer = io.BytesIO()
-            # float32 keeps a preview's sums (integer sums stay exact up to 2**24); sums of
-            # counts compress several-fold, which matters for small movies
-            np.savez_compressed(buffer, sum=outcome.frame_sum.total.astype(np.float32))
-            sizes["sum"] = store.put_bytes(sum_key(dataset_id), buffer.getvalue())
+            sizes["sum"] = store.put_bytes(sum_key(dataset_id),
+                                           encode_sum(outcome.frame_sum.total))
             keys["sum"] = sum_key(dataset_id)
         form = outcome.form
         keep = form != FORM_ARCHIVE or deps.settings.keep_original

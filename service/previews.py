@@ -16,7 +16,7 @@ from . import mrc
 from .datastore import ObjectMissing
 from .errors import Conflict, from_core
 from .metrics import Metrics
-from .mrc.preview import binned, contrast_u8
+from .mrc.preview import binned, contrast_u8, decode_sum
 from .queries import Queries
 from .readers import Readers
 
@@ -89,8 +89,7 @@ class Previews:
                 raw = self.readers.store.get_bytes(form.sum_key)
             except ObjectMissing:
                 raise Conflict(f"the frame sum of dataset {dataset_id} is missing") from None
-            loaded = np.load(io.BytesIO(raw), allow_pickle=False)
-            total = loaded["sum"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+            total = decode_sum(raw)
             png = encode_png(contrast_u8(binned(total, size), clip, 100 - clip))
             self.cache.put(key, png)
         self._observe("sum", cached, started)

@@ -9,7 +9,8 @@ Keys (in the datastore: the data folder by default, an S3 bucket prefix with
     datasets/<id>/tail.bin            bytes received after the last frame, if any
     datasets/<id>/original/<name>     the file as received, when it is the stored form
                                       (or MRC_INGEST_KEEP_ORIGINAL is set)
-    datasets/<id>/sum.npz             frame sum at preview resolution (``sum.npy`` before)
+    datasets/<id>/sum.bin             frame sum at preview resolution (``sum.npy`` before;
+                                      service.mrc.preview.encode_sum)
     conversions/<id>/<target>.mrc[z]  converted downloads, a cache bounded in bytes
     particle_sets/<id>/...            a cryoSPARC .cs and its exported stacks
 
@@ -66,7 +67,7 @@ def original_key(dataset_id: str, filename: str) -> str:
 
 
 def sum_key(dataset_id: str, legacy: bool = False) -> str:
-    return f"datasets/{dataset_id}/sum.{'npy' if legacy else 'npz'}"
+    return f"datasets/{dataset_id}/sum.{'npy' if legacy else 'bin'}"
 
 
 def conversions_prefix(dataset_id: str) -> str:

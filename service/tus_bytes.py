@@ -17,12 +17,15 @@ import os
 import secrets
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .catalog import Catalog
-from .datastore import DataStore, ObjectMissing, S3Store
+from .datastore import DataStore, LocalStore, ObjectMissing
 from .ingest_pass import OriginalBytes
 from .receiver import FileAppender
+
+if TYPE_CHECKING:
+    from .datastore.s3 import S3Store
 
 READ_BLOCK = 8 << 20
 
@@ -221,7 +224,7 @@ class S3Patch(Patch):
 
 
 class S3TusBytes(TusBytes):
-    def __init__(self, store: S3Store, catalog: Catalog):
+    def __init__(self, store: "S3Store", catalog: Catalog):
         self.store, self.catalog = store, catalog
 
     def create(self, upload_id: str) -> dict[str, Any]:
@@ -278,5 +281,5 @@ class S3TusBytes(TusBytes):
 
 
 def tus_bytes(store: DataStore, catalog: Catalog, folder: Path) -> TusBytes:
-    return S3TusBytes(store, catalog) if isinstance(store, S3Store) else LocalTusBytes(folder)
+    return LocalTusBytes(folder) if isinstance(store, LocalStore) else S3TusBytes(store, catalog)
 

@@ -1,5 +1,7 @@
 """Preview core: block sums against numpy's obvious reshape-mean, contrast edge cases."""
 
+import io
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,23 @@ def test_contrast_edge_cases():
     out = contrast_u8(with_nan, 0, 100)
     assert out[1, 1] == 0 and out[15, 15] == 255
     assert (contrast_u8(np.full((3, 3), np.nan)) == 0).all()
+
+
+def test_stored_sum_round_trips_and_legacy_forms_still_read():
+    from service.mrc.preview import decode_sum, encode_sum
+
+    rng = np.random.default_rng(3)
+    total = rng.poisson(40.0, size=(37, 53)).astype(np.float64)
+    total[0, 0], total[1, 1] = np.nan, -np.inf
+    raw = encode_sum(total)
+    back = decode_sum(raw)
+    assert back.shape == total.shape and back.dtype == np.float32
+    np.testing.assert_array_equal(back, total.astype(np.float32))
+    assert len(raw) < total.astype(np.float32).nbytes  # counts compress
+    for legacy in ("npz", "npy"):  # what datasets ingested before keep
+        buffer = io.BytesIO()
+        if legacy == "npz":
+            np.savez_compressed(buffer, sum=total)
+        else:
+            np.save(buffer, total)
+        np.testing.assert_array_equal(decode_sum(buffer.getvalue()), total)

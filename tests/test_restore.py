@@ -36,9 +36,9 @@ def stream_through(raw: bytes, folder: Path, policy: ArchivePolicy = ArchivePoli
     """Feed ``raw`` in uneven pieces through cutter + archiver; (outcome, archive path,
     tail path)."""
     archive, tail = folder / "archive.mrcz", folder / "tail.bin"
-    cutter = StreamCutter()
     archiver = Archiver(policy, lambda: AtomicFile(archive, reserve_head=1024),
                         lambda: AtomicFile(tail))
+    cutter = StreamCutter(pool=archiver.pool)  # as ingest does: frame buffers recycled
     cuts = sorted(set(np.random.default_rng(seed).integers(1, max(2, len(raw)),
                                                            size=pieces).tolist()))
     for start, stop in zip([0] + cuts, cuts + [len(raw)]):
@@ -225,8 +225,8 @@ def test_an_unprovable_restore_keeps_the_original(tmp_path, monkeypatch):
     the stored form: the proof compares them for every frame."""
     real = restore_mod.restore_frame
 
-    def off_by_one(values, source, padding=None):
-        out = real(values, source, padding).copy()
+    def off_by_one(values, source, padding=None, out=None):
+        out = real(values, source, padding, out).copy()
         out[5] ^= 1
         return out
     monkeypatch.setattr("service.mrc.archiver.restore_frame", off_by_one)
@@ -306,3 +306,15 @@ def test_archive_header_is_mrc2014_and_readable(tmp_path):
 
 
 
+
+
+@pytest.mark.parametrize("where", [None, 0, (1 << 20) - 1, 1 << 20, 3_000_000 - 1])
+def test_first_difference_finds_the_first_changed_byte(where):
+    from service.mrc.archiver import first_difference
+
+    a = np.random.default_rng(5).integers(0, 256, 3_000_000, dtype=np.uint8)
+    b = a.copy()
+    if where is not None:
+        b[where] ^= 0x10
+        b[-1] ^= 0x01 if where != b.size - 1 else 0  # a later difference must not win
+    assert first_difference(a, b) == where

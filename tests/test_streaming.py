@@ -69,7 +69,7 @@ def test_put_is_ready_on_response_and_keeps_only_the_archive(tmp_path, movie4):
         assert ds["archive"]["restorable"] is True and ds["archive"]["reason"] is None
         assert ds["archive"]["mode"] == 0 and ds["archive"]["codec"] == "zstd"
         assert dataset_files(tmp_path / "data", ds["id"]) == ["archive.mrcz", "restore.npz",
-                                                             "sum.npz"]
+                                                             "sum.bin"]
         stored = sum(p.stat().st_size for p in files_under(tmp_path / "data" / "datasets"))
         assert ds["stored_bytes"] == stored and stored < len(raw)
         assert ds["storage_ratio"] == pytest.approx(stored / len(raw), abs=1e-4)
@@ -163,7 +163,7 @@ def test_keep_original_setting_keeps_the_file_as_received(tmp_path, movie4):
     with make_client(tmp_path / "data", keep_original=True) as c:
         ds = c.put("/v1/uploads/m.mrc", content=raw).json()["dataset"]
         assert dataset_files(tmp_path / "data", ds["id"]) == [
-            "archive.mrcz", "original/m.mrc", "restore.npz", "sum.npz"]
+            "archive.mrcz", "original/m.mrc", "restore.npz", "sum.bin"]
         assert (tmp_path / "data" / "datasets" / ds["id"] / "original" / "m.mrc").read_bytes() \
             == raw
         assert c.get(f"/v1/datasets/{ds['id']}/download").content == raw
@@ -231,8 +231,8 @@ def test_an_unprovable_restore_keeps_the_original(tmp_path, movie4, monkeypatch)
     from service.mrc import restore as restore_mod
     real = restore_mod.restore_frame
 
-    def wrong(values, source, padding=None):
-        out = real(values, source, padding).copy()
+    def wrong(values, source, padding=None, out=None):
+        out = real(values, source, padding, out).copy()
         out[-1] ^= 0x80
         return out
     monkeypatch.setattr("service.mrc.archiver.restore_frame", wrong)
@@ -244,7 +244,7 @@ def test_an_unprovable_restore_keeps_the_original(tmp_path, movie4, monkeypatch)
         assert detail["status"] == "ready"
         assert detail["archive"]["restorable"] is False
         assert detail["archive"]["reason"].startswith("restore not proven: frame 0")
-        assert dataset_files(tmp_path / "data", ds["id"]) == ["original/m.mrc", "sum.npz"]
+        assert dataset_files(tmp_path / "data", ds["id"]) == ["original/m.mrc", "sum.bin"]
         assert c.get(f"/v1/datasets/{ds['id']}/download").content == raw
         assert c.get(f"/v1/datasets/{ds['id']}/frames/2.png").status_code == 200
     assert_consistent(tmp_path / "data")

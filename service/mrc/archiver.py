@@ -28,6 +28,7 @@ import numpy as np
 
 from . import extended as ext_mod
 from . import header as hdr
+from .buffers import BufferPool
 from .codec import Codec, decompress_into
 from .convert import OutputPlan, Target, default_mode, plan_output
 from .findings import Finding, error, has_errors
@@ -109,6 +110,22 @@ class ArchiveOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+#: bytes compared at a time: a frame-sized boolean temporary would cost as much memory
+#: as the frame (47 MB for a 16-bit K3 frame)
+_COMPARE_BLOCK = 1 << 20
+
+
+def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
+    """The first index where two flat uint8 arrays differ (None if they are equal)."""
+    if a.size != b.size:
+        return min(a.size, b.size)
+    for start in range(0, a.size, _COMPARE_BLOCK):
+        x, y = a[start:start + _COMPARE_BLOCK], b[start:start + _COMPARE_BLOCK]
+        if not np.array_equal(x, y):
+            return start + int(np.flatnonzero(x != y)[0])
+    return None
+
+
 class Archiver:
     """Feed :meth:`add` the pieces of one file in order, then :meth:`finish` with the
     received size and SHA-256 (or :meth:`abort`). ``open_archive()`` gives the sink for
@@ -134,7 +151,12 @@ class Archiver:
         #: odd-nx 4-bit: each frame's row-padding nibbles, as the frames arrive (the
         #: header's sizes are not trusted for an allocation up front)
         self._padding: list[np.ndarray] | None = None
-        self._in_flight: dict[int, np.ndarray] = {}
+        #: frame buffers handed round: the cutter's received frames and the unpacked
+        #: counts come back here once their frame is proven
+        self.pool = BufferPool()
+        #: frame k -> (its received bytes, its pooled unpacked counts or None)
+        self._in_flight: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._pack_buffer: np.ndarray | None = None
         self._lock = threading.Lock()
         self._unproven: str | None = None
         self._tail: Sink | None = None
@@ -197,12 +219,18 @@ class Archiver:
         if self._broken:
             return
         layout = self.source.layout
+        unpacked: np.ndarray | None = None
         if layout.codec is not Codec.NONE:
             values = self._decompress_source_chunk(k, raw)
             if values is None:
                 return
         else:
-            values = decode_frame(raw, self._source_layout)
+            if self._source_layout.packing is not None:
+                unpacked = self.pool.take(layout.ny * 2 * self._source_layout.row_nbytes)
+            values = decode_frame(raw, self._source_layout, unpacked)
+            if unpacked is not None and not np.shares_memory(values, unpacked):
+                self.pool.give(unpacked)  # odd nx: the counts are a trimmed copy
+                unpacked = None
         self.per_frame.append(self.stats.add(values))
         assert self.frame_sum is not None
         self.frame_sum.add(values)
@@ -210,8 +238,10 @@ class Archiver:
             if self._padding is not None:
                 self._padding.append(padding_nibbles(raw, self._source_layout))
             with self._lock:
-                self._in_flight[k] = raw
+                self._in_flight[k] = (raw, unpacked)
             self._writer.write_frame(self._plan.convert_frame(k, values), owned=True)
+        elif layout.codec is Codec.NONE:
+            self._recycle(raw, unpacked)
         self.frames_done += 1
         if self._on_frame is not None:
             self._on_frame(self.frames_done, layout.nz)
@@ -233,7 +263,21 @@ class Archiver:
         bytes from it and compare them with the bytes received for frame k."""
         started = time.perf_counter()
         with self._lock:
-            raw = self._in_flight.pop(k)
+            raw, unpacked = self._in_flight.pop(k)
+        try:
+            self._compare(k, stored, chunk, raw)
+        finally:
+            # the encoder is done with the frame and nothing else holds it: its buffers
+            # can carry a later frame
+            self._recycle(raw, unpacked)
+        self._proof_seconds += time.perf_counter() - started
+
+    def _recycle(self, raw: np.ndarray, unpacked: np.ndarray | None) -> None:
+        self.pool.give(raw)
+        if unpacked is not None:
+            self.pool.give(unpacked)
+
+    def _compare(self, k: int, stored: np.ndarray, chunk: bytes, raw: np.ndarray) -> None:
         if self._unproven is not None:
             return
         if self._proof_buffer is None or self._proof_buffer.nbytes != stored.nbytes:
@@ -245,12 +289,13 @@ class Archiver:
             return
         values = self._proof_buffer.view(stored.dtype.newbyteorder("=")).reshape(stored.shape)
         padding = self._padding[k] if self._padding is not None else None
-        rebuilt = restore_frame(values, self._source_layout, padding)
-        if not np.array_equal(rebuilt, raw):
-            first = int(np.flatnonzero(rebuilt != raw)[0])
+        if self._source_layout.packing is not None and self._pack_buffer is None:
+            self._pack_buffer = np.empty(raw.size, dtype=np.uint8)
+        rebuilt = restore_frame(values, self._source_layout, padding, self._pack_buffer)
+        first = first_difference(rebuilt, raw)
+        if first is not None:
             self._unproven = (f"frame {k}: the bytes restored from the archive differ from "
                               f"those received at byte {first} of the frame")
-        self._proof_seconds += time.perf_counter() - started
 
     def _add_tail(self, data: np.ndarray) -> None:
         self.tail_bytes += data.size

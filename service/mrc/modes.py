@@ -96,8 +96,10 @@ def frame_nbytes(mode: int, nx: int, ny: int) -> int:
 _BLOCK_ROWS = 64
 
 
-def unpack_4bit(packed: np.ndarray, nx: int) -> np.ndarray:
-    """Unpack ``(ny, (nx+1)//2)`` bytes into a ``(ny, nx)`` uint8 frame of counts 0-15.
+def unpack_4bit(packed: np.ndarray, nx: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Unpack ``(ny, (nx+1)//2)`` bytes into a ``(ny, nx)`` uint8 frame of counts 0-15
+    (into ``out``, a flat uint8 buffer of ``ny * 2 * row_bytes``, if given; for odd
+    ``nx`` the result is then a copy, not ``out``).
 
     Each byte is widened into a little-endian uint16 whose low byte is the low nibble
     (the lower x) and whose high byte is the high nibble, so the output is written
@@ -107,7 +109,8 @@ def unpack_4bit(packed: np.ndarray, nx: int) -> np.ndarray:
     ny, row_bytes = packed.shape
     if row_bytes != (nx + 1) // 2:
         raise ValueError(f"a 4-bit row of {nx} pixels is {(nx + 1) // 2} bytes, got {row_bytes}")
-    out = np.empty((ny, 2 * row_bytes), dtype=np.uint8)
+    out = np.empty((ny, 2 * row_bytes), dtype=np.uint8) if out is None \
+        else out.reshape(ny, 2 * row_bytes)
     pairs = out.view("<u2")
     high = np.empty((min(_BLOCK_ROWS, ny), row_bytes), dtype=np.uint16)
     for y in range(0, ny, _BLOCK_ROWS):
@@ -123,8 +126,10 @@ def unpack_4bit(packed: np.ndarray, nx: int) -> np.ndarray:
     return out
 
 
-def pack_4bit(values: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
-    """Pack a ``(ny, nx)`` frame of integers 0-15 into ``(ny, (nx+1)//2)`` bytes.
+def pack_4bit(values: np.ndarray, padding: np.ndarray | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Pack a ``(ny, nx)`` frame of integers 0-15 into ``(ny, (nx+1)//2)`` bytes (into
+    ``out``, a flat uint8 buffer of that size, if given).
 
     An odd row ends with a spare high nibble: ``padding`` (one value per row) or zero.
     Values outside 0-15 are a caller error (the conversion layer checks losslessness
@@ -134,7 +139,8 @@ def pack_4bit(values: np.ndarray, padding: np.ndarray | None = None) -> np.ndarr
     ny, nx = values.shape
     v = values.view(np.uint8) if values.dtype.itemsize == 1 else values.astype(np.uint8)
     even = nx - nx % 2
-    out = np.empty((ny, (nx + 1) // 2), dtype=np.uint8)
+    out = np.empty((ny, (nx + 1) // 2), dtype=np.uint8) if out is None \
+        else out.reshape(ny, (nx + 1) // 2)
     if even:
         pairs = np.ascontiguousarray(v[:, :even]).view("<u2") if nx % 2 or \
             not v.flags.c_contiguous else v.view("<u2")

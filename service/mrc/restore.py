@@ -150,14 +150,15 @@ def padding_nibbles(raw_frame: np.ndarray, source: SourceLayout) -> np.ndarray:
 
 
 def restore_frame(values: np.ndarray, source: SourceLayout,
-                  padding: np.ndarray | None = None) -> np.ndarray:
+                  padding: np.ndarray | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """A frame as the source stored it (a flat uint8 array of ``frame_nbytes``), from
     its values as the archive holds them; ``padding``: the frame's row-padding nibbles
-    (odd-``nx`` 4-bit data)."""
+    (odd-``nx`` 4-bit data); ``out``: a buffer for the packed bytes of 4-bit data."""
     if source.packing is not None:
         counts = values.view(np.uint8) if values.dtype.itemsize == 1 \
             else values.astype(np.uint8)
-        return pack_4bit(counts, padding).reshape(-1)
+        return pack_4bit(counts, padding, out).reshape(-1)
     stored = source.dtype
     if values.dtype == stored:
         return values.reshape(-1).view(np.uint8)
@@ -168,10 +169,12 @@ def restore_frame(values: np.ndarray, source: SourceLayout,
     return native.astype(stored).reshape(-1).view(np.uint8)
 
 
-def decode_frame(raw_frame: np.ndarray, source: SourceLayout) -> np.ndarray:
-    """The pixel values of one stored frame (4-bit unpacked, native byte order)."""
+def decode_frame(raw_frame: np.ndarray, source: SourceLayout,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """The pixel values of one stored frame (4-bit unpacked, native byte order);
+    ``out``: a buffer of ``ny * 2 * row_nbytes`` for 4-bit counts (see ``unpack_4bit``)."""
     if source.packing is not None:
-        return unpack_4bit(raw_frame.reshape(source.ny, source.row_nbytes), source.nx)
+        return unpack_4bit(raw_frame.reshape(source.ny, source.row_nbytes), source.nx, out)
     stored = source.dtype
     frame = raw_frame.view(stored).reshape(source.ny, source.nx)
     if stored.itemsize > 1 and not stored.isnative:

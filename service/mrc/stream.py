@@ -16,11 +16,12 @@ and rebuilt exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 
 from . import header as hdr
+from .buffers import BufferPool
 from .codec import (BLOSC1_FORMAT_VERSION, CHUNK_HEADER_SIZE, Codec, ChunkHeader)
 from .errors import FormatError
 from .findings import Finding, error, warning
@@ -63,6 +64,9 @@ class StreamCutter:
     extended_complete: bool = False
     tail_bytes: int = 0
 
+    #: where frame buffers come from (the archiver gives them back once proven)
+    pool: BufferPool | None = None
+
     def __post_init__(self) -> None:
         self._pending = bytearray()       # header / extended header / chunk header bytes
         self._frame: np.ndarray | None = None
@@ -73,13 +77,17 @@ class StreamCutter:
 
     # -- feeding ------------------------------------------------------------------
 
-    def feed(self, data: bytes | memoryview) -> list[Piece]:
+    def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
+        """The pieces ``data`` completes, each yielded as soon as it is complete: the
+        consumer is done with a frame (and has given its buffer back to the pool) before
+        the next frame's buffer is taken. Iterate to the end."""
         view = memoryview(data).cast("B")
         self.received += len(view)
         pieces: list[Piece] = []
         while len(view):
             view = self._step(view, pieces)
-        return pieces
+            yield from pieces
+            pieces.clear()
 
     def _step(self, view: memoryview, pieces: list[Piece]) -> memoryview:
         if self.layout is None:
@@ -171,7 +179,8 @@ class StreamCutter:
 
     def _fill_frame(self, view: memoryview, size: int, pieces: list[Piece]) -> memoryview:
         if self._frame is None:
-            self._frame = np.empty(size, dtype=np.uint8)
+            self._frame = self.pool.take(size) if self.pool is not None \
+                else np.empty(size, dtype=np.uint8)
             self._filled = 0
         take = min(size - self._filled, len(view))
         self._frame[self._filled:self._filled + take] = np.frombuffer(view[:take],
