@@ -178,14 +178,27 @@ def bench_storage(work: Path, frames: int) -> None:
         server.stop()
 
 
-def read_all(client: httpx.Client, url: str, headers: dict | None = None) -> tuple[float, str]:
+def sha256_of(url: str) -> str:
     digest = hashlib.sha256()
-    t = time.perf_counter()
-    with client.stream("GET", url, headers=headers) as r:
+    with httpx.stream("GET", url, timeout=600) as r:
         r.raise_for_status()
         for chunk in r.iter_raw(4 * MiB):
             digest.update(chunk)
-    return time.perf_counter() - t, digest.hexdigest()
+    return digest.hexdigest()
+
+
+def curl_get(url: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(["curl", "-sS", "--fail", "-o", "/dev/null", url], check=True)
+    return time.perf_counter() - t
+
+
+def read_file(path: Path) -> float:
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(4 * MiB):
+            pass
+    return time.perf_counter() - t
 
 
 def bench_download(work: Path, frames: int, repeat: int) -> None:
@@ -198,49 +211,45 @@ def bench_download(work: Path, frames: int, repeat: int) -> None:
         _, a = curl_put(archive.base, movie, "movie.mrc")
         _, k = curl_put(kept.base, movie, "movie.mrc")
         assert a["dataset"]["status"] == k["dataset"]["status"] == "ready"
-        with httpx.Client(timeout=600) as client:
-            a_url = f"{archive.base}/v1/datasets/{a['dataset']['id']}/download"
-            k_url = f"{kept.base}/v1/datasets/{k['dataset']['id']}/download"
-            ours, refs, cats = [], [], []
-            for i in range(repeat + 1):
-                t = time.perf_counter()
-                with open(movie, "rb", buffering=0) as f:
-                    digest = hashlib.sha256()
-                    while block := f.read(4 * MiB):
-                        digest.update(block)
-                cat_s = time.perf_counter() - t
-                ref_s, ref_sha = read_all(client, k_url)
-                us_s, our_sha = read_all(client, a_url)
-                assert our_sha == ref_sha == truth, "the rebuilt bytes differ"
-                if i:
-                    ours.append(us_s), refs.append(ref_s), cats.append(cat_s)
-            # 64 KiB inside frame 37 (mode 101: frames of nx*ny/2 bytes after the header)
-            frame_bytes = K3[0] * K3[1] // 2
-            start = 1024 + 37 * frame_bytes + frame_bytes // 3
-            expected = movie.read_bytes()[start:start + 65536]
-            ranges = []
+        assert a["dataset"]["storage_ratio"] < 1 <= k["dataset"]["storage_ratio"]
+        a_url = f"{archive.base}/v1/datasets/{a['dataset']['id']}/download"
+        k_url = f"{kept.base}/v1/datasets/{k['dataset']['id']}/download"
+        assert sha256_of(a_url) == sha256_of(k_url) == truth, "the rebuilt bytes differ"
+        ours, kepts, files = [], [], []
+        for i in range(repeat + 1):  # round 0 warms both servers and the page cache
+            files.append(read_file(movie))
+            kepts.append(curl_get(k_url))
+            ours.append(curl_get(a_url))
+        ours, kepts, files = ours[1:], kepts[1:], files[1:]
+        # 64 KiB inside frame 37 (mode 101: frames of nx*ny/2 bytes after the header)
+        frame_bytes = K3[0] * K3[1] // 2
+        start = 1024 + 37 * frame_bytes + frame_bytes // 3
+        with open(movie, "rb") as f:
+            f.seek(start)
+            expected = f.read(65536)
+        ranges = []
+        with httpx.Client(timeout=60) as client:
             for _ in range(20):
                 t = time.perf_counter()
                 r = client.get(a_url, headers={"Range": f"bytes={start}-{start + 65535}"})
                 ranges.append(time.perf_counter() - t)
                 assert r.status_code == 206 and r.content == expected
-            first_range = ranges[0]
     finally:
         archive.stop()
         kept.stop()
         movie.unlink()
-    us, ref, cat = (statistics.median(v) for v in (ours, refs, cats))
+    us, ref, cat = (statistics.median(v) for v in (ours, kepts, files))
     print(f"\n## as-received download of a {size / 2**30:.2f} GiB mode-101 movie "
-          f"(SHA-256 checked on the client), median of {repeat}")
-    print(f"  original kept, served as a file (reference): {ref:6.2f} s "
-          f"{size / ref / 1e6:6.0f} MB/s")
-    print(f"  reading + hashing the original file in-process: {cat:6.2f} s "
+          f"(curl -o /dev/null; SHA-256 checked separately), median of {repeat}")
+    print(f"  reading the original file (page cache)       : {cat:6.2f} s "
           f"{size / cat / 1e6:6.0f} MB/s")
-    print(f"  rebuilt from archive + record (ours)        : {us:6.2f} s "
+    print(f"  original kept, served as a file (sendfile)   : {ref:6.2f} s "
+          f"{size / ref / 1e6:6.0f} MB/s")
+    print(f"  rebuilt from archive + record (ours)         : {us:6.2f} s "
           f"{size / us / 1e6:6.0f} MB/s")
-    print(f"  -> {ref / us:.2f}x the kept-original download, {cat / us:.2f}x reading the "
-          f"file (goal >= 0.5x)")
-    print(f"  64 KiB Range inside frame 37: first {first_range * 1000:.1f} ms, median "
+    print(f"  -> {ref / us:.2f}x the download of the kept original, {cat / us:.2f}x reading "
+          f"the file (goal >= 0.5x)")
+    print(f"  64 KiB Range inside frame 37: first {ranges[0] * 1000:.1f} ms, median "
           f"{statistics.median(ranges) * 1000:.1f} ms, max {max(ranges) * 1000:.1f} ms "
           f"(goal < 100 ms)")
 

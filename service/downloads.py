@@ -9,7 +9,9 @@ entity tag, and yields the bytes of any range; the router turns it into a respon
 from __future__ import annotations
 
 import asyncio
+import queue
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Callable, Iterator
@@ -61,6 +63,59 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, stop
 
 
+#: bytes decoded ahead of the client: about two K3 4-bit frames
+READ_AHEAD_BYTES = 24 << 20
+
+
+def read_ahead(pieces: Iterator[bytes], limit: int = READ_AHEAD_BYTES) -> Iterator[bytes]:
+    """``pieces``, produced on a thread of their own up to ``limit`` bytes ahead of the
+    consumer: the next frame is decompressed and repacked (or fetched from S3) while the
+    previous one goes out over the socket. Closing this generator (a client that hung
+    up) stops the producer; its errors surface here."""
+    unit = 256 << 10
+    ahead = threading.Semaphore(max(1, limit // unit))  # one permit per 256 KiB ahead
+
+    def permits(piece: bytes) -> int:
+        return max(1, -(-len(piece) // unit))
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for piece in pieces:
+                for _ in range(permits(piece)):
+                    while not ahead.acquire(timeout=0.5):
+                        if stop.is_set():
+                            return
+                out.put(piece)
+                if stop.is_set():
+                    return
+            out.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            out.put(exc)
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name="mrc-read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = out.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            for _ in range(permits(item)):
+                ahead.release()
+            yield item
+    finally:
+        stop.set()
+        producer.join(timeout=30)
+
+
 @dataclass
 class Download:
     filename: str
@@ -87,7 +142,7 @@ class Downloads:
         received = self.readers.as_received(dataset)
         return Download(filename=dataset["name"], size=received.size,
                         etag=f'"{dataset["sha256"]}"',
-                        read=lambda start, stop: received.read(start, stop),
+                        read=lambda start, stop: read_ahead(received.read(start, stop)),
                         close=received.close, local_path=received.local_path)
 
     # -- conversions --------------------------------------------------------------

@@ -136,7 +136,8 @@ class Readers:
             movie = self.movie(dataset)
             tail = (lambda offset, n: self.store.read_range(form.tail_key, offset, n)) \
                 if form.tail_key else None
-            rebuilt = AsReceived(record, movie.read_frame, tail)
+            rebuilt = AsReceived(record, movie.read_frame, tail,
+                                 archive_frame_nbytes=movie.layout.frame_nbytes)
             return Received(rebuilt.size, rebuilt.iter_range, movie.close, None)
         if form.original_key is not None:
             key = form.original_key

@@ -55,7 +55,8 @@ def rebuilt(outcome, archive: Path, tail: Path) -> AsReceived:
     record = RestoreRecord.from_bytes(outcome.record)
     movie = MrcFile(archive, frame_index=record.frame_index)
     return AsReceived(record, movie.read_frame,
-                      (lambda off, n: tail.read_bytes()[off:off + n]) if tail.exists() else None)
+                      (lambda off, n: tail.read_bytes()[off:off + n]) if tail.exists() else None,
+                      archive_frame_nbytes=movie.layout.frame_nbytes)  # buffers reused
 
 
 def check_exact(raw: bytes, folder: Path, **kwargs) -> AsReceived:

@@ -112,7 +112,7 @@ class ArchiveOutcome:
 
 #: bytes compared at a time: a frame-sized boolean temporary would cost as much memory
 #: as the frame (47 MB for a 16-bit K3 frame)
-_COMPARE_BLOCK = 1 << 20
+_COMPARE_BLOCK = 256 << 10
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:

@@ -45,21 +45,34 @@ def _accumulator(dtype: np.dtype, area: int) -> np.dtype:
 
 
 @np.errstate(invalid="ignore", over="ignore")  # NaN/inf pixels stay NaN/inf, silently
+def _block_sum_into(values: np.ndarray, fy: int, fx: int, rows: np.ndarray,
+                    out: np.ndarray) -> np.ndarray:
+    """Sums of ``fy`` x ``fx`` blocks of real ``values`` into ``out`` (``(h, w)``),
+    with ``rows`` (``(h, w * fx)``) as scratch, both of the accumulator type.
+
+    Rows first: each of the fy adds takes whole contiguous rows; the column step then
+    works on an fy-times smaller array."""
+    h, w = out.shape
+    cropped = values[: h * fy, : w * fx]
+    np.copyto(rows, cropped[0::fy], casting="unsafe")
+    for i in range(1, fy):
+        np.add(rows, cropped[i::fy], out=rows, casting="unsafe")
+    np.copyto(out, rows[:, 0::fx])
+    for j in range(1, fx):
+        out += rows[:, j::fx]
+    return out
+
+
+@np.errstate(invalid="ignore", over="ignore")  # NaN/inf pixels stay NaN/inf, silently
 def block_sum(frame: np.ndarray, fy: int, fx: int) -> np.ndarray:
     """Sums of ``fy`` x ``fx`` blocks, as float64 (exact for integer data)."""
     values = real_values(frame)
     h, w = values.shape[0] // fy, values.shape[1] // fx
     if fy == fx == 1:
         return values.astype(np.float64)
-    # Rows first: each of the fy adds takes whole contiguous rows; the column step then
-    # works on an fy-times smaller array.
-    cropped = values[: h * fy, : w * fx]
-    rows = cropped[0::fy].astype(_accumulator(values.dtype, fy * fx))
-    for i in range(1, fy):
-        rows += cropped[i::fy]
-    out = rows[:, 0::fx].copy()
-    for j in range(1, fx):
-        out += rows[:, j::fx]
+    accumulator = _accumulator(values.dtype, fy * fx)
+    out = _block_sum_into(values, fy, fx, np.empty((h, w * fx), accumulator),
+                          np.empty((h, w), accumulator))
     return out.astype(np.float64, copy=False)
 
 
@@ -112,14 +125,27 @@ class BinnedSum:
         self.fy, self.fx = bin_factors(ny, nx, max_side)
         self.total: np.ndarray | None = None
         self.frames = 0
+        #: the accumulator-typed scratch of one frame's block sums, kept between frames
+        #: (fresh ones cost a page fault per 4 KiB every frame)
+        self._rows: np.ndarray | None = None
+        self._blocks: np.ndarray | None = None
 
-    @np.errstate(invalid="ignore")  # inf + -inf pixels make NaN, as they should
+    @np.errstate(invalid="ignore", over="ignore")  # inf + -inf pixels make NaN, as they should
     def add(self, frame: np.ndarray) -> None:
-        block = block_sum(frame, self.fy, self.fx)
+        values = real_values(frame)
+        fy, fx = self.fy, self.fx
+        h, w = values.shape[0] // fy, values.shape[1] // fx
         if self.total is None:
-            self.total = block
+            self.total = np.zeros((h, w), dtype=np.float64)
+        if fy == fx == 1:
+            np.add(self.total, values, out=self.total, casting="unsafe")
         else:
-            self.total += block
+            accumulator = _accumulator(values.dtype, fy * fx)
+            if self._blocks is None or self._blocks.dtype != accumulator:
+                self._rows = np.empty((h, w * fx), accumulator)
+                self._blocks = np.empty((h, w), accumulator)
+            np.add(self.total, _block_sum_into(values, fy, fx, self._rows, self._blocks),
+                   out=self.total, casting="unsafe")
         self.frames += 1
 
 

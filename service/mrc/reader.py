@@ -162,15 +162,20 @@ class MrcFile:
 
     # -- frames -------------------------------------------------------------------
 
-    def read_frame(self, k: int) -> np.ndarray:
+    def read_frame(self, k: int, out: np.ndarray | None = None) -> np.ndarray:
         """Frame ``k`` (0-based; negative counts from the end) as a fresh ``(ny, nx)``
-        array of :attr:`dtype`: 4-bit data unpacked, bytes in native order."""
+        array of :attr:`dtype`: 4-bit data unpacked, bytes in native order. ``out``: a
+        flat uint8 buffer of the frame's stored size to read into instead (the result
+        is then a view of it where the stored form allows; reuse it for the next frame
+        only once done with this one)."""
         lay = self.layout
         if not -lay.nz <= k < lay.nz:
             raise FrameIndexError(f"frame {k} out of range: the file has {lay.nz} frames "
                                   f"(0..{lay.nz - 1})")
         k %= lay.nz
-        buf = np.empty(lay.frame_nbytes, dtype=np.uint8)
+        if out is not None and out.size != lay.frame_nbytes:
+            raise ValueError(f"out holds {out.size} bytes, a frame {lay.frame_nbytes}")
+        buf = np.empty(lay.frame_nbytes, dtype=np.uint8) if out is None else out
         if self.frame_index is None:
             offset = lay.data_offset + k * lay.frame_nbytes
             if self._source.readinto_at(buf, offset) != lay.frame_nbytes:

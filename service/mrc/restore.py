@@ -188,25 +188,43 @@ def decode_frame(raw_frame: np.ndarray, source: SourceLayout,
 class AsReceived:
     """The received byte stream rebuilt from the archive: its size, and any byte range.
 
-    ``archive_frame(k)`` gives frame k's values as the archive holds them (one chunk
-    decompressed); ``read_tail(offset, n)`` reads the bytes kept after the last frame.
-    A range touches only the frames it overlaps, one at a time, so memory stays at one
-    frame and a range inside frame 37 decompresses frame 37 alone."""
+    ``archive_frame(k, out)`` gives frame k's values as the archive holds them (one
+    chunk decompressed, into the flat buffer ``out`` of the archive's frame size);
+    ``read_tail(offset, n)`` reads the bytes kept after the last frame. A range touches
+    only the frames it overlaps, one at a time, so memory stays at one frame and a range
+    inside frame 37 decompresses frame 37 alone. The same two frame buffers serve every
+    frame: the bytes handed out are copies."""
 
-    def __init__(self, record: RestoreRecord, archive_frame: Callable[[int], np.ndarray],
-                 read_tail: Callable[[int, int], bytes] | None = None):
+    def __init__(self, record: RestoreRecord,
+                 archive_frame: Callable[[int, np.ndarray], np.ndarray],
+                 read_tail: Callable[[int, int], bytes] | None = None,
+                 archive_frame_nbytes: int | None = None):
         self.record = record
         self.size = record.size
         self._archive_frame = archive_frame
         self._read_tail = read_tail
+        self._archive_nbytes = archive_frame_nbytes
+        self._values: np.ndarray | None = None
+        self._packed: np.ndarray | None = None
 
     def frame_bytes(self, k: int) -> np.ndarray:
+        """Frame k as received; valid until the next call."""
+        source = self.record.source
         padding = self.record.padding[k] if self.record.padding is not None else None
-        return restore_frame(self._archive_frame(k), self.record.source, padding)
+        if self._archive_nbytes is None:
+            return restore_frame(self._archive_frame(k, None), source, padding)
+        if self._values is None:
+            self._values = np.empty(self._archive_nbytes, dtype=np.uint8)
+            if source.packing is not None:
+                self._packed = np.empty(source.frame_nbytes, dtype=np.uint8)
+        return restore_frame(self._archive_frame(k, self._values), source, padding,
+                             self._packed)
 
     def iter_range(self, start: int = 0, stop: int | None = None,
-                   block: int = 1 << 20) -> Iterator[bytes]:
-        """Bytes ``start`` .. ``stop - 1`` in pieces of at most about ``block``."""
+                   block: int = 512 << 10) -> Iterator[bytes]:
+        """Bytes ``start`` .. ``stop - 1`` in pieces of at most about ``block`` (512 KiB:
+        below the mmap threshold the service sets, so the copies come from the heap
+        rather than fresh pages)."""
         stop = self.size if stop is None else min(stop, self.size)
         record, source = self.record, self.record.source
         prefix = record.header + record.extended
