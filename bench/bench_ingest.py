@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.api_helpers import start_server  # noqa: E402
+from bench.bench_service import Server  # noqa: E402
 from tests.reference import raw_header  # noqa: E402
 
 K3 = (4092, 5760)  # ny, nx of a Gatan K3 counting-mode frame
@@ -77,26 +77,6 @@ def write_movie(path: Path, shape: tuple[int, int], frames: int, mode: int,
     return path.stat().st_size
 
 
-class Server:
-    """``mrc-ingest serve`` in its own process, its data folder on the scratch disk."""
-
-    def __init__(self, data_dir: Path, **settings: str):
-        env = {f"MRC_INGEST_{k.upper()}": v for k, v in settings.items()}
-        self.proc, self.base = start_server(data_dir, env=env)
-        self.data_dir = data_dir
-
-    def kb(self, field: str) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise KeyError(field)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-
-
 def curl_put(base: str, movie: Path, name: str) -> tuple[float, dict]:
     """Seconds from the first byte sent until the answer (the dataset ready) arrives."""
     t = time.perf_counter()
@@ -127,7 +107,7 @@ def bench_ready(work: Path, mode: int, frames: int, repeat: int) -> None:
     size = write_movie(movie, K3, frames, mode)
     server = Server(work / f"data-ready-{mode}")
     try:
-        idle = server.kb("VmRSS") / 1024
+        idle = server.status_kb("VmRSS") / 1024
         ours, refs = [], []
         for i in range(repeat + 1):  # the first round warms page cache and allocator
             ref = cp_sync(movie, work / "copy.mrc")
@@ -138,9 +118,9 @@ def bench_ready(work: Path, mode: int, frames: int, repeat: int) -> None:
             if i:
                 ours.append(seconds)
                 refs.append(ref)
-        peak = server.kb("VmHWM") / 1024
+        peak = server.status_kb("VmHWM") / 1024
     finally:
-        server.stop()
+        server.stop(remove=True)
         movie.unlink()
     us, ref = statistics.median(ours), statistics.median(refs)
     print(f"\n## ready after first byte: {size / 2**30:.2f} GiB K3 movie, mode {mode} "
@@ -175,7 +155,7 @@ def bench_storage(work: Path, frames: int) -> None:
                   f"{stored / 1e6:7.1f} MB ({form}) -> {stored / received:.3f} (goal {goal})")
             movie.unlink()
     finally:
-        server.stop()
+        server.stop(remove=True)
 
 
 def sha256_of(url: str) -> str:
@@ -235,8 +215,8 @@ def bench_download(work: Path, frames: int, repeat: int) -> None:
                 ranges.append(time.perf_counter() - t)
                 assert r.status_code == 206 and r.content == expected
     finally:
-        archive.stop()
-        kept.stop()
+        archive.stop(remove=True)
+        kept.stop(remove=True)
         movie.unlink()
     us, ref, cat = (statistics.median(v) for v in (ours, kepts, files))
     print(f"\n## as-received download of a {size / 2**30:.2f} GiB mode-101 movie "

@@ -1,10 +1,18 @@
-"""Load: 8 concurrent uploads of 1 GB each while a second client polls the catalog and
-previews. Prints upload throughput, metadata/preview latency p50/p99 (goal: metadata p99
-< 50 ms) and the number of errors (goal 0), next to the same latencies on an idle server.
+"""Load: 8 concurrent uploads of 1 GiB each while a dashboard client polls the catalog
+and previews. Prints upload throughput, metadata/preview latency p50/p99 (goal: metadata
+p99 < 50 ms while the uploads stream) and the number of errors (goal 0), next to the same
+latencies on the idle deployment, for two deployments on this one machine, in one run:
 
-Loopback only, bounded in time. Each upload streams the same 4-bit frames behind its own
-header label, so every movie has its own SHA-256 (no de-duplication shortcut) while the
-disk holds one source file. Run: ``python bench/bench_load.py`` (``--quick``: 8 x 128 MB).
+* ``one process``: the embedded default, ``mrc-ingest serve`` on SQLite and the data
+  folder; uploads and dashboard share it (the reference: how it ran before #14);
+* ``split``: a PostgreSQL catalog and the same local folder; one ``serve`` process takes
+  the uploads (and ingests them as they stream) under ``nice -n 10``, a second with
+  ``MRC_INGEST_WORKERS=0`` answers the dashboard at normal priority. Same code, same
+  machine, told apart by settings (and the scheduler's priority) alone.
+
+Loopback only. Each upload streams the same 4-bit frames behind its own header label, so
+every movie has its own SHA-256 (no de-duplication shortcut) while the disk holds one
+source file. Run: ``python bench/bench_load.py`` (``--quick``: 8 x 128 MiB).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.api_helpers import start_server  # noqa: E402
+from tests.postgres import start_postgres  # noqa: E402
 from tests.reference import raw_header  # noqa: E402
 
 NX = NY = 4096
@@ -97,6 +106,58 @@ def upload(base: str, name: str, frames_file: Path, frames: int, out: dict) -> N
         out[name] = (0, elapsed, (done.stdout + done.stderr)[-300:])
 
 
+def run(upload_base: str, dashboard_base: str, frames_file: Path, frames: int,
+        uploads: int, quick: bool) -> dict:
+    """Seed one dataset, poll idle for 3 s, then stream ``uploads`` movies at once."""
+    seed: dict = {}
+    upload(upload_base, "seed.mrc", frames_file, 8 if quick else 16, seed)
+    assert seed["seed.mrc"][0] == 201, seed
+    poller = Poller(dashboard_base)
+    poller.ready_id = seed["seed.mrc"][2]["dataset"]["id"]
+    poller.start()
+    time.sleep(3)
+    idle_meta, idle_prev = list(poller.metadata), list(poller.previews)
+    poller.metadata.clear()
+    poller.previews.clear()
+    results: dict = {}
+    threads = [threading.Thread(target=upload, args=(upload_base, f"movie{i}.mrc",
+                                                     frames_file, frames, results))
+               for i in range(uploads)]
+    started = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    upload_s = time.perf_counter() - started  # each answer comes once its movie is ready
+    busy_meta, busy_prev = list(poller.metadata), list(poller.previews)
+    poller.stop.set()
+    poller.join()
+    return {"idle_meta": idle_meta, "idle_prev": idle_prev, "busy_meta": busy_meta,
+            "busy_prev": busy_prev, "results": results, "upload_s": upload_s,
+            "errors": poller.errors}
+
+
+def report(name: str, r: dict, uploads: int, size: int) -> None:
+    results = r["results"]
+    ok = sum(1 for v in results.values() if v[0] == 201 and
+             v[2]["dataset"]["status"] == "ready")
+    upload_errors = [f"{n}: {v[0]} {v[2]}" for n, v in results.items() if v[0] != 201]
+    print(f"\n## {name}: {uploads} concurrent uploads (curl -T) of {size / 2**30:.2f} GiB "
+          "each, ready on the answer (clients and servers share the 2 cores)")
+    print(f"  all ready {r['upload_s']:.1f} s after the start: "
+          f"{uploads * size / r['upload_s'] / 1e6:.0f} MB/s aggregate; per upload "
+          f"{min(v[1] for v in results.values()):.1f}-{max(v[1] for v in results.values()):.1f} s")
+    print(f"  metadata GETs while uploading: p50 {pct(r['busy_meta'], 50):.1f} ms, p99 "
+          f"{pct(r['busy_meta'], 99):.1f} ms over {len(r['busy_meta'])} (goal p99 < 50)")
+    print(f"  previews while uploading: p50 {pct(r['busy_prev'], 50):.1f} ms, p99 "
+          f"{pct(r['busy_prev'], 99):.1f} ms over {len(r['busy_prev'])}")
+    print(f"  reference, same deployment idle: metadata p50 {pct(r['idle_meta'], 50):.1f} ms, "
+          f"p99 {pct(r['idle_meta'], 99):.1f} ms; previews p50 {pct(r['idle_prev'], 50):.1f} ms")
+    print(f"  errors: {len(upload_errors) + len(r['errors'])} (ready {ok}/{uploads}) (goal 0)")
+    for line in (upload_errors + r["errors"])[:10]:
+        print(f"    {line}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -104,74 +165,43 @@ def main() -> None:
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     frames = 16 if args.quick else 128  # x 8 MiB: 128 MiB or 1 GiB per movie
-    work = Path(tempfile.mkdtemp(prefix="bench-load-", dir=Path.cwd()))
-    proc = None
+    size = frames * FRAME + 1024
+    work = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    work.chmod(0o755)
+    procs: list = []
+    pg = None
     try:
         frames_file = work / "frames.bin"
         write_frames(frames_file, frames)
-        proc, base = start_server(work / "data", "--workers", "2")
-        seed: dict = {}
-        upload(base, "seed.mrc", frames_file, 8 if args.quick else 16, seed)
-        poller = Poller(base)
-        poller.ready_id = seed["seed.mrc"][2]["dataset"]["id"]
-        with httpx.Client(base_url=base) as client:  # wait for the seed to be previewable
-            while client.get(f"/v1/datasets/{poller.ready_id}").json()["status"] != "ready":
-                time.sleep(0.1)
-        poller.start()
-        time.sleep(3)
-        idle_meta, idle_prev = list(poller.metadata), list(poller.previews)
-        poller.metadata.clear()
-        poller.previews.clear()
 
-        results: dict = {}
-        threads = [threading.Thread(target=upload, args=(base, f"movie{i}.mrc", frames_file,
-                                                         frames, results))
-                   for i in range(args.uploads)]
-        started = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        upload_s = time.perf_counter() - started
-        busy_meta, busy_prev = list(poller.metadata), list(poller.previews)
-        job_ids = [r[2]["job"]["id"] for r in results.values() if r[0] == 202]
-        with httpx.Client(base_url=base, timeout=60) as client:
-            while any(client.get(f"/v1/jobs/{j}").json()["state"] in ("queued", "running")
-                      for j in job_ids):
-                time.sleep(0.5)
-            ingest_s = time.perf_counter() - started
-            states = [client.get(f"/v1/jobs/{j}").json()["state"] for j in job_ids]
-        poller.stop.set()
-        poller.join()
-        after_meta = poller.metadata[len(busy_meta):]
+        proc, base = start_server(work / "data-one", "--workers", "2")
+        procs.append(proc)
+        one = run(base, base, frames_file, frames, args.uploads, args.quick)
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(work / "data-one", ignore_errors=True)
+
+        pg = start_postgres(work / "pg", durable=True)
+        env = {"MRC_INGEST_DATABASE_URL": pg.create_database()}
+        ingest, ingest_base = start_server(work / "data-split", "--workers", "2", env=env,
+                                           nice=10)
+        procs.append(ingest)
+        dashboard, dashboard_base = start_server(
+            work / "data-split", env={**env, "MRC_INGEST_WORKERS": "0"})
+        procs.append(dashboard)
+        split = run(ingest_base, dashboard_base, frames_file, frames, args.uploads,
+                    args.quick)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)
+        if pg is not None:
+            pg.remove()
         shutil.rmtree(work, ignore_errors=True)
-
-    size = frames * FRAME + 1024
-    ok = sum(1 for r in results.values() if r[0] == 202)
-    upload_errors = [f"{n}: {r[0]} {r[2]}" for n, r in results.items() if r[0] != 202]
-    print(f"## {args.uploads} concurrent uploads (curl -T) of {size / 1e9:.2f} GB each "
-          f"(2 workers; the clients and the server share the 2 cores)")
-    print(f"  all uploads done in {upload_s:.1f} s: {args.uploads * size / upload_s / 1e6:.0f} "
-          f"MB/s aggregate; per upload {min(r[1] for r in results.values()):.1f}-"
-          f"{max(r[1] for r in results.values()):.1f} s")
-    print(f"  all ingests done {ingest_s:.1f} s after the start; job states: "
-          f"{ {s: states.count(s) for s in set(states)} }")
-    print(f"  metadata GETs while uploading: p50 {pct(busy_meta, 50):.1f} ms, p99 "
-          f"{pct(busy_meta, 99):.1f} ms over {len(busy_meta)} (goal p99 < 50)")
-    print(f"  metadata GETs while ingesting after: p50 {pct(after_meta, 50):.1f} ms, p99 "
-          f"{pct(after_meta, 99):.1f} ms over {len(after_meta)}")
-    print(f"  previews while uploading: p50 {pct(busy_prev, 50):.1f} ms, p99 "
-          f"{pct(busy_prev, 99):.1f} ms over {len(busy_prev)}")
-    print(f"  reference, idle server: metadata p50 {pct(idle_meta, 50):.1f} ms, p99 "
-          f"{pct(idle_meta, 99):.1f} ms; previews p50 {pct(idle_prev, 50):.1f} ms")
-    print(f"  errors: {len(upload_errors) + len(poller.errors)} (uploads accepted {ok}/"
-          f"{args.uploads}) (goal 0)")
-    for line in (upload_errors + poller.errors)[:10]:
-        print(f"    {line}")
+    report("one process (SQLite, embedded default)", one, args.uploads, size)
+    report("split: PostgreSQL; uploads to one serve process (nice 10), dashboard on "
+           "another with MRC_INGEST_WORKERS=0", split, args.uploads, size)
 
 
 if __name__ == "__main__":

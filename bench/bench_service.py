@@ -1,14 +1,13 @@
 """Service benchmark: each number next to a reference measured in the same run.
 
-* streaming PUT throughput over loopback vs ``cp`` of the same file on the same disk
-  (goal >= 0.5x cp), and the server's peak RSS while it receives and ingests the movie
-  (goal < 300 MB);
+(Upload speed, time to ready and the server's memory are bench/bench_ingest.py's.)
+
 * preview latency for a 4096 x 4096 frame (goal < 150 ms), against /healthz (the HTTP
   floor) and reading the frame's bytes in-process;
 * GET /v1/datasets p99 with 100k rows in the catalog (goal < 20 ms), against /healthz;
 * a metadata GET while four conversions run, against the same GET idle.
 
-Run: ``python bench/bench_service.py`` (2 GiB movie) or ``--quick`` (256 MiB, 10k rows).
+Run: ``python bench/bench_service.py`` or ``--quick`` (10k rows).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,8 +49,12 @@ def write_movie(path: Path, frames: int, mode: int = 101) -> None:
 
 
 class Server:
-    def __init__(self, data_dir: Path, workers: int = 2):
-        self.proc, self.base = start_server(data_dir, "--workers", str(workers))
+    """``mrc-ingest serve`` in its own process; ``settings`` become MRC_INGEST_* variables."""
+
+    def __init__(self, data_dir: Path, workers: int = 2, **settings: str):
+        env = {f"MRC_INGEST_{k.upper()}": str(v) for k, v in settings.items()}
+        self.proc, self.base = start_server(data_dir, "--workers", str(workers), env=env)
+        self.data_dir = data_dir
 
     def status_kb(self, field: str) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -60,9 +62,11 @@ class Server:
                 return int(line.split()[1])
         raise KeyError(field)
 
-    def stop(self) -> None:
+    def stop(self, remove: bool = False) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        if remove:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def wait_job(client: httpx.Client, job_id: str) -> dict:
@@ -83,49 +87,6 @@ def latencies(client: httpx.Client, url: str, n: int, **params) -> list[float]:
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q))
-
-
-def bench_put_and_rss(work: Path, frames: int) -> None:
-    movie = work / "movie.mrc"
-    write_movie(movie, frames)
-    size = movie.stat().st_size
-    data = work / "data"
-    server = Server(data)
-    try:
-        base_rss = server.status_kb("VmRSS") / 1024
-        t = time.perf_counter()
-        subprocess.run(["cp", str(movie), str(work / "copy.mrc")], check=True)
-        os.sync()
-        cp_s = time.perf_counter() - t
-        (work / "copy.mrc").unlink()
-
-        def body():
-            with open(movie, "rb", buffering=0) as f:
-                while chunk := f.read(4 * MiB):
-                    yield chunk
-        with httpx.Client(base_url=server.base, timeout=600) as client:
-            t = time.perf_counter()
-            r = client.put("/v1/uploads/movie.mrc", content=body(),
-                           headers={"Content-Length": str(size)})
-            put_s = time.perf_counter() - t
-            assert r.status_code == 202, r.text
-            t = time.perf_counter()
-            job = wait_job(client, r.json()["job"]["id"])
-            ingest_s = time.perf_counter() - t
-            assert job["state"] == "done", job
-            ds = client.get(r.headers["location"]).json()
-        peak = server.status_kb("VmHWM") / 1024
-    finally:
-        server.stop()
-    gib = size / (1 << 30)
-    print(f"\n## PUT {gib:.2f} GiB 4-bit movie ({frames} frames of {NX}x{NY}) over loopback")
-    print(f"  cp same file, same disk (incl. sync): {cp_s:6.2f} s  {size / cp_s / 1e6:7.0f} MB/s")
-    print(f"  PUT streamed + SHA-256 + fsync      : {put_s:6.2f} s  {size / put_s / 1e6:7.0f} MB/s"
-          f"  -> {cp_s / put_s:.2f}x cp (goal >= 0.5)")
-    print(f"  ingest job (scan + stats + MRCZ archive): {ingest_s:.2f} s, archive "
-          f"{ds['stored_bytes'] / 1e6:.0f} MB (ratio {ds['compression_ratio']:.2f} vs 4-bit)")
-    print(f"  server peak RSS (VmHWM) through upload + ingest: {peak:.0f} MB "
-          f"(idle server {base_rss:.0f} MB; goal < 300)")
 
 
 def bench_previews(work: Path) -> None:
@@ -250,13 +211,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dir", type=Path, default=None,
                         help="work folder (default: a temporary folder under the cwd)")
-    parser.add_argument("--only", nargs="+", default=["put", "preview", "list", "busy"],
-                        choices=["put", "preview", "list", "busy"])
+    parser.add_argument("--only", nargs="+", default=["preview", "list", "busy"],
+                        choices=["preview", "list", "busy"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-service-", dir=args.dir or Path.cwd()))
     try:
-        if "put" in args.only:
-            bench_put_and_rss(work, 32 if args.quick else 256)
         if "preview" in args.only:
             bench_previews(work)
         if "list" in args.only:

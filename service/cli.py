@@ -126,12 +126,17 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace):
-    """Settings from the environment, with the command line's overrides."""
+    """Settings from the environment, with the command line's overrides; None (after
+    one line on stderr saying what is wrong) when they are invalid."""
     from .config import Settings
 
     overrides = {k: getattr(args, k) for k in ("data_dir", "workers", "host", "port")
                  if getattr(args, k, None) is not None}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:
+        _fail(f"bad settings: {exc}")
+        return None
 
 
 #: glibc mallopt parameter: allocations at least this large are mmapped
@@ -164,10 +169,8 @@ def _worker(args: argparse.Namespace) -> int:
     from .ingest import IngestService
     from .logs import configure
 
-    try:
-        settings = _settings(args)
-    except ValueError as exc:
-        return _fail(f"bad settings: {exc}")
+    if (settings := _settings(args)) is None:
+        return 1
     if settings.workers < 1:
         return _fail("a worker process needs MRC_INGEST_WORKERS (or --workers) >= 1", 2)
     configure(args.log_level, args.log_format)
@@ -191,10 +194,8 @@ def _migrate(args: argparse.Namespace) -> int:
     from .catalog import Catalog
     from .catalog.migrate import upgrade
 
-    try:
-        settings = _settings(args)
-    except ValueError as exc:
-        return _fail(f"bad settings: {exc}")
+    if (settings := _settings(args)) is None:
+        return 1
     catalog = Catalog(settings.catalog_url, migrate=False)
     try:
         before, after = upgrade(catalog.engine)
@@ -209,10 +210,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .api import create_app
 
-    try:
-        settings = _settings(args)
-    except ValueError as exc:
-        return _fail(f"bad settings: {exc}")
+    if (settings := _settings(args)) is None:
+        return 1
     if not settings.tokens and settings.host not in LOOPBACK_HOSTS:
         return _fail(f"refusing to listen on {settings.host} without API tokens: anyone on the "
                      "network could upload and delete. Make tokens with 'mrc-ingest token' "

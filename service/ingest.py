@@ -6,6 +6,7 @@ change; this one only wires them and owns their lifetime. Nothing happens at imp
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import timedelta
 from typing import Any
@@ -28,6 +29,13 @@ from .readers import Readers
 from .storage import Storage
 from .tus import TusUploads
 
+log = logging.getLogger("mrc_ingest.maintenance")
+#: how often each replica with workers sweeps (expired tus uploads, crash leftovers)
+MAINTENANCE_SECONDS = 600.0
+#: an S3 multipart upload with no live writer is abandoned after this (the longest an
+#: upload may pause and still finish: a 64 GiB movie over a slow link)
+ABANDONED_AFTER_SECONDS = 6 * 3600.0
+
 
 class IngestService:
     def __init__(self, settings: Settings):
@@ -39,6 +47,7 @@ class IngestService:
         self.metrics = Metrics(self.snapshot)
         self.catalog: Catalog | None = None
         self.queue: JobQueue | None = None
+        self._stopping = threading.Event()
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -76,8 +85,29 @@ class IngestService:
             catalog.expire_leases()
         self.tus.prepare()
         queue.start()
+        if settings.workers:
+            self._maintenance = threading.Thread(target=self._maintain, daemon=True,
+                                                 name="mrc-maintenance")
+            self._maintenance.start()
+
+    def _maintain(self) -> None:
+        """Every few minutes, on every replica that runs workers (each step is
+        idempotent, so several replicas doing it at once is fine): drop expired tus
+        uploads (aborting their S3 multipart uploads) and what crashed writers left."""
+        while not self._stopping.wait(MAINTENANCE_SECONDS):
+            try:
+                assert self.catalog is not None
+                self.tus.prepare()
+                removed = self.storage.sweep(self.catalog.has_live_lease,
+                                             ABANDONED_AFTER_SECONDS)
+                if removed:
+                    log.info("swept %d abandoned temporaries or uploads", removed)
+            except Exception as exc:  # noqa: BLE001 - next round; the store may be away
+                log.warning("maintenance sweep failed: %s", str(exc).splitlines()[0]
+                            if str(exc) else type(exc).__name__)
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.queue is not None:
             self.queue.shutdown(wait=False)
         if self.catalog is not None:

@@ -31,7 +31,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 from .datastore import DataStore, LocalStore, sweep_abandoned
 from .errors import NotFound, PathNotAllowed, Unprocessable
@@ -160,6 +160,25 @@ class Storage:
             for folder in ("datasets", "conversions", "particle_sets"):
                 removed += sweep_abandoned(self.root / folder, min_age=0.0)
         return removed
+
+    def sweep(self, writing: Callable[[str], bool], older_than_seconds: float) -> int:
+        """Remove what crashed writers left, and only that; returns how many. Local
+        temporaries carry their writer's flock, so a free one is proof. On S3 an
+        incomplete multipart upload under ``datasets/<id>/`` or ``conversions/<id>/`` is
+        aborted once it is older than ``older_than_seconds`` and no job of dataset
+        ``<id>`` holds a live lease (``writing(id)`` false); under ``particle_sets/``,
+        age alone. tus uploads (``tus/``) are the catalog's: expiry drops them."""
+        if isinstance(self.store, LocalStore):
+            return len(self.prepare())
+        aborted = 0
+        for prefix in ("datasets/", "conversions/", "particle_sets/"):
+            for upload in self.store.stale_multipart_uploads(prefix, older_than_seconds):
+                owner = upload.key.split("/")[1] if upload.key.count("/") >= 2 else ""
+                if prefix != "particle_sets/" and owner and writing(owner):
+                    continue
+                self.store.abort_pending(upload)
+                aborted += 1
+        return aborted
 
     def remove_dataset(self, dataset_id: str, form: StoredForm | None = None) -> None:
         """Every object kept for the dataset, and its cached conversions. A registered

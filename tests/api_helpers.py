@@ -57,12 +57,14 @@ def free_port() -> int:
 
 
 def start_server(data_dir: Path, *args: str, timeout: float = 60.0, stderr=None,
-                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+                 env: dict[str, str] | None = None, nice: int = 0
+                 ) -> tuple[subprocess.Popen, str]:
     """``mrc-ingest serve`` in its own process on a free loopback port, once /healthz
-    answers; returns the process and the base URL."""
+    answers; returns the process and the base URL. ``nice``: run it at that niceness."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-                             "--data-dir", str(data_dir), "--log-level",
+    prefix = ["nice", "-n", str(nice)] if nice else []
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "service.cli", "serve", "--port",
+                             str(port), "--data-dir", str(data_dir), "--log-level",
                              "info" if stderr is not None else "warning", *args],
                             cwd=Path(__file__).resolve().parents[1], stderr=stderr,
                             env=clean_environment(env))

@@ -447,3 +447,37 @@ def test_reserve_must_fit_in_the_first_part(tmp_path):
     store = S3Store("s3://bucket", endpoint_url="http://127.0.0.1:1", part_bytes=PART)
     with pytest.raises(ValueError, match="reserve_head"):
         store.open_writer("k", reserve_head=PART)
+
+
+def test_the_maintenance_sweep_spares_live_writers_and_tus(s3, tmp_path):
+    """Storage.sweep on S3: an incomplete upload whose dataset has a live job stays, as
+    do tus uploads (the catalog's, dropped by expiry); the rest is aborted."""
+    from service.storage import Storage
+
+    store = s3.store
+    for key in ("datasets/dead/archive.mrcz", "datasets/live/archive.mrcz",
+                "conversions/dead/m.mode1.mrc", "particle_sets/p1/export.mrc", "tus/t1"):
+        store.create_multipart(key)
+    storage = Storage(tmp_path / "scratch", store)
+    assert storage.sweep(lambda dataset_id: True, older_than_seconds=3600) == 0
+    assert storage.sweep(lambda dataset_id: dataset_id == "live", older_than_seconds=0) == 3
+    assert sorted(s3.leftovers()) == [store.prefix + "datasets/live/archive.mrcz",
+                                      store.prefix + "tus/t1"]
+
+
+def test_the_maintenance_sweep_on_the_local_folder_takes_only_free_temporaries(tmp_path):
+    import fcntl
+
+    from service.storage import Storage
+
+    storage = Storage(tmp_path)
+    storage.prepare()
+    folder = tmp_path / "datasets" / "d1"
+    folder.mkdir(parents=True)
+    dead, live = folder / ".archive.mrcz.aaaa.part", folder / ".sum.bin.bbbb.part"
+    dead.write_bytes(b"left by a crash")
+    live.write_bytes(b"being written")
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert storage.sweep(lambda dataset_id: False, older_than_seconds=0) == 1
+    assert not dead.exists() and live.exists()

@@ -164,6 +164,15 @@ class JobRows(CatalogBase):
             return conn.execute(jobs.update().where(condition)
                                 .values(lease_expires_at=self.now(-1.0))).rowcount
 
+    def has_live_lease(self, dataset_id: str) -> bool:
+        """Whether some worker (or a receiving process) holds a live lease on a job of
+        the dataset: its objects may be being written right now."""
+        query = sa.select(sa.func.count()).select_from(jobs).where(
+            jobs.c.dataset_id == dataset_id, jobs.c.state == "running",
+            jobs.c.lease_expires_at > self.now())
+        with self.engine.connect() as conn:
+            return bool(conn.execute(query).scalar())
+
     def runnable_count(self) -> int:
         now = self.now()
         query = sa.select(sa.func.count()).select_from(jobs).where(sa.or_(

@@ -418,10 +418,14 @@ class S3Store(DataStore):
         ``older_than_seconds`` above the longest upload a client may pause."""
         stale = self.stale_multipart_uploads(prefix, older_than_seconds)
         for upload in stale:
-            # Listed keys may fall outside check_key's grammar (other tools write to
-            # buckets too), so they go back to S3 as they came.
-            self._abort(self.prefix + upload.key, upload.upload_id)
+            self.abort_pending(upload)
         return len(stale)
+
+    def abort_pending(self, upload: PendingUpload) -> None:
+        """Abort one upload :meth:`stale_multipart_uploads` listed. Listed keys may fall
+        outside check_key's grammar (other tools write to buckets too), so they go back
+        to S3 as they came."""
+        self._abort(self.prefix + upload.key, upload.upload_id)
 
     def _upload_pool(self) -> ThreadPoolExecutor:
         """The threads that upload writers' parts, started on first use."""
