@@ -223,7 +223,7 @@ def bench_download(work: Path, frames: int, repeat: int) -> None:
           f"(curl -o /dev/null; SHA-256 checked separately), median of {repeat}")
     print(f"  reading the original file (page cache)       : {cat:6.2f} s "
           f"{size / cat / 1e6:6.0f} MB/s")
-    print(f"  original kept, served as a file (sendfile)   : {ref:6.2f} s "
+    print(f"  original kept, served as a file (FileResponse): {ref:6.2f} s "
           f"{size / ref / 1e6:6.0f} MB/s")
     print(f"  rebuilt from archive + record (ours)         : {us:6.2f} s "
           f"{size / us / 1e6:6.0f} MB/s")
