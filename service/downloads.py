@@ -73,10 +73,11 @@ def read_ahead(pieces: Iterator[bytes], limit: int = READ_AHEAD_BYTES) -> Iterat
     previous one goes out over the socket. Closing this generator (a client that hung
     up) stops the producer; its errors surface here."""
     unit = 256 << 10
-    ahead = threading.Semaphore(max(1, limit // unit))  # one permit per 256 KiB ahead
+    most = max(1, limit // unit)
+    ahead = threading.Semaphore(most)  # one permit per 256 KiB ahead
 
-    def permits(piece: bytes) -> int:
-        return max(1, -(-len(piece) // unit))
+    def permits(piece: bytes) -> int:  # a piece larger than the limit takes them all
+        return min(most, max(1, -(-len(piece) // unit)))
     out: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
     done = object()
@@ -112,8 +113,11 @@ def read_ahead(pieces: Iterator[bytes], limit: int = READ_AHEAD_BYTES) -> Iterat
                 ahead.release()
             yield item
     finally:
+        # no join: this may run wherever the generator is collected (the event loop,
+        # after a client hung up); the producer sees the flag within half a second or
+        # after its current piece, and a read that fails once the source is closed
+        # only ends it
         stop.set()
-        producer.join(timeout=30)
 
 
 @dataclass

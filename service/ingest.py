@@ -98,13 +98,22 @@ class IngestService:
             try:
                 assert self.catalog is not None
                 self.tus.prepare()
-                removed = self.storage.sweep(self.catalog.has_live_lease,
-                                             ABANDONED_AFTER_SECONDS)
+                removed = self.storage.sweep(self._writing, ABANDONED_AFTER_SECONDS)
                 if removed:
                     log.info("swept %d abandoned temporaries or uploads", removed)
             except Exception as exc:  # noqa: BLE001 - next round; the store may be away
                 log.warning("maintenance sweep failed: %s", str(exc).splitlines()[0]
                             if str(exc) else type(exc).__name__)
+
+    def _writing(self, dataset_id: str) -> bool:
+        """Whether the dataset's objects may be being written: a job of it holds a live
+        lease, or a resumable upload of it is still open (its streaming pass keeps the
+        archive's multipart upload while the client pauses, up to the tus expiry)."""
+        assert self.catalog is not None
+        if self.catalog.has_live_lease(dataset_id):
+            return True
+        upload = self.catalog.tus_upload_of(dataset_id)
+        return upload is not None and upload["completed_at"] is None
 
     def stop(self) -> None:
         self._stopping.set()

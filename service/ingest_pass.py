@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from sqlalchemy import exc as sa_exc
 
 from .catalog import Catalog
 from .config import Settings
 from .datastore import DataStore
-from sqlalchemy import exc as sa_exc
-
 from .errors import Conflict
+from .jobs import LeaseLost
 from .mrc.archiver import FORM_ARCHIVE, ArchiveOutcome, ArchivePolicy, Archiver
 from .mrc.preview import encode_sum
 from .mrc.stream import StreamCutter
@@ -80,13 +80,17 @@ class OriginalBytes:
 
 
 class LocalOriginal(OriginalBytes):
-    """A complete local file (a scratch copy, a finished tus upload)."""
+    """A complete local file (an upload's scratch copy): ``finish()`` makes it durable
+    and gives its path, ``discard()`` removes what is left of it and unlocks it."""
 
     def __init__(self, finish: Callable[[], Any], discard: Callable[[], None]):
         self._finish, self._discard = finish, discard
 
     def keep(self, store: DataStore, key: str) -> int | None:
-        return store.put_file(key, self._finish())
+        try:
+            return store.put_file(key, self._finish())
+        finally:
+            self._discard()  # after the move: nothing left to remove, the lock goes
 
     def discard(self) -> None:
         self._discard()
@@ -102,7 +106,8 @@ class IngestPass:
                  normalize: bool | None, original: OriginalBytes,
                  declared_size: int | None = None, create_row: bool = False,
                  phase: str = "receiving", job_id: str | None = None,
-                 registered_path: str = "", fence: tuple[str, str] | None = None):
+                 registered_path: str = "", fence: tuple[str, str] | None = None,
+                 takeover_rewrites: bool = False):
         self.deps = deps
         self.dataset_id, self.name, self.source = dataset_id, name, source
         self.normalize = deps.settings.normalize if normalize is None else normalize
@@ -112,6 +117,11 @@ class IngestPass:
         self.registered_path = registered_path
         #: (job id, owner): the final write happens only while that lease is held
         self.fence = fence
+        #: a worker that takes the lease over runs this same pass and writes the same
+        #: keys (an ingest job): having lost the lease, this pass must not remove them
+        self.takeover_rewrites = takeover_rewrites
+        #: the catalog row names this pass's objects: from here on nothing is removed
+        self.committed = False
         #: called (on the feeding thread) once the dataset row exists
         self.on_row: Callable[[], None] | None = None
         #: merged into the dataset's info at the end (a registration's fingerprint)
@@ -196,6 +206,10 @@ class IngestPass:
                                            self.cutter.header_findings + self.cutter.findings)
             try:
                 dataset = self._commit(outcome, sha256)
+            except LeaseLost:
+                if not self.takeover_rewrites:
+                    self._remove_objects()
+                raise
             except sa_exc.IntegrityError:
                 # The same bytes became a dataset an instant ago, here or on another
                 # replica (the catalog keeps one live upload per content): that one.
@@ -206,7 +220,8 @@ class IngestPass:
                     raise
                 return {"dataset": existing, "duplicate": True}
             except BaseException:
-                self._remove_objects()
+                if not self.committed:
+                    self._remove_objects()
                 raise
         self.finished = True
         return {"dataset": dataset, "duplicate": False}
@@ -252,8 +267,15 @@ class IngestPass:
                              source.header if source is not None else None,
                              source.layout.nz if source is not None else None,
                              fence=self.fence):
+            if self.fence is not None and not deps.catalog.holds_lease(*self.fence):
+                raise LeaseLost(f"the lease of job {self.fence[0]} went to another worker "
+                                f"before dataset {dataset_id} was committed")
             raise Conflict(f"dataset {dataset_id} was deleted while it was being ingested")
-        return deps.catalog.get_dataset(dataset_id)  # type: ignore[return-value]
+        self.committed = True
+        dataset = deps.catalog.get_dataset(dataset_id)
+        if dataset is None:
+            raise Conflict(f"dataset {dataset_id} was deleted as it was committed")
+        return dataset
 
     def _info(self, outcome: ArchiveOutcome, form: str, keys: dict[str, str],
               sizes: dict[str, int]) -> dict[str, Any]:
@@ -287,10 +309,13 @@ class IngestPass:
         goes too when this pass made it (or ``delete_row``), but only once its objects
         are gone: while the store or catalog is away the row stays ``receiving`` and its
         upload job's lease lapses, so a worker finishes the cleanup later
-        (:meth:`Pipeline.drop_upload`). True when everything is gone now."""
-        self.archiver.abort()
-        self.original.discard()
+        (:meth:`Pipeline.drop_upload`). True when everything is gone now. A pass whose
+        row was committed removes nothing: the objects are the dataset's."""
+        if self.committed:
+            return True
         try:
+            self.archiver.abort()
+            self.original.discard()
             self._remove_objects()
             if self.row_created if delete_row is None else delete_row:
                 self.deps.catalog.delete_dataset(self.dataset_id)

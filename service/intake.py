@@ -97,7 +97,8 @@ class Intake:
                 ingest = IngestPass(
                     self.deps, dataset_id=dataset_id, name=name, source="upload",
                     normalize=normalize, declared_size=declared_size, create_row=True,
-                    original=LocalOriginal(scratch.keep, scratch.discard), job_id=job_id)
+                    original=LocalOriginal(scratch.keep, scratch.discard), job_id=job_id,
+                    fence=(job_id, self.queue.owner))  # a lapsed upload is drop_upload's
                 ingest.on_row = lambda: self._start_upload_job(job_id, dataset_id)
             scratch.receiver.write_beside(batch, ingest.feed)
 
@@ -121,11 +122,16 @@ class Intake:
             self.metrics.uploads.labels("duplicate").inc()
             jobs = self.catalog.jobs_in_states(("queued", "running"), result["dataset"]["id"])
             return {**result, "job": jobs[0] if jobs else None}
-        self.catalog.complete_job(job_id, self.queue.owner, state="done", result={
-            "status": result["dataset"]["status"],
-            "findings": len(result["dataset"]["info"].get("findings", [])),
-            "bytes_written": result["dataset"]["stored_bytes"] or 0})
-        self.queue.release(job_id)
+        # The dataset is committed: what follows is bookkeeping. Should the catalog go
+        # away now, the upload job's lease lapses and drop_upload finds the dataset ready
+        # and leaves it alone.
+        try:
+            self.catalog.complete_job(job_id, self.queue.owner, state="done", result={
+                "status": result["dataset"]["status"],
+                "findings": len(result["dataset"]["info"].get("findings", [])),
+                "bytes_written": result["dataset"]["stored_bytes"] or 0})
+        finally:
+            self.queue.release(job_id)
         job = self.catalog.get_job(job_id)
         seconds = result["dataset"]["info"]["timings"]["total_s"]
         job_log.info("job done", extra={"job_id": job_id, "dataset_id": dataset_id,
@@ -133,9 +139,10 @@ class Intake:
         self.attach_pending_sidecars(dataset_id, result["dataset"]["name"])
         self.metrics.uploads.labels("accepted").inc()
         self.metrics.upload_bytes.inc(received)
-        self.metrics.job_finished(job, "done", seconds, job["result"])
-        return {"dataset": self.catalog.get_dataset(dataset_id), "job": job,
-                "duplicate": False}
+        if job is not None:
+            self.metrics.job_finished(job, "done", seconds, job["result"])
+        return {"dataset": self.catalog.get_dataset(dataset_id) or result["dataset"],
+                "job": job, "duplicate": False}
 
     def _start_upload_job(self, job_id: str, dataset_id: str) -> None:
         """The upload's job: running, leased by this process, from the header's arrival

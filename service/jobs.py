@@ -276,9 +276,18 @@ class JobQueue:
                 with self._wake:
                     self._wake.wait(POLL_SECONDS)
                 continue
-            self._run(job)
+            try:
+                self._run(job)
+            except Exception as exc:  # noqa: BLE001 - the worker thread must live on
+                # the job's own bookkeeping failed (the catalog went away as it ended):
+                # its lease is released, so it lapses and the job runs again (idempotent)
+                log.warning("could not record the end of job %s: %s", job["id"],
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            finally:
+                self.release(job["id"])
 
     def _run(self, job: dict[str, Any]) -> None:
+        """Run one claimed job and record how it ended (the caller releases its lease)."""
         job_id = job["id"]
         cancel = self.hold(job_id)
         started = time.monotonic()
@@ -295,15 +304,12 @@ class JobQueue:
         except JobDeferred:
             self.catalog.requeue_job(job_id, self.owner, delay_seconds=DEFER_SECONDS,
                                      count_attempt=False)
-            self.release(job_id)
             return
         except LeaseLost:
             log.warning("job stopped: lease lost", extra={"job_id": job_id})
-            self.release(job_id)
             return
         except JobCancelled:
             if self._stop.is_set():  # shut down mid-job: another worker takes it over
-                self.release(job_id)
                 return
             state = "cancelled"
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
@@ -317,7 +323,6 @@ class JobQueue:
                                                      "error": error["error"]})
                 self.catalog.requeue_job(job_id, self.owner, delay_seconds=delay,
                                          error=error)
-                self.release(job_id)
                 return
             state = "failed"
         written = self.catalog.complete_job(job_id, self.owner, state=state, result=result,

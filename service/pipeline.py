@@ -19,7 +19,7 @@ from .catalog import Catalog
 from .config import Settings
 from .errors import Conflict, NotFound, error_body
 from .ingest_pass import IngestPass, OriginalBytes, PassDeps
-from .jobs import JobCancelled, JobContext, JobDeferred
+from .jobs import JobCancelled, JobContext, JobDeferred, LeaseLost
 from .mrc.stats import Stats
 from .readers import Readers, source_fingerprint
 from .storage import Storage, conversion_key
@@ -90,14 +90,17 @@ class Pipeline:
         is gone, and an upload cannot resume. What it left (the receiving dataset, a
         partial archive) goes; finished uploads are never touched."""
         dataset = self.catalog.get_dataset(job["dataset_id"])
-        if dataset is not None and dataset["status"] == "receiving":
-            # objects first: should the store be away, the row (and this job) stay and
-            # the job is retried, so nothing is orphaned in the store
+        dropped = dataset is not None and dataset["status"] == "receiving"
+        if dropped:
+            # This worker holds the upload job's lease now, so the receiving process
+            # (if it still lives) cannot commit: its fenced final write fails and it
+            # removes what it wrote. Objects first: should the store be away, the row
+            # (and this job) stay and the job is retried, so nothing is orphaned.
             self.storage.remove_dataset(dataset["id"])
             self.catalog.delete_dataset(dataset["id"])  # the job row goes with it
             log.warning("cut-off upload dropped", extra={"dataset_id": dataset["id"],
                                                          "job_id": job["id"]})
-        return {"dropped": dataset is not None}
+        return {"dropped": dropped}
 
     # -- ingest -------------------------------------------------------------------
 
@@ -105,14 +108,23 @@ class Pipeline:
         dataset = self.catalog.get_dataset(dataset_id)
         if dataset is None:
             return None
-        self.catalog.update_dataset(dataset_id, status="processing")
+        if dataset["status"] in ("ready", "rejected"):
+            # committed by an earlier run whose end was not recorded (its worker died,
+            # or the catalog went away, between the commit and the job's completion)
+            self._release_conversions(dataset_id)
+            return {"status": dataset["status"], "already": True, "dataset_id": dataset_id}
+        if not self.catalog.update_dataset(dataset_id, fence=ctx.fence, status="processing"):
+            if self.catalog.get_dataset(dataset_id) is None:
+                return None
+            raise LeaseLost(f"job {ctx.job['id']} lost its lease before it started")
         info = {k: v for k, v in dataset["info"].items() if k != "error"}
         try:
             outcome = self._ingest(dataset, info, ctx)
         except JobCancelled:
             raise  # its lease went to another worker, or it was cancelled: no writes
         except Exception as exc:
-            self.catalog.update_dataset(dataset_id, status="failed", progress=None,
+            self.catalog.update_dataset(dataset_id, fence=ctx.fence, status="failed",
+                                        progress=None,
                                         info={**info, "error": error_body(exc)})
             self._release_conversions(dataset_id)
             raise
@@ -137,7 +149,8 @@ class Pipeline:
         ingest = IngestPass(self.deps, dataset_id=dataset_id, name=dataset["name"],
                             source=dataset["source"], normalize=info.get("normalize"),
                             original=original, declared_size=total,
-                            phase="processing", registered_path=registered, fence=ctx.fence)
+                            phase="processing", registered_path=registered, fence=ctx.fence,
+                            takeover_rewrites=True)
         ingest.extra_info = info
         digest = hashlib.sha256()
         try:
@@ -150,8 +163,9 @@ class Pipeline:
                 raise Conflict(f"the registered file {str(path)!r} changed while it was "
                                "being read; register it again once it is complete")
             result = ingest.finish(digest.hexdigest())
-        except BaseException:
-            if not ctx.lost:  # after a takeover, the objects are the new worker's
+        except BaseException as exc:
+            # after a takeover, the objects under these keys are the new worker's
+            if not (ctx.lost or isinstance(exc, LeaseLost)):
                 ingest.abort(delete_row=False)
             raise
         row = result["dataset"]

@@ -121,14 +121,13 @@ class ScratchCopy:
         self.receiver = Receiver(FileAppender(self._temp.fd), 0, max_bytes)
 
     def keep(self) -> Path:
-        """Make the copy durable and give up ownership of its path (it is about to be
-        moved into the datastore)."""
+        """Make the copy durable; its path, about to be moved into the datastore. The
+        file stays locked (a sweep leaves it alone) until :meth:`discard` after the move."""
         self.receiver.close()
         try:
             os.fsync(self._temp.fd)
         except OSError as exc:
             raise to_service_error(exc) or exc from None
-        self._temp.close()
         return self.path
 
     def discard(self) -> None:

@@ -150,15 +150,17 @@ class Storage:
         self.incoming = self.root / "incoming"
         self.tus = self.root / "tus"
 
-    def prepare(self) -> list[Path]:
+    def prepare(self, min_age: float = 0.0) -> list[Path]:
         """Create the scratch folders and remove temporaries whose writer is gone (a
-        crash's leftovers); files that live writers hold are left alone."""
+        crash's leftovers); files that live writers hold are left alone. ``min_age``:
+        spare younger files too (a writer creates its file an instant before locking
+        it; at start-up no writer of this process exists yet)."""
         for folder in (self.incoming, self.tus):
             folder.mkdir(parents=True, exist_ok=True)
-        removed = sweep_abandoned(self.incoming, min_age=0.0)
+        removed = sweep_abandoned(self.incoming, min_age=min_age)
         if isinstance(self.store, LocalStore):
             for folder in ("datasets", "conversions", "particle_sets"):
-                removed += sweep_abandoned(self.root / folder, min_age=0.0)
+                removed += sweep_abandoned(self.root / folder, min_age=min_age)
         return removed
 
     def sweep(self, writing: Callable[[str], bool], older_than_seconds: float) -> int:
@@ -169,8 +171,8 @@ class Storage:
         ``<id>`` holds a live lease (``writing(id)`` false); under ``particle_sets/``,
         age alone. tus uploads (``tus/``) are the catalog's: expiry drops them."""
         if isinstance(self.store, LocalStore):
-            return len(self.prepare())
-        aborted = 0
+            return len(self.prepare(min_age=60.0))
+        aborted = len(self.prepare(min_age=60.0))  # this replica's scratch
         for prefix in ("datasets/", "conversions/", "particle_sets/"):
             for upload in self.store.stale_multipart_uploads(prefix, older_than_seconds):
                 owner = upload.key.split("/")[1] if upload.key.count("/") >= 2 else ""

@@ -140,9 +140,26 @@ class TusUploads:
         self._streams: dict[str, _Stream] = {}
 
     def prepare(self) -> None:
-        """Expired uploads go (any replica may do it: dropping is idempotent)."""
+        """At start and then every few minutes, on any replica (each step takes the
+        upload's lock and is idempotent): expired uploads go; uploads that hold every
+        byte but whose end failed are ingested after all; streams of uploads finished
+        (or dropped) elsewhere release what they hold here."""
         for row in self.catalog.expired_tus_uploads():
-            self._drop(row)
+            with self.catalog.upload_lock(row["id"]) as taken:
+                if taken:
+                    self._drop(row)
+        for row in self.catalog.complete_unfinished_tus_uploads():
+            with self.catalog.upload_lock(row["id"]) as taken:
+                row = self.catalog.get_tus_upload(row["id"]) if taken else None
+                if row is not None and row["completed_at"] is None and \
+                        row["offset"] == row["length"]:
+                    self._finish(row)
+        for upload_id in list(self._streams):
+            row = self.catalog.get_tus_upload(upload_id)
+            if row is None or row["completed_at"] is not None:
+                with self.catalog.upload_lock(upload_id) as taken:
+                    if taken:
+                        self._lose_stream(upload_id)
 
     def blocks_of(self, dataset: dict[str, Any]) -> Iterator[bytes] | None:
         """The bytes of the finished upload behind ``dataset`` (for its ingest job)."""
@@ -202,8 +219,8 @@ class TusUploads:
         dataset = self.catalog.get_dataset(row["dataset_id"]) if row["dataset_id"] else None
         if row["completed_at"] is None and dataset is not None and \
                 dataset["status"] == "receiving":
+            self.storage.remove_dataset(dataset["id"])  # objects first: nothing orphaned
             self.catalog.delete_dataset(dataset["id"])
-            self.storage.remove_dataset(dataset["id"])
         if row["completed_at"] is None:
             self.bytes.drop(row)
         self.catalog.delete_tus_upload(row["id"])
@@ -359,6 +376,9 @@ class TusUploads:
             try:
                 result = ingest.finish(stream.receiver.digest())
             except BaseException:
+                # Every byte is in: keep them (the pass would drop them as its original)
+                # and let the next PATCH, or the maintenance sweep, ingest them anew.
+                ingest.original = OriginalBytes()
                 ingest.abort(delete_row=True)
                 raise
             dataset_id = result["dataset"]["id"]

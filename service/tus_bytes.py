@@ -207,7 +207,8 @@ class S3Patch(Patch):
         return written
 
     def settle(self, keep: int) -> dict[str, Any]:
-        if keep == self.start:  # this PATCH is discarded (its checksum failed)
+        if keep == self.start:  # nothing of this PATCH stays (checksum failed, no bytes)
+            self._new_tail = self._old_tail  # the recorded tail still holds the bytes
             return {"parts": self._parts_at_start, "offset": self.start,
                     "pending_key": self._old_tail, "pending_bytes": self.row["pending_bytes"]}
         fields: dict[str, Any] = {"parts": self.parts, "pending_bytes": len(self.buffer)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import os
 import time
 import uuid
 from contextlib import contextmanager
@@ -475,9 +476,13 @@ def test_the_maintenance_sweep_on_the_local_folder_takes_only_free_temporaries(t
     folder = tmp_path / "datasets" / "d1"
     folder.mkdir(parents=True)
     dead, live = folder / ".archive.mrcz.aaaa.part", folder / ".sum.bin.bbbb.part"
-    dead.write_bytes(b"left by a crash")
-    live.write_bytes(b"being written")
+    young = folder / ".restore.npz.cccc.part"  # created an instant before its lock
+    for path in (dead, live, young):
+        path.write_bytes(b"bytes")
+    an_hour_ago = time.time() - 3600
+    for path in (dead, live):
+        os.utime(path, (an_hour_ago, an_hour_ago))
     with open(live, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert storage.sweep(lambda dataset_id: False, older_than_seconds=0) == 1
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and young.exists()

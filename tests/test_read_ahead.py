@@ -50,3 +50,12 @@ def test_closing_early_stops_and_closes_the_source():
     next(out)
     out.close()
     assert closed.wait(5)
+
+
+def test_a_piece_larger_than_the_limit_still_goes_through():
+    big = b"h" * (3 << 20)  # e.g. a 3 MiB extended header in one piece
+
+    def source():
+        yield big
+        yield b"frame"
+    assert list(read_ahead(source(), limit=1 << 20)) == [big, b"frame"]

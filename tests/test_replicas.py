@@ -154,6 +154,37 @@ def test_tus_patches_alternating_between_replicas(replicas, movie):
     assert httpx.get(f"{b}{dataset_url}/download", timeout=60).content == raw
 
 
+def test_a_discarded_patch_keeps_the_recorded_tail(replicas, tmp_path):
+    """A PATCH that ends inside a part leaves a tail object; a following PATCH whose
+    checksum fails (460), and an empty one, keep nothing -- and must not lose that tail."""
+    raw = write_raw_mrc(tmp_path / "big.mrc", counting_movie((24, 1024, 1024)), 101).read_bytes()
+    assert len(raw) > 12 << 20
+    a, b = replicas.start("a"), replicas.start("b")
+    location = httpx.post(f"{a}/v1/tus/", headers={
+        **TUS, "Upload-Length": str(len(raw)),
+        "Upload-Metadata": "filename " + base64.b64encode(b"tail.mrc").decode()
+    }).headers["location"]
+
+    def patch(base, offset, body, **headers):
+        return httpx.patch(f"{base}{location}", content=body, timeout=60, headers={
+            **TUS, "Upload-Offset": str(offset),
+            "Content-Type": "application/offset+octet-stream", **headers})
+    first = 7 << 20  # one 5 MiB part and a 2 MiB tail
+    assert patch(a, 0, raw[:first]).status_code == 204
+    wrong = base64.b64encode(hashlib.sha1(b"not these bytes").digest()).decode()
+    refused = patch(b, first, raw[first:first + 100_000], **{"Upload-Checksum": f"sha1 {wrong}"})
+    assert refused.status_code == 460, refused.text
+    assert patch(a, first, b"").status_code == 204
+    assert int(httpx.head(f"{b}{location}", headers=TUS).headers["upload-offset"]) == first
+    done = patch(b, first, raw[first:])
+    assert done.status_code == 204, done.text
+    dataset_url = done.headers["mrc-ingest-dataset"]
+    ds = wait_for(lambda: httpx.get(f"{a}{dataset_url}").json(),
+                  lambda d: d["status"] in ("ready", "rejected", "failed"), what="dataset")
+    assert ds["status"] == "ready" and ds["sha256"] == sha(raw)
+    assert httpx.get(f"{a}{dataset_url}/download", timeout=60).content == raw
+
+
 def test_a_killed_worker_job_is_finished_by_the_other_replica(replicas, tmp_path):
     """kill -9 of the replica running an ingest: once its lease lapses the other one
     takes the job over and finishes it; the dataset is ready, exact, not duplicated."""

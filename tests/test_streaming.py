@@ -330,3 +330,39 @@ def test_legacy_datasets_keep_working(tmp_path, movie4):
             assert np.array_equal(m.data, counts)
         assert c.get(f"{base}/download", params={"format": "mrcz"}).content == \
             (folder / "archive.mrcz").read_bytes()
+
+
+def test_an_ingest_that_lost_its_lease_writes_nothing_and_removes_nothing(tmp_path, movie4):
+    """Fencing: the lease of an ingest job goes to another worker just before the job
+    commits. The commit is refused, the dataset is not marked failed, and the objects
+    under its keys -- the ones the new worker writes too -- stay."""
+    from service.catalog import jobs as jobs_table
+
+    path, _ = movie4
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    registered = shared / "scope.mrc"
+    registered.write_bytes(path.read_bytes())
+    with make_client(tmp_path / "data", allowed_roots=[shared]) as c:
+        service = c.app.state.service
+        real_finalize = service.pipeline.deps.finalize
+        stolen = threading.Event()
+
+        def finalize_after_a_takeover(dataset_id, *args, fence=None, **kwargs):
+            with service.catalog.engine.begin() as conn:  # another worker took it over
+                conn.execute(jobs_table.update().where(jobs_table.c.id == fence[0])
+                             .values(lease_owner="another-worker"))
+            stolen.set()
+            return real_finalize(dataset_id, *args, fence=fence, **kwargs)
+        service.pipeline.deps.finalize = finalize_after_a_takeover
+        reg = c.post("/v1/registrations", json={"path": str(registered)}).json()
+        dataset_id = reg["dataset"]["id"]
+        assert stolen.wait(30)
+        time.sleep(1.0)  # the loser handles the refusal (before the fix: failed, cleaned)
+        ds = c.get(f"/v1/datasets/{dataset_id}").json()
+        assert ds["status"] == "processing", ds  # not "failed", not committed by the loser
+        keys = {info.key for info in service.storage.store.list(f"datasets/{dataset_id}/")}
+        assert f"datasets/{dataset_id}/archive.mrcz" in keys  # the new owner's key stays
+        job = service.catalog.get_job(reg["job"]["id"])
+        assert job["state"] == "running" and job["lease_owner"] == "another-worker"
+        service.pipeline.deps.finalize = real_finalize

@@ -203,3 +203,54 @@ def test_expired_uploads_get_410(tmp_path, movie):
         time.sleep(0.05)
         detail = error_of(patch(c, other, b"x", 0), 410, "upload_expired")
         assert detail.startswith(f"upload {other.rsplit('/', 1)[1]} expired at ")
+
+
+def test_a_failed_end_keeps_the_bytes_and_the_sweep_ingests_them(tmp_path, movie, monkeypatch):
+    """The last PATCH's end fails (the catalog or store went away as it committed): the
+    client gets 503, every byte stays, and the maintenance sweep ingests them after all."""
+    from service.errors import ServiceUnavailable
+    from service.ingest_pass import IngestPass
+
+    path, sha = movie
+    raw = path.read_bytes()
+    real_finish = IngestPass.finish
+    calls = []
+
+    def flaky_finish(self, sha256):
+        calls.append(sha256)
+        if len(calls) == 1:
+            raise ServiceUnavailable("the catalog went away (test)")
+        return real_finish(self, sha256)
+    monkeypatch.setattr(IngestPass, "finish", flaky_finish)
+    with make_client(tmp_path / "data") as c:
+        url = c.post("/v1/tus/", headers={
+            **TUS, "Upload-Length": str(len(raw)),
+            "Upload-Metadata": "filename " + base64.b64encode(b"t.mrc").decode()
+        }).headers["location"]
+        response = c.patch(url, content=raw, headers={
+            **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+        error_of(response, 503, "unavailable")
+        assert c.get("/v1/datasets").json()["items"] == []
+        c.app.state.service.tus.prepare()  # what every replica runs every few minutes
+        head = c.head(url, headers=TUS)
+        location = head.headers["mrc-ingest-dataset"]
+        ds = c.get(location).json()
+        wait_job(c, ds["jobs"][-1]["id"])
+        ds = c.get(location).json()
+        assert ds["status"] == "ready" and ds["sha256"] == sha
+        assert c.get(f"{location}/download").content == raw
+
+
+def test_an_ingest_job_run_again_leaves_a_ready_dataset_alone(tmp_path, movie):
+    """A job whose commit landed but whose end was not recorded runs again: it finds the
+    dataset ready and changes nothing."""
+    path, sha = movie
+    with make_client(tmp_path / "data") as c:
+        ds = c.put("/v1/uploads/m.mrc", content=path.read_bytes()).json()["dataset"]
+        service = c.app.state.service
+        job = service.submit_job("ingest", ds["id"])
+        done = wait_job(c, job["id"])
+        assert done["state"] == "done" and done["result"]["already"] is True
+        after = c.get(f"/v1/datasets/{ds['id']}").json()
+        assert after["status"] == "ready" and after["sha256"] == sha
+        assert c.get(f"/v1/datasets/{ds['id']}/download").content == path.read_bytes()

@@ -99,13 +99,18 @@ class DatasetRows(CatalogBase):
         that worker still holds that job's lease (a worker that lost it writes nothing).
         False when no row was written."""
         fields["updated_at"] = self.now()
-        condition = datasets.c.id == dataset_id
-        if fence is not None:
-            condition = sa.and_(condition, sa.exists().where(
-                jobs.c.id == fence[0], jobs.c.lease_owner == fence[1],
-                jobs.c.state == "running"))
         with self.engine.begin() as conn:
-            result = conn.execute(datasets.update().where(condition).values(**fields))
+            if fence is not None:
+                # The job row stays share-locked until this write commits, so a worker
+                # claiming the lapsed lease meanwhile (FOR UPDATE SKIP LOCKED) waits for
+                # the next poll instead of running beside a write that is landing.
+                held = conn.execute(sa.select(jobs.c.id).where(
+                    jobs.c.id == fence[0], jobs.c.lease_owner == fence[1],
+                    jobs.c.state == "running").with_for_update(read=True)).first()
+                if held is None:
+                    return False
+            result = conn.execute(datasets.update().where(datasets.c.id == dataset_id)
+                                  .values(**fields))
         return result.rowcount > 0
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:

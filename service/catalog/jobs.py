@@ -164,6 +164,13 @@ class JobRows(CatalogBase):
             return conn.execute(jobs.update().where(condition)
                                 .values(lease_expires_at=self.now(-1.0))).rowcount
 
+    def holds_lease(self, job_id: str, owner: str) -> bool:
+        """Whether ``owner`` still holds the lease of ``job_id`` (the job is running)."""
+        query = sa.select(sa.func.count()).select_from(jobs).where(
+            jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == "running")
+        with self.engine.connect() as conn:
+            return bool(conn.execute(query).scalar())
+
     def has_live_lease(self, dataset_id: str) -> bool:
         """Whether some worker (or a receiving process) holds a live lease on a job of
         the dataset: its objects may be being written right now."""

@@ -42,6 +42,13 @@ class UploadRows(CatalogBase):
         return self._rows(sa.select(tus_uploads).where(
             tus_uploads.c.expires_at < self.now(), tus_uploads.c.completed_at.is_(None)))
 
+    def complete_unfinished_tus_uploads(self) -> list[dict[str, Any]]:
+        """Uploads that hold every byte but were never turned into a dataset (the end of
+        their last PATCH failed: the catalog or store went away as it ended)."""
+        return self._rows(sa.select(tus_uploads).where(
+            tus_uploads.c.offset == tus_uploads.c.length,
+            tus_uploads.c.completed_at.is_(None)))
+
     def tus_expired(self, row: dict[str, Any]) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.literal(row["expires_at"]) < self.now())).scalar()

@@ -230,8 +230,8 @@ class AsReceived:
         prefix = record.header + record.extended
         pos = start
         while pos < stop:
-            if pos < source.data_offset:
-                end = min(stop, source.data_offset)
+            if pos < source.data_offset:  # header + extended header (up to 64 MiB)
+                end = min(stop, source.data_offset, pos + block)
                 yield prefix[pos:end]
             elif pos < source.data_end:
                 k = (pos - source.data_offset) // source.frame_nbytes
