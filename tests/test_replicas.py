@@ -147,11 +147,16 @@ def test_tus_patches_alternating_between_replicas(replicas, movie):
         head = httpx.head(f"{(b, a)[turn % 2]}{location}", headers=TUS)  # the other one
         assert int(head.headers["upload-offset"]) == offset
         turn += 1
-    dataset_url = response.headers["mrc-ingest-dataset"]
-    ds = wait_for(lambda: httpx.get(f"{a}{dataset_url}").json(),
+    assert_exact_dataset(a, b, response.headers["mrc-ingest-dataset"], raw)
+
+
+def assert_exact_dataset(meta_base: str, download_base: str, dataset_url: str,
+                         raw: bytes) -> None:
+    """The upload became a ready dataset whose download is ``raw``, byte for byte."""
+    ds = wait_for(lambda: httpx.get(f"{meta_base}{dataset_url}").json(),
                   lambda d: d["status"] in ("ready", "rejected", "failed"), what="dataset")
     assert ds["status"] == "ready" and ds["sha256"] == sha(raw)
-    assert httpx.get(f"{b}{dataset_url}/download", timeout=60).content == raw
+    assert httpx.get(f"{download_base}{dataset_url}/download", timeout=60).content == raw
 
 
 def test_a_discarded_patch_keeps_the_recorded_tail(replicas, tmp_path):
@@ -178,11 +183,7 @@ def test_a_discarded_patch_keeps_the_recorded_tail(replicas, tmp_path):
     assert int(httpx.head(f"{b}{location}", headers=TUS).headers["upload-offset"]) == first
     done = patch(b, first, raw[first:])
     assert done.status_code == 204, done.text
-    dataset_url = done.headers["mrc-ingest-dataset"]
-    ds = wait_for(lambda: httpx.get(f"{a}{dataset_url}").json(),
-                  lambda d: d["status"] in ("ready", "rejected", "failed"), what="dataset")
-    assert ds["status"] == "ready" and ds["sha256"] == sha(raw)
-    assert httpx.get(f"{a}{dataset_url}/download", timeout=60).content == raw
+    assert_exact_dataset(a, a, done.headers["mrc-ingest-dataset"], raw)
 
 
 def test_a_killed_worker_job_is_finished_by_the_other_replica(replicas, tmp_path):
