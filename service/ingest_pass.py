@@ -105,15 +105,14 @@ class IngestPass:
     def __init__(self, deps: PassDeps, *, dataset_id: str, name: str, source: str,
                  normalize: bool | None, original: OriginalBytes,
                  declared_size: int | None = None, create_row: bool = False,
-                 phase: str = "receiving", job_id: str | None = None,
-                 registered_path: str = "", fence: tuple[str, str] | None = None,
+                 phase: str = "receiving", registered_path: str = "", fence: tuple[str, str] | None = None,
                  takeover_rewrites: bool = False):
         self.deps = deps
         self.dataset_id, self.name, self.source = dataset_id, name, source
         self.normalize = deps.settings.normalize if normalize is None else normalize
         self.original = original
         self.declared_size = declared_size
-        self.create_row, self.phase, self.job_id = create_row, phase, job_id
+        self.create_row, self.phase = create_row, phase
         self.registered_path = registered_path
         #: (job id, owner): the final write happens only while that lease is held
         self.fence = fence
@@ -138,7 +137,6 @@ class IngestPass:
         self.cutter = StreamCutter(pool=self.archiver.pool)
         self._last_progress = 0.0
         self.started = time.perf_counter()
-        self.finished = False
 
     # -- bytes in -----------------------------------------------------------------
 
@@ -223,7 +221,6 @@ class IngestPass:
                 if not self.committed:
                     self._remove_objects()
                 raise
-        self.finished = True
         return {"dataset": dataset, "duplicate": False}
 
     def _commit(self, outcome: ArchiveOutcome, sha256: str) -> dict[str, Any]:
@@ -304,26 +301,26 @@ class IngestPass:
         info["archive"] = archive
         return info
 
-    def abort(self, delete_row: bool | None = None) -> bool:
+    def abort(self, delete_row: bool | None = None, discard_original: bool = True) -> None:
         """The upload failed (or was a duplicate): nothing of it stays. The dataset row
         goes too when this pass made it (or ``delete_row``), but only once its objects
         are gone: while the store or catalog is away the row stays ``receiving`` and its
         upload job's lease lapses, so a worker finishes the cleanup later
-        (:meth:`Pipeline.drop_upload`). True when everything is gone now. A pass whose
+        (:meth:`Pipeline.drop_upload`). ``discard_original=False``: the bytes as received
+        stay where they are (a complete tus upload, to be ingested again). A pass whose
         row was committed removes nothing: the objects are the dataset's."""
         if self.committed:
-            return True
+            return
         try:
             self.archiver.abort()
-            self.original.discard()
+            if discard_original:
+                self.original.discard()
             self._remove_objects()
             if self.row_created if delete_row is None else delete_row:
                 self.deps.catalog.delete_dataset(self.dataset_id)
         except Exception:  # noqa: BLE001 - the request's own error is the one to report
             log.warning("upload cleanup deferred to its lapsed job", exc_info=True,
                         extra={"dataset_id": self.dataset_id})
-            return False
-        return True
 
     def _remove_objects(self) -> None:
         for key in (archive_key(self.dataset_id), record_key(self.dataset_id),

@@ -97,7 +97,7 @@ class Intake:
                 ingest = IngestPass(
                     self.deps, dataset_id=dataset_id, name=name, source="upload",
                     normalize=normalize, declared_size=declared_size, create_row=True,
-                    original=LocalOriginal(scratch.keep, scratch.discard), job_id=job_id,
+                    original=LocalOriginal(scratch.keep, scratch.discard),
                     fence=(job_id, self.queue.owner))  # a lapsed upload is drop_upload's
                 ingest.on_row = lambda: self._start_upload_job(job_id, dataset_id)
             scratch.receiver.write_beside(batch, ingest.feed)

@@ -182,7 +182,7 @@ class Storage:
                 aborted += 1
         return aborted
 
-    def remove_dataset(self, dataset_id: str, form: StoredForm | None = None) -> None:
+    def remove_dataset(self, dataset_id: str) -> None:
         """Every object kept for the dataset, and its cached conversions. A registered
         file is never touched (it is not in the datastore)."""
         self.store.delete_prefix(dataset_prefix(dataset_id))

@@ -376,10 +376,9 @@ class TusUploads:
             try:
                 result = ingest.finish(stream.receiver.digest())
             except BaseException:
-                # Every byte is in: keep them (the pass would drop them as its original)
-                # and let the next PATCH, or the maintenance sweep, ingest them anew.
-                ingest.original = OriginalBytes()
-                ingest.abort(delete_row=True)
+                # Every byte is in: keep them, and let the next PATCH or the
+                # maintenance sweep ingest them anew.
+                ingest.abort(delete_row=True, discard_original=False)
                 raise
             dataset_id = result["dataset"]["id"]
             if not result["duplicate"]:

@@ -146,13 +146,6 @@ class DatasetRows(CatalogBase):
             result = conn.execute(datasets.delete().where(datasets.c.id == dataset_id))
         return result.rowcount > 0
 
-    def datasets_in_status(self, status: str, older_than_seconds: float | None = None
-                           ) -> list[dict[str, Any]]:
-        query = sa.select(*DETAIL_COLUMNS).where(datasets.c.status == status)
-        if older_than_seconds is not None:
-            query = query.where(datasets.c.updated_at < self.now(-older_than_seconds))
-        return self._rows(query)
-
     def list_datasets(self, q: DatasetQuery) -> tuple[list[dict[str, Any]], str | None]:
         """One page of dataset summaries, and the cursor of the next page (None at the
         end). Keyset pagination on (sort key, id): stable while rows are added."""

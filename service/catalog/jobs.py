@@ -50,12 +50,6 @@ class JobRows(CatalogBase):
         with self.engine.begin() as conn:
             return conn.execute(jobs.update().where(condition).values(**fields)).rowcount > 0
 
-    def finish_job(self, job_id: str, *, state: str, result: Any = None,
-                   error: Any = None) -> dict[str, Any] | None:
-        self.update_job(job_id, state=state, result=result, error=error,
-                        finished_at=self.now(), lease_owner=None, lease_expires_at=None)
-        return self.get_job(job_id)
-
     def jobs_in_states(self, states: Iterable[str],
                        dataset_id: str | None = None) -> list[dict[str, Any]]:
         query = sa.select(jobs).where(jobs.c.state.in_(list(states)))
@@ -154,14 +148,11 @@ class JobRows(CatalogBase):
                 .values(cancel_requested=True).returning(jobs.c.id)).scalars().all()
         return list(running)
 
-    def expire_leases(self, owner_prefix: str | None = None) -> int:
+    def expire_leases(self) -> int:
         """Expire running leases now (an embedded catalog at start-up: no other process
-        can hold them). With ``owner_prefix``, only leases of owners that start with it."""
-        condition = jobs.c.state == "running"
-        if owner_prefix is not None:
-            condition = sa.and_(condition, jobs.c.lease_owner.startswith(owner_prefix))
+        can hold them)."""
         with self.engine.begin() as conn:
-            return conn.execute(jobs.update().where(condition)
+            return conn.execute(jobs.update().where(jobs.c.state == "running")
                                 .values(lease_expires_at=self.now(-1.0))).rowcount
 
     def holds_lease(self, job_id: str, owner: str) -> bool:
