@@ -13,6 +13,7 @@ import queue
 import re
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePath
 from typing import Any, Callable, Iterator
 
@@ -23,7 +24,7 @@ from .jobs import JobQueue
 from .pipeline import target_from_dict, target_to_dict
 from .queries import Queries
 from .readers import Readers
-from .storage import FORM_ARCHIVE, Storage, conversion_key
+from .storage import FORM_ARCHIVE, Storage, conversion_key, read_blocks
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -232,8 +233,7 @@ class Downloads:
         if size is None:
             raise Conflict(f"stored object {key!r} is missing")
 
-        def read(start: int, stop: int, block: int = 1 << 20) -> Iterator[bytes]:
-            for offset in range(start, stop, block):
-                yield store.read_range(key, offset, min(block, stop - offset))
-        return Download(filename=filename, size=size, etag=etag, read=read,
+        return Download(filename=filename, size=size, etag=etag,
+                        read=lambda start, stop: read_blocks(
+                            partial(store.read_range, key), start, stop),
                         close=lambda: None, local_path=store.local_path(key))

@@ -22,11 +22,9 @@ from .ingest_pass import IngestPass, OriginalBytes, PassDeps
 from .jobs import JobCancelled, JobContext, JobDeferred, LeaseLost
 from .mrc.stats import Stats
 from .readers import Readers, source_fingerprint
-from .storage import Storage, conversion_key
+from .storage import Storage, conversion_key, file_blocks
 
 log = logging.getLogger("mrc_ingest.pipeline")
-
-READ_BLOCK = 8 << 20
 
 
 def target_to_dict(target: mrc.Target) -> dict[str, Any]:
@@ -37,12 +35,6 @@ def target_to_dict(target: mrc.Target) -> dict[str, Any]:
 def target_from_dict(d: dict[str, Any]) -> mrc.Target:
     return mrc.Target(mode=d["mode"], codec=mrc.Codec.from_name(d["codec"]),
                       clevel=d["clevel"], byte_order=d["byte_order"])
-
-
-def _file_blocks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(READ_BLOCK):
-            yield block
 
 
 def known_stats(dataset: dict[str, Any]) -> Stats | None:
@@ -139,7 +131,7 @@ class Pipeline:
             path = Path(dataset["path"])
             info["source_fingerprint"] = source_fingerprint(path)
             registered, total = str(path), info["source_fingerprint"]["size"]
-            blocks = _file_blocks(path)
+            blocks = file_blocks(path)
         else:  # a resumable upload finished without being ingested on the way
             found = self.tus_blocks(dataset)
             if found is None:

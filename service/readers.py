@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -20,7 +21,8 @@ from .errors import Conflict, from_core
 from .mrc.extended import ExtendedHeader, decode as decode_extended
 from .mrc import header as hdr
 from .mrc.restore import AsReceived, RestoreRecord
-from .storage import (FORM_ARCHIVE, FORM_LEGACY, FORM_REGISTERED, StoredForm, stored_form)
+from .storage import (FORM_ARCHIVE, FORM_LEGACY, FORM_REGISTERED, StoredForm, read_blocks,
+                      stored_form)
 
 RECORDS_KEPT = 64
 
@@ -78,8 +80,7 @@ class Readers:
         try:
             return self.store.get_bytes(key)
         except ObjectMissing:
-            raise Conflict(f"stored object {key!r} of dataset {dataset['id']} is missing") \
-                from None
+            raise missing(key, dataset) from None
 
     def movie(self, dataset: dict[str, Any]) -> mrc.MrcFile:
         """The movie to read frames from: the archive (frame index from the record, or
@@ -97,8 +98,7 @@ class Readers:
         try:
             return self.store.source(key)
         except ObjectMissing:
-            raise Conflict(f"stored object {key!r} of dataset {dataset['id']} is missing") \
-                from None
+            raise missing(key, dataset) from None
 
     def _as_received_source(self, dataset: dict[str, Any], form: StoredForm):
         if form.original_key is not None:
@@ -138,37 +138,41 @@ class Readers:
                 if form.tail_key else None
             rebuilt = AsReceived(record, movie.read_frame, tail,
                                  archive_frame_nbytes=movie.layout.frame_nbytes)
-            return Received(rebuilt.size, rebuilt.iter_range, movie.close, None)
+            return Received(rebuilt.size, None, movie.close, None, read=rebuilt.iter_range)
         if form.original_key is not None:
             key = form.original_key
             size = self.store.size(key)
             if size is None:
-                raise Conflict(f"stored object {key!r} of dataset {dataset['id']} is missing")
-
-            def read(start: int = 0, stop: int | None = None,
-                     block: int = 1 << 20) -> Iterator[bytes]:
-                stop = size if stop is None else min(stop, size)
-                for offset in range(start, stop, block):
-                    yield self.store.read_range(key, offset, min(block, stop - offset))
-            return Received(size, read, lambda: None, self.store.local_path(key))
+                raise missing(key, dataset)
+            return Received(size, partial(self.store.read_range, key), lambda: None,
+                            self.store.local_path(key))
         if form.registered_path is not None and form.form in (FORM_REGISTERED, FORM_LEGACY,
                                                               FORM_ARCHIVE):
             path = check_registered_unchanged(dataset, form.registered_path)
             source = mrc.source.FileSource(path)
-
-            def read_file(start: int = 0, stop: int | None = None,
-                          block: int = 1 << 20) -> Iterator[bytes]:
-                stop = source.size if stop is None else min(stop, source.size)
-                for offset in range(start, stop, block):
-                    yield source.read_at(offset, min(block, stop - offset))
-            return Received(source.size, read_file, source.close, path)
+            return Received(source.size, source.read_at, source.close, path)
         raise Conflict(f"dataset {dataset['id']} keeps no copy of the file as received")
 
 
 class Received:
     """The file as received: ``size``, ``read(start, stop)`` yielding its bytes, and a
-    local path when the bytes are a plain local file (served with sendfile)."""
+    local path when the bytes are a plain local file (served without Python reading
+    them). Built from a ``read_at(offset, n)``, or (a rebuilt stream) from its own
+    ``read(start, stop)``."""
 
-    def __init__(self, size: int, read: Callable[..., Iterator[bytes]],
-                 close: Callable[[], None], local_path: Path | None):
-        self.size, self.read, self.close, self.local_path = size, read, close, local_path
+    def __init__(self, size: int, read_at: Callable[[int, int], bytes] | None,
+                 close: Callable[[], None], local_path: Path | None,
+                 read: Callable[..., Iterator[bytes]] | None = None):
+        self.size, self.close, self.local_path = size, close, local_path
+        self._read_at, self._read = read_at, read
+
+    def read(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        stop = self.size if stop is None else min(stop, self.size)
+        if self._read is not None:
+            return self._read(start, stop)
+        assert self._read_at is not None
+        return read_blocks(self._read_at, start, stop)
+
+
+def missing(key: str, dataset: dict[str, Any]) -> Conflict:
+    return Conflict(f"stored object {key!r} of dataset {dataset['id']} is missing")

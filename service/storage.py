@@ -31,7 +31,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .datastore import DataStore, LocalStore, sweep_abandoned
 from .errors import NotFound, PathNotAllowed, Unprocessable
@@ -229,6 +229,21 @@ def resolve_registration(path: str, allowed_roots: list[Path],
     if not os.access(real, os.R_OK):
         raise PathNotAllowed(f"{path!r} is not readable by the service")
     return real
+
+
+def read_blocks(read_at: Callable[[int, int], bytes], start: int, stop: int,
+                block: int = 1 << 20) -> Iterator[bytes]:
+    """Bytes ``start`` .. ``stop - 1`` of something read by ``read_at(offset, n)`` (an
+    object in the datastore, a file), in pieces of at most ``block``."""
+    for offset in range(start, stop, block):
+        yield read_at(offset, min(block, stop - offset))
+
+
+def file_blocks(path: Path, block: int = 8 << 20) -> Iterator[bytes]:
+    """A local file's bytes in order, in pieces of ``block``."""
+    with open(path, "rb", buffering=0) as f:
+        while piece := f.read(block):
+            yield piece
 
 
 def sha256_file(path: Path) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from functools import partial
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -23,6 +24,7 @@ from .catalog import Catalog
 from .datastore import DataStore, LocalStore, ObjectMissing
 from .ingest_pass import OriginalBytes
 from .receiver import FileAppender
+from .storage import file_blocks, read_blocks
 
 if TYPE_CHECKING:
     from .datastore.s3 import S3Store
@@ -131,9 +133,7 @@ class LocalTusBytes(TusBytes):
             return f.read(n)
 
     def blocks(self, row: dict[str, Any]) -> Iterator[bytes]:
-        with open(self.path(row["id"]), "rb", buffering=0) as f:
-            while block := f.read(READ_BLOCK):
-                yield block
+        return file_blocks(self.path(row["id"]), READ_BLOCK)
 
     def original(self, row: dict[str, Any]) -> OriginalBytes:
         path = self.path(row["id"])
@@ -264,9 +264,8 @@ class S3TusBytes(TusBytes):
 
     def blocks(self, row: dict[str, Any]) -> Iterator[bytes]:
         key = self._complete(row)
-        size = self.store.size(key) or 0
-        for offset in range(0, size, READ_BLOCK):
-            yield self.store.read_range(key, offset, min(READ_BLOCK, size - offset))
+        return read_blocks(partial(self.store.read_range, key), 0, self.store.size(key) or 0,
+                           READ_BLOCK)
 
     def original(self, row: dict[str, Any]) -> OriginalBytes:
         return _MovedOriginal(lambda store, key: store.move(self._complete(row), key),

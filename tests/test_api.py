@@ -623,7 +623,6 @@ def test_unexpected_errors_are_json_500(tmp_path, monkeypatch):
 
     from service.api import create_app
     from service.config import Settings
-    from service.ingest import IngestService
 
     def boom(self, *a, **k):
         raise RuntimeError("disk on fire")
