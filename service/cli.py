@@ -54,23 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "interface")
     p_serve.add_argument("--port", type=int, default=None,
                          help="default $MRC_INGEST_PORT or 8000")
-    p_serve.add_argument("--data-dir", type=Path, default=None,
-                         help="overrides MRC_INGEST_DATA_DIR (default ./mrc-ingest-data)")
-    p_serve.add_argument("--workers", type=int, default=None,
-                         help="processing threads; overrides MRC_INGEST_WORKERS")
-    p_serve.add_argument("--log-level", default="info")
-    p_serve.add_argument("--log-format", choices=["json", "text"], default="json",
-                         help="one JSON object per line (default) or plain text")
-
     p_worker = sub.add_parser("worker", help="run job workers only (no HTTP): ingest, "
                                              "conversions, verification, for a catalog "
                                              "shared with API processes")
-    p_worker.add_argument("--data-dir", type=Path, default=None,
-                          help="overrides MRC_INGEST_DATA_DIR (scratch space)")
-    p_worker.add_argument("--workers", type=int, default=None,
-                          help="worker threads; overrides MRC_INGEST_WORKERS")
-    p_worker.add_argument("--log-level", default="info")
-    p_worker.add_argument("--log-format", choices=["json", "text"], default="json")
+    for p in (p_serve, p_worker):  # the two long-running processes
+        p.add_argument("--data-dir", type=Path, default=None,
+                       help="overrides MRC_INGEST_DATA_DIR (default ./mrc-ingest-data; "
+                            "with an object store, only scratch space)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="job threads; overrides MRC_INGEST_WORKERS")
+        p.add_argument("--log-level", default="info")
+        p.add_argument("--log-format", choices=["json", "text"], default="json",
+                       help="one JSON object per line (default) or plain text")
 
     p_migrate = sub.add_parser("migrate", help="upgrade the catalog's schema to this "
                                                "version (the service does it at start "

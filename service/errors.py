@@ -106,6 +106,12 @@ class FrameNotFound(ServiceError):
     status, code = 404, "frame_not_found"
 
 
+def first_line(exc: BaseException) -> str:
+    """One line for a log about ``exc`` (a database error's message runs on for lines)."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def from_core(exc: MrcError) -> ServiceError:
     """The service error for a format-core error: the one place that maps them."""
     if isinstance(exc, FrameIndexError):

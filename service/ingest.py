@@ -16,6 +16,7 @@ from .catalog import Catalog
 from .config import Settings
 from .datastore import open_store
 from .downloads import Downloads
+from .errors import first_line
 from .ingest_pass import PassDeps
 from .intake import Intake, new_id
 from .jobs import JobQueue
@@ -66,7 +67,7 @@ class IngestService:
                                       on_finish=self.metrics.job_finished)
         self.queries = Queries(catalog)
         self.intake = Intake(settings, catalog, storage, self.metrics, queue,
-                             self.acquisition, deps)
+                             self.acquisition, deps, self.submit_job)
         self.previews = Previews(self.queries, self.readers, self.metrics,
                                  settings.preview_cache_items)
         self.downloads = Downloads(catalog, storage, self.readers, self.queries, queue,
@@ -102,8 +103,7 @@ class IngestService:
                 if removed:
                     log.info("swept %d abandoned temporaries or uploads", removed)
             except Exception as exc:  # noqa: BLE001 - next round; the store may be away
-                log.warning("maintenance sweep failed: %s", str(exc).splitlines()[0]
-                            if str(exc) else type(exc).__name__)
+                log.warning("maintenance sweep failed: %s", first_line(exc))
 
     def _writing(self, dataset_id: str) -> bool:
         """Whether the dataset's objects may be being written: a job of it holds a live

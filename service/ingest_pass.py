@@ -33,8 +33,8 @@ from .jobs import LeaseLost
 from .mrc.archiver import FORM_ARCHIVE, ArchiveOutcome, ArchivePolicy, Archiver
 from .mrc.preview import encode_sum
 from .mrc.stream import StreamCutter
-from .storage import (FORM_REGISTERED, archive_key, original_key, record_key, sum_key,
-                      tail_key)
+from .storage import (FORM_REGISTERED, Storage, archive_key, original_key, record_key,
+                      sum_key, tail_key)
 
 log = logging.getLogger("mrc_ingest.ingest")
 
@@ -67,6 +67,19 @@ class PassDeps:
         max(1, (os.cpu_count() or 1) - 1)))
 
 
+def drop_receiving(catalog: Catalog, storage: Storage, dataset_id: str) -> bool:
+    """Drop a dataset whose upload was cut off while it was still ``receiving``: its
+    objects, then its row (its jobs go with it). Objects first: should the store be
+    away, the row stays for a later attempt and nothing is orphaned. A dataset in any
+    other state is left alone; True when one was dropped."""
+    dataset = catalog.get_dataset(dataset_id)
+    if dataset is None or dataset["status"] != "receiving":
+        return False
+    storage.remove_dataset(dataset_id)
+    catalog.delete_dataset(dataset_id)
+    return True
+
+
 class OriginalBytes:
     """How the bytes as received can be kept if they must be: moved from a scratch or
     tus file into the datastore, or (registrations) left where the user keeps them."""
@@ -79,18 +92,15 @@ class OriginalBytes:
         pass
 
 
-class LocalOriginal(OriginalBytes):
-    """A complete local file (an upload's scratch copy): ``finish()`` makes it durable
-    and gives its path, ``discard()`` removes what is left of it and unlocks it."""
+class MovedOriginal(OriginalBytes):
+    """Bytes waiting somewhere (an upload's scratch copy, a finished tus upload) that
+    ``keep(store, key)`` moves into the datastore and ``discard()`` drops."""
 
-    def __init__(self, finish: Callable[[], Any], discard: Callable[[], None]):
-        self._finish, self._discard = finish, discard
+    def __init__(self, keep: Callable[[DataStore, str], int], discard: Callable[[], None]):
+        self._keep, self._discard = keep, discard
 
     def keep(self, store: DataStore, key: str) -> int | None:
-        try:
-            return store.put_file(key, self._finish())
-        finally:
-            self._discard()  # after the move: nothing left to remove, the lock goes
+        return self._keep(store, key)
 
     def discard(self) -> None:
         self._discard()

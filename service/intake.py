@@ -8,20 +8,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 
 from .catalog import Catalog
 from .config import Settings
 from .errors import BadRequest, NotMrc, ServiceError, TooLarge
-from .ingest_pass import LIVE_STATUSES, IngestPass, LocalOriginal, PassDeps
+from .ingest_pass import LIVE_STATUSES, IngestPass, MovedOriginal, PassDeps
 from .jobs import JobQueue
 from .metadata import Acquisition
 from .metrics import Metrics
 from .mrc.validate import check_header_bytes
 from .readers import source_fingerprint
-from .receiver import ScratchCopy, pump
+from .receiver import Receiver, ScratchCopy, pump
 from .sidecars import (SIDECAR_MAX_BYTES, beside, belongs_to, decode_text, name_prefix,
                        sidecar_kind)
 from .storage import Storage, resolve_registration
@@ -47,10 +47,12 @@ def refuse_non_mrc(first: bytes) -> None:
 class Intake:
     def __init__(self, settings: Settings, catalog: Catalog, storage: Storage,
                  metrics: Metrics, queue: JobQueue, acquisition: Acquisition,
-                 deps: PassDeps):
+                 deps: PassDeps, submit_job: Callable[..., dict[str, Any]]):
         self.settings, self.catalog, self.storage = settings, catalog, storage
         self.metrics, self.queue, self.acquisition, self.deps = (metrics, queue,
                                                                  acquisition, deps)
+        #: queue a job and wake the workers (:meth:`IngestService.submit_job`)
+        self.submit_job = submit_job
 
     # -- uploads ------------------------------------------------------------------
 
@@ -97,12 +99,13 @@ class Intake:
                 ingest = IngestPass(
                     self.deps, dataset_id=dataset_id, name=name, source="upload",
                     normalize=normalize, declared_size=declared_size, create_row=True,
-                    original=LocalOriginal(scratch.keep, scratch.discard),
+                    original=MovedOriginal(scratch.keep_as, scratch.discard),
                     fence=(job_id, self.queue.owner))  # a lapsed upload is drop_upload's
                 ingest.on_row = lambda: self._start_upload_job(job_id, dataset_id)
             scratch.receiver.write_beside(batch, ingest.feed)
 
-        counter = _Counter(self.settings.max_upload_bytes)
+        # counts bytes against the limit on the loop, before the pass's own receiver
+        counter = Receiver(None, 0, self.settings.max_upload_bytes)
         try:
             await pump(chunks, counter, consume, refuse_non_mrc)
             if ingest is None:  # under 1024 bytes: the header check refused it already
@@ -224,25 +227,8 @@ class Intake:
             self.catalog.add_sidecar(id=new_id(), name=name, kind=sidecar_kind(name),
                                      text=text, dataset_id=dataset_id)
         self.attach_pending_sidecars(dataset_id, real.name)
-        return {"dataset": dataset, "job": self.queue_job("ingest", dataset_id),
+        return {"dataset": dataset, "job": self.submit_job("ingest", dataset_id),
                 "duplicate": False}
-
-    def queue_job(self, kind: str, dataset_id: str) -> dict[str, Any]:
-        job = self.catalog.add_job(id=new_id(), kind=kind, dataset_id=dataset_id)
-        assert job is not None
-        return self.queue.submit(job)
-
-
-class _Counter:
-    """What :func:`~service.receiver.pump` needs to count bytes against the limit on
-    the loop, before the pass's own receiver exists."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.received = max_bytes, 0
-
-    def check_size(self, total: int) -> None:
-        if total > self.max_bytes:
-            raise TooLarge(f"upload exceeds the limit of {self.max_bytes} bytes")
 
 
 def sidecar_text(filename: str, raw: bytes) -> str:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Protocol, Sequence
 
 from .catalog import Catalog
-from .errors import ServiceError, error_body, to_service_error
+from .errors import ServiceError, error_body, first_line, to_service_error
 
 log = logging.getLogger("mrc_ingest.jobs")
 
@@ -211,8 +211,7 @@ class JobQueue:
             try:
                 renewed = self.catalog.renew_leases(self.owner, list(held), self.lease_seconds)
             except Exception as exc:  # noqa: BLE001 - the catalog is away: try next beat
-                log.warning("lease renewal failed: %s",
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                log.warning("lease renewal failed: %s", first_line(exc))
                 continue
             for job_id, event in held.items():
                 if job_id not in renewed:
@@ -265,8 +264,7 @@ class JobQueue:
                 # one line when it goes away, not a traceback every poll while it is
                 if away_since is None:
                     away_since = time.monotonic()
-                    log.warning("catalog unreachable, cannot claim jobs: %s",
-                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    log.warning("catalog unreachable, cannot claim jobs: %s", first_line(exc))
                 self._stop.wait(POLL_SECONDS)
                 continue
             if away_since is not None:
@@ -282,7 +280,7 @@ class JobQueue:
                 # the job's own bookkeeping failed (the catalog went away as it ended):
                 # its lease is released, so it lapses and the job runs again (idempotent)
                 log.warning("could not record the end of job %s: %s", job["id"],
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                            first_line(exc))
             finally:
                 self.release(job["id"])
 

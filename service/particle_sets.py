@@ -76,8 +76,7 @@ class ParticleSets:
             pset = open_particle_set(rows, folder)
         except MrcError as exc:
             raise from_core(exc) from None
-        self.storage.store.put_file(cs_key(set_id, name), scratch.keep())  # the caller
-        # discards the scratch afterwards, which unlocks it
+        scratch.keep_as(self.storage.store, cs_key(set_id, name))
         info = {"findings": [f.to_dict() for f in pset.findings],
                 "stacks": [s.to_dict() for s in pset.stacks.values()],
                 "fields": [{"name": n, "dtype": str(rows.dtype[n])} for n in rows.dtype.names],

@@ -18,7 +18,7 @@ from . import mrc
 from .catalog import Catalog
 from .config import Settings
 from .errors import Conflict, NotFound, error_body
-from .ingest_pass import IngestPass, OriginalBytes, PassDeps
+from .ingest_pass import IngestPass, OriginalBytes, PassDeps, drop_receiving
 from .jobs import JobCancelled, JobContext, JobDeferred, LeaseLost
 from .mrc.stats import Stats
 from .readers import Readers, source_fingerprint
@@ -81,16 +81,12 @@ class Pipeline:
         """An upload's job whose lease lapsed: the process receiving it died, its client
         is gone, and an upload cannot resume. What it left (the receiving dataset, a
         partial archive) goes; finished uploads are never touched."""
-        dataset = self.catalog.get_dataset(job["dataset_id"])
-        dropped = dataset is not None and dataset["status"] == "receiving"
+        # This worker holds the upload job's lease now, so the receiving process (if it
+        # still lives) cannot commit: its fenced final write fails and it removes what it
+        # wrote. Should the store be away, the row (and this job) stay and it is retried.
+        dropped = drop_receiving(self.catalog, self.storage, job["dataset_id"])
         if dropped:
-            # This worker holds the upload job's lease now, so the receiving process
-            # (if it still lives) cannot commit: its fenced final write fails and it
-            # removes what it wrote. Objects first: should the store be away, the row
-            # (and this job) stay and the job is retried, so nothing is orphaned.
-            self.storage.remove_dataset(dataset["id"])
-            self.catalog.delete_dataset(dataset["id"])  # the job row goes with it
-            log.warning("cut-off upload dropped", extra={"dataset_id": dataset["id"],
+            log.warning("cut-off upload dropped", extra={"dataset_id": job["dataset_id"],
                                                          "job_id": job["id"]})
         return {"dropped": dropped}
 

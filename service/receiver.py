@@ -20,12 +20,15 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 import anyio
 
 from .errors import DigestMismatch, TooLarge, to_service_error
 from .mrc.sink import LockedTempFile
+
+if TYPE_CHECKING:
+    from .datastore import DataStore
 
 BLOCK = 4 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -120,15 +123,17 @@ class ScratchCopy:
         self.path = self._temp.path
         self.receiver = Receiver(FileAppender(self._temp.fd), 0, max_bytes)
 
-    def keep(self) -> Path:
-        """Make the copy durable; its path, about to be moved into the datastore. The
-        file stays locked (a sweep leaves it alone) until :meth:`discard` after the move."""
+    def keep_as(self, store: "DataStore", key: str) -> int:
+        """Make the copy durable and move it into ``store`` under ``key``; its size. It
+        stays locked (a sweep leaves it alone) until it has moved."""
         self.receiver.close()
         try:
             os.fsync(self._temp.fd)
+            return store.put_file(key, self.path)
         except OSError as exc:
             raise to_service_error(exc) or exc from None
-        return self.path
+        finally:
+            self.discard()  # what is left of it, and its lock
 
     def discard(self) -> None:
         self.receiver.close()

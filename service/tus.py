@@ -32,7 +32,7 @@ import anyio
 from .catalog import Catalog
 from .datastore import DataStore
 from .errors import BadRequest, NotMrc, ServiceError, TooLarge
-from .ingest_pass import IngestPass, OriginalBytes, PassDeps
+from .ingest_pass import IngestPass, OriginalBytes, PassDeps, drop_receiving
 from .intake import Intake, new_id, refuse_non_mrc
 from .metrics import Metrics
 from .mrc.header import HEADER_SIZE
@@ -205,23 +205,17 @@ class TusUploads:
 
     def terminate(self, upload_id: str) -> None:
         row = self.get(upload_id)
-        handle = self.catalog.lock_upload(upload_id)
-        if handle is None:
-            raise UploadLocked(f"upload {upload_id} is receiving a PATCH")
-        try:
+        with self.catalog.upload_lock(upload_id) as taken:
+            if not taken:
+                raise UploadLocked(f"upload {upload_id} is receiving a PATCH")
             self._drop(row)
-        finally:
-            self.catalog.unlock_upload(handle)
 
     def _drop(self, row: dict[str, Any]) -> None:
         """An unfinished upload goes: its bytes, its stream, its receiving dataset."""
         self._lose_stream(row["id"])
-        dataset = self.catalog.get_dataset(row["dataset_id"]) if row["dataset_id"] else None
-        if row["completed_at"] is None and dataset is not None and \
-                dataset["status"] == "receiving":
-            self.storage.remove_dataset(dataset["id"])  # objects first: nothing orphaned
-            self.catalog.delete_dataset(dataset["id"])
         if row["completed_at"] is None:
+            if row["dataset_id"]:
+                drop_receiving(self.catalog, self.storage, row["dataset_id"])
             self.bytes.drop(row)
         self.catalog.delete_tus_upload(row["id"])
 
@@ -256,7 +250,8 @@ class TusUploads:
             stream = None
         if stream is None:
             if start == 0:
-                self._forget_receiving(row["dataset_id"])  # an earlier attempt at byte 0
+                # an earlier attempt at byte 0
+                drop_receiving(self.catalog, self.storage, row["dataset_id"])
                 ingest = IngestPass(
                     self.deps, dataset_id=row["dataset_id"], name=row["filename"],
                     source="upload", normalize=None, declared_size=row["length"],
@@ -267,12 +262,6 @@ class TusUploads:
                 stream.receiver.received = start
             self._streams[row["id"]] = stream
         return stream
-
-    def _forget_receiving(self, dataset_id: str) -> None:
-        dataset = self.catalog.get_dataset(dataset_id)
-        if dataset is not None and dataset["status"] == "receiving":
-            self.catalog.delete_dataset(dataset_id)
-            self.storage.remove_dataset(dataset_id)
 
     async def _receive(self, row: dict[str, Any], start: int,
                        checksum: tuple[str, bytes] | None,
@@ -409,7 +398,7 @@ class TusUploads:
                                      size_bytes=row["length"], path="", info={})
         else:
             self.catalog.update_dataset(row["dataset_id"], status="queued", progress=None)
-        self.intake.queue_job("ingest", row["dataset_id"])
+        self.intake.submit_job("ingest", row["dataset_id"])
 
 
 class _Later(OriginalBytes):

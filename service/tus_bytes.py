@@ -18,11 +18,11 @@ import secrets
 from functools import partial
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .catalog import Catalog
 from .datastore import DataStore, LocalStore, ObjectMissing
-from .ingest_pass import OriginalBytes
+from .ingest_pass import MovedOriginal, OriginalBytes
 from .receiver import FileAppender
 from .storage import file_blocks, read_blocks
 
@@ -137,8 +137,8 @@ class LocalTusBytes(TusBytes):
 
     def original(self, row: dict[str, Any]) -> OriginalBytes:
         path = self.path(row["id"])
-        return _MovedOriginal(lambda store, key: store.put_file(key, _synced(path)),
-                              lambda: path.unlink(missing_ok=True))
+        return MovedOriginal(lambda store, key: store.put_file(key, _synced(path)),
+                             lambda: path.unlink(missing_ok=True))
 
     def drop(self, row: dict[str, Any]) -> None:
         self.path(row["id"]).unlink(missing_ok=True)
@@ -148,17 +148,6 @@ def _synced(path: Path) -> Path:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     return path
-
-
-class _MovedOriginal(OriginalBytes):
-    def __init__(self, keep: Callable[[DataStore, str], int], discard: Callable[[], None]):
-        self._keep, self._discard = keep, discard
-
-    def keep(self, store: DataStore, key: str) -> int | None:
-        return self._keep(store, key)
-
-    def discard(self) -> None:
-        self._discard()
 
 
 # -- an S3 multipart upload ----------------------------------------------------------
@@ -268,8 +257,8 @@ class S3TusBytes(TusBytes):
                            READ_BLOCK)
 
     def original(self, row: dict[str, Any]) -> OriginalBytes:
-        return _MovedOriginal(lambda store, key: store.move(self._complete(row), key),
-                              lambda: self.drop(row))
+        return MovedOriginal(lambda store, key: store.move(self._complete(row), key),
+                             lambda: self.drop(row))
 
     def drop(self, row: dict[str, Any]) -> None:
         key = tus_key(row["id"])

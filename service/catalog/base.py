@@ -72,6 +72,11 @@ class CatalogBase:
                                .where(table.c.id == row_id)).first()
         return dict(row._mapping) if row else None
 
+    def _count(self, table: sa.Table, *conditions: sa.ColumnElement[bool]) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(table)
+                                    .where(*conditions)).scalar())
+
     def _rows(self, query: sa.Select) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]

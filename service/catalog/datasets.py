@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from .base import CatalogBase
 from .schema import (DATASET_STATES, DETAIL_COLUMNS, LIVE_STATUSES, SORT_KEYS,
-                     SUMMARY_COLUMNS, conversions, datasets, jobs, particle_sets, sidecars)
+                     SUMMARY_COLUMNS, conversions, datasets, jobs, lease_held, particle_sets,
+                     sidecars)
 
 #: (column, DatasetQuery field of the inclusive lower bound, ... of the upper bound)
 RANGE_FILTERS = (("total_dose", "min_dose", "max_dose"),
@@ -104,9 +105,8 @@ class DatasetRows(CatalogBase):
                 # The job row stays share-locked until this write commits, so a worker
                 # claiming the lapsed lease meanwhile (FOR UPDATE SKIP LOCKED) waits for
                 # the next poll instead of running beside a write that is landing.
-                held = conn.execute(sa.select(jobs.c.id).where(
-                    jobs.c.id == fence[0], jobs.c.lease_owner == fence[1],
-                    jobs.c.state == "running").with_for_update(read=True)).first()
+                held = conn.execute(sa.select(jobs.c.id).where(lease_held(*fence))
+                                    .with_for_update(read=True)).first()
                 if held is None:
                     return False
             result = conn.execute(datasets.update().where(datasets.c.id == dataset_id)
@@ -286,8 +286,8 @@ class DatasetRows(CatalogBase):
                     stored_bytes=datasets.c.stored_bytes - gone[0]))
 
     def conversion_exists(self, dataset_id: str, key: str) -> bool:
-        return bool(self._rows(sa.select(conversions.c.key).where(
-            conversions.c.dataset_id == dataset_id, conversions.c.key == key)))
+        return bool(self._count(conversions, conversions.c.dataset_id == dataset_id,
+                                conversions.c.key == key))
 
     def conversions_to_evict(self, limit_bytes: int,
                              keep: str | None = None) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import sqlalchemy as sa
 
 from .base import CatalogBase
-from .schema import JOB_STATES, UNFINISHED_JOB_STATES, jobs
+from .schema import JOB_STATES, UNFINISHED_JOB_STATES, jobs, lease_held
 
 
 class JobRows(CatalogBase):
@@ -157,24 +157,16 @@ class JobRows(CatalogBase):
 
     def holds_lease(self, job_id: str, owner: str) -> bool:
         """Whether ``owner`` still holds the lease of ``job_id`` (the job is running)."""
-        query = sa.select(sa.func.count()).select_from(jobs).where(
-            jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == "running")
-        with self.engine.connect() as conn:
-            return bool(conn.execute(query).scalar())
+        return bool(self._count(jobs, lease_held(job_id, owner)))
 
     def has_live_lease(self, dataset_id: str) -> bool:
         """Whether some worker (or a receiving process) holds a live lease on a job of
         the dataset: its objects may be being written right now."""
-        query = sa.select(sa.func.count()).select_from(jobs).where(
-            jobs.c.dataset_id == dataset_id, jobs.c.state == "running",
-            jobs.c.lease_expires_at > self.now())
-        with self.engine.connect() as conn:
-            return bool(conn.execute(query).scalar())
+        return bool(self._count(jobs, jobs.c.dataset_id == dataset_id,
+                                jobs.c.state == "running",
+                                jobs.c.lease_expires_at > self.now()))
 
     def runnable_count(self) -> int:
-        now = self.now()
-        query = sa.select(sa.func.count()).select_from(jobs).where(sa.or_(
-            sa.and_(jobs.c.state == "queued", jobs.c.run_after <= now),
+        return self._count(jobs, sa.or_(
+            sa.and_(jobs.c.state == "queued", jobs.c.run_after <= self.now()),
             jobs.c.state == "running"))
-        with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar())

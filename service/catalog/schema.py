@@ -147,6 +147,12 @@ jobs = sa.Table(
     sa.Column("dedup_key", sa.String(160)),                   # one unfinished job per key
 )
 sa.Index("ix_jobs_claim", jobs.c.state, jobs.c.run_after, jobs.c.priority)
+
+
+def lease_held(job_id: str, owner: str) -> sa.ColumnElement[bool]:
+    """Job ``job_id`` is running under ``owner``'s lease (the guard of fenced writes)."""
+    return sa.and_(jobs.c.id == job_id, jobs.c.lease_owner == owner,
+                   jobs.c.state == "running")
 UNFINISHED_DEDUP = sa.and_(jobs.c.dedup_key.isnot(None),
                            jobs.c.state.in_(UNFINISHED_JOB_STATES))
 sa.Index("uq_jobs_unfinished_dedup", jobs.c.dataset_id, jobs.c.dedup_key, unique=True,
