@@ -22,8 +22,10 @@ from .findings import Finding, error, warning
 
 #: MODE = base mode + MRCZ_MODE_FACTOR * codec (MRCZ spec, "Word 4").
 MRCZ_MODE_FACTOR = 1000
+#: c-blosc 1.x adds at most this to an incompressible buffer (its BLOSC_MAX_OVERHEAD)
+BLOSC_MAX_OVERHEAD = 16
 #: c-blosc 1.x refuses chunks larger than this (BLOSC_MAX_BUFFERSIZE).
-BLOSC_MAX_CHUNK = 2**31 - 1 - 16
+BLOSC_MAX_CHUNK = 2**31 - 1 - BLOSC_MAX_OVERHEAD
 #: Bytes per blosc block. On 4096^2 counting frames, zstd-1, 1 MiB blocks compress 4%
 #: smaller with 21% less CPU than python-mrcz's 64 KiB (bench/bench_core.py); blosc
 #: clamps the block to the frame for small frames.
@@ -91,6 +93,21 @@ class ChunkHeader:
     def parse(cls, raw: bytes) -> "ChunkHeader":
         return cls(*_CHUNK_HEADER.unpack(raw[:CHUNK_HEADER_SIZE]))
 
+    def refusal(self, frame_nbytes: int) -> str | None:
+        """Why this chunk cannot be one frame of ``frame_nbytes`` (None if it can), told
+        from its header alone, before any byte is decompressed: only c-blosc 1.x chunks
+        are read, and one that claims another size is a decompression bomb."""
+        if self.version == BLOSC2_FORMAT_VERSION:
+            return ("blosc2-format chunk (version 5); only c-blosc 1.x chunks (version 2) "
+                    "are supported")
+        if self.version != BLOSC1_FORMAT_VERSION:
+            return (f"not a blosc chunk (format version {self.version}, expected "
+                    f"{BLOSC1_FORMAT_VERSION})")
+        if self.nbytes != frame_nbytes:
+            return (f"chunk claims {self.nbytes} uncompressed bytes but a frame is "
+                    f"{frame_nbytes}; refusing to decompress it")
+        return None
+
 
 @dataclass(frozen=True)
 class FrameIndex:
@@ -126,18 +143,8 @@ def index_chunks(read_at: Callable[[int, int], bytes], start: int, n_frames: int
                                           f"{n_frames - k} of {n_frames} frames missing"))
             return None, findings
         chunk = ChunkHeader.parse(raw)
-        if chunk.version == BLOSC2_FORMAT_VERSION:
-            findings.append(error("data", f"{where}: blosc2-format chunk (version 5); only "
-                                          "c-blosc 1.x chunks (version 2) are supported"))
-            return None, findings
-        if chunk.version != BLOSC1_FORMAT_VERSION:
-            findings.append(error("data", f"{where}: not a blosc chunk (format version "
-                                          f"{chunk.version}, expected {BLOSC1_FORMAT_VERSION})"))
-            return None, findings
-        if chunk.nbytes != frame_nbytes:
-            findings.append(error("data", f"{where}: chunk claims {chunk.nbytes} uncompressed "
-                                          f"bytes but a frame is {frame_nbytes}; refusing to "
-                                          "decompress it"))
+        if (refusal := chunk.refusal(frame_nbytes)) is not None:
+            findings.append(error("data", f"{where}: {refusal}"))
             return None, findings
         if chunk.cbytes < CHUNK_HEADER_SIZE or pos + chunk.cbytes > file_size:
             findings.append(error("data", f"{where}: chunk of {chunk.cbytes} bytes runs past the "

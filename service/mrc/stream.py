@@ -22,7 +22,7 @@ import numpy as np
 
 from . import header as hdr
 from .buffers import BufferPool
-from .codec import (BLOSC1_FORMAT_VERSION, CHUNK_HEADER_SIZE, Codec, ChunkHeader)
+from .codec import BLOSC_MAX_OVERHEAD, CHUNK_HEADER_SIZE, Codec, ChunkHeader
 from .errors import FormatError
 from .findings import Finding, error, warning
 from .validate import check_header_bytes
@@ -32,8 +32,6 @@ from .validate import check_header_bytes
 MAX_FRAME_BYTES = 1 << 30
 #: The extended header is kept verbatim in memory (it goes into the restore record).
 MAX_EXTENDED_BYTES = 64 << 20
-#: c-blosc 1.x adds at most this to an incompressible buffer (BLOSC_MAX_OVERHEAD).
-BLOSC_MAX_OVERHEAD = 16
 
 PieceKind = Literal["header", "extended", "frame", "tail"]
 
@@ -153,14 +151,9 @@ class StreamCutter:
         self._pending = bytearray()
         chunk = ChunkHeader.parse(raw)
         where = f"frame {self.frames} (byte {self._chunk_offset})"
-        problem = None
-        if chunk.version != BLOSC1_FORMAT_VERSION:
-            problem = (f"not a c-blosc 1.x chunk (format version {chunk.version}, expected "
-                       f"{BLOSC1_FORMAT_VERSION})")
-        elif chunk.nbytes != self.layout.frame_nbytes:
-            problem = (f"chunk claims {chunk.nbytes} uncompressed bytes but a frame is "
-                       f"{self.layout.frame_nbytes}; refusing to decompress it")
-        elif not CHUNK_HEADER_SIZE <= chunk.cbytes <= chunk.nbytes + BLOSC_MAX_OVERHEAD:
+        problem = chunk.refusal(self.layout.frame_nbytes)
+        if problem is None and \
+                not CHUNK_HEADER_SIZE <= chunk.cbytes <= chunk.nbytes + BLOSC_MAX_OVERHEAD:
             problem = f"chunk length {chunk.cbytes} is impossible for {chunk.nbytes} bytes"
         if problem is not None:
             self.findings.append(error("data", f"{where}: {problem}"))
