@@ -126,6 +126,19 @@ def unpack_4bit(packed: np.ndarray, nx: int, out: np.ndarray | None = None) -> n
     return out
 
 
+def decode_stored(raw: np.ndarray, ny: int, nx: int, stored_dtype: np.dtype, packed: bool,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """The ``(ny, nx)`` pixel values of one frame's stored bytes (a flat uint8 array):
+    4-bit counts unpacked (into ``out`` if given, see :func:`unpack_4bit`), other modes
+    viewed as ``stored_dtype`` and put in native byte order."""
+    if packed:
+        return unpack_4bit(raw.reshape(ny, (nx + 1) // 2), nx, out)
+    frame = raw.view(stored_dtype).reshape(ny, nx)
+    if stored_dtype.itemsize > 1 and not stored_dtype.isnative:
+        frame = frame.astype(stored_dtype.newbyteorder("="))
+    return frame
+
+
 def pack_4bit(values: np.ndarray, padding: np.ndarray | None = None,
               out: np.ndarray | None = None) -> np.ndarray:
     """Pack a ``(ny, nx)`` frame of integers 0-15 into ``(ny, (nx+1)//2)`` bytes (into

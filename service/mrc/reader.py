@@ -12,7 +12,6 @@ otherwise leave gigabytes of it resident.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,10 +21,8 @@ from . import extended, header as hdr
 from .codec import Codec, FrameIndex, decompress_into, index_chunks
 from .errors import FormatError, MrcError
 from .findings import Finding, error, has_errors, warning
-from .modes import mode_spec, row_nbytes, unpack_4bit
+from .modes import decode_stored, mode_spec
 from .source import ByteSource, open_source
-
-_NATIVE = "<" if sys.byteorder == "little" else ">"
 
 
 class FrameIndexError(MrcError, IndexError):
@@ -194,12 +191,7 @@ class MrcFile:
 
     def _decode(self, buf: np.ndarray) -> np.ndarray:
         lay = self.layout
-        if lay.packing:
-            return unpack_4bit(buf.reshape(lay.ny, row_nbytes(101, lay.nx)), lay.nx)
-        frame = buf.view(lay.stored_dtype).reshape(lay.ny, lay.nx)
-        if lay.stored_dtype.itemsize > 1 and lay.byte_order != _NATIVE:
-            frame = frame.astype(lay.stored_dtype.newbyteorder("="))
-        return frame
+        return decode_stored(buf, lay.ny, lay.nx, lay.stored_dtype, bool(lay.packing))
 
     def frames(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         """Frames ``start`` to ``stop - 1`` in order, one at a time."""

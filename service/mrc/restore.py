@@ -34,7 +34,7 @@ from numpy.lib.format import descr_to_dtype, dtype_to_descr
 
 from . import header as hdr
 from .codec import FrameIndex
-from .modes import cast_to, pack_4bit, unpack_4bit
+from .modes import cast_to, decode_stored, pack_4bit
 
 RECORD_VERSION = 1
 
@@ -173,13 +173,8 @@ def decode_frame(raw_frame: np.ndarray, source: SourceLayout,
                  out: np.ndarray | None = None) -> np.ndarray:
     """The pixel values of one stored frame (4-bit unpacked, native byte order);
     ``out``: a buffer of ``ny * 2 * row_nbytes`` for 4-bit counts (see ``unpack_4bit``)."""
-    if source.packing is not None:
-        return unpack_4bit(raw_frame.reshape(source.ny, source.row_nbytes), source.nx, out)
-    stored = source.dtype
-    frame = raw_frame.view(stored).reshape(source.ny, source.nx)
-    if stored.itemsize > 1 and not stored.isnative:
-        frame = frame.astype(stored.newbyteorder("="))
-    return frame
+    return decode_stored(raw_frame, source.ny, source.nx, source.dtype,
+                         source.packing is not None, out)
 
 
 # -- the stream as received ----------------------------------------------------------
