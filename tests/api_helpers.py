@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import httpx
 
 from service.api import create_app
 from service.config import Settings
-from tests.conftest import clean_environment
+from tests.conftest import clean_environment, free_port
 
 
 def make_client(data_dir: Path, **settings):
@@ -47,12 +46,6 @@ def upload_and_wait(client, path: Path, name: str | None = None, **params) -> di
 
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(data_dir: Path, *args: str, timeout: float = 60.0, stderr=None,

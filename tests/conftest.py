@@ -9,6 +9,7 @@ otherwise change what the suite tests. Test switches use the ``MRC_TEST_`` prefi
 from __future__ import annotations
 
 import os
+import socket
 
 #: real servers the tests start: PostgreSQL (postgres, pg_url) and SeaweedFS (seaweedfs)
 pytest_plugins = ["tests.postgres", "tests.servers"]
@@ -17,6 +18,13 @@ SETTINGS_PREFIX = "MRC_INGEST_"
 
 for _name in [n for n in os.environ if n.startswith(SETTINGS_PREFIX)]:
     del os.environ[_name]
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

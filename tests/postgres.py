@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 REQUIRE = bool(os.environ.get("MRC_TEST_REQUIRE_SERVERS"))
 
@@ -28,12 +29,6 @@ def pg_binary(name: str) -> str | None:
         return found
     candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return candidates[-1] if candidates else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Postgres:
