@@ -14,6 +14,16 @@ from .mrc import ConversionError, FormatError, FrameIndexError, LossyConversionE
 from .mrc.particles import ParticleSetError
 
 
+class RefusedFile(PermissionError):
+    """A file on shared storage that the service will not read (a link out of the roots,
+    several hard links, not a regular file: :mod:`service.roots`); the message says why.
+    An OSError, so format-core code reports it as an unreadable file."""
+
+
+class NotRegularFile(RefusedFile):
+    """A folder, FIFO, device or socket where a file was expected."""
+
+
 class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
@@ -135,6 +145,8 @@ def to_service_error(exc: BaseException) -> ServiceError | None:
         return exc
     if isinstance(exc, MrcError):
         return from_core(exc)
+    if isinstance(exc, RefusedFile):
+        return Conflict(f"a file on shared storage can no longer be read safely: {exc}")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientStorage(f"the disk is full ({exc.strerror}); what was being "
                                    "written was removed, nothing stored before was touched")

@@ -27,6 +27,7 @@ from .pipeline import Pipeline
 from .previews import Previews
 from .queries import Queries
 from .readers import Readers
+from .roots import Roots
 from .storage import Storage
 from .tus import TusUploads
 
@@ -45,6 +46,8 @@ class IngestService:
             settings.storage_url, settings.data_dir.resolve(), settings.s3_endpoint_url,
             settings.s3_part_bytes))
         self.auth = Authenticator(settings.tokens)
+        #: the only way anything on shared storage is opened (service/roots.py)
+        self.roots = Roots(settings.allowed_roots, settings.allow_hard_links)
         self.metrics = Metrics(self.snapshot)
         self.catalog: Catalog | None = None
         self.queue: JobQueue | None = None
@@ -57,7 +60,7 @@ class IngestService:
         storage.prepare()
         self.catalog = catalog = Catalog(settings.catalog_url,
                                          migrate=settings.migrate_on_start)
-        self.readers = Readers(storage.store, storage.root)
+        self.readers = Readers(storage.store, storage.root, self.roots)
         self.acquisition = Acquisition(catalog, self.readers)
         deps = PassDeps(settings=settings, catalog=catalog, store=storage.store,
                         finalize=self.acquisition.finalize, commit_lock=threading.Lock())
@@ -67,12 +70,12 @@ class IngestService:
                                       on_finish=self.metrics.job_finished)
         self.queries = Queries(catalog)
         self.intake = Intake(settings, catalog, storage, self.metrics, queue,
-                             self.acquisition, deps, self.submit_job)
+                             self.acquisition, deps, self.submit_job, self.roots)
         self.previews = Previews(self.queries, self.readers, self.metrics,
                                  settings.preview_cache_items)
         self.downloads = Downloads(catalog, storage, self.readers, self.queries, queue,
                                    self.submit_job)
-        self.particle_sets = ParticleSets(settings, catalog, storage)
+        self.particle_sets = ParticleSets(settings, catalog, storage, self.roots)
         self.tus = TusUploads(storage, catalog, settings.max_upload_bytes,
                               timedelta(hours=settings.tus_expiry_hours), deps,
                               self.intake, self.metrics)

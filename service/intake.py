@@ -20,11 +20,11 @@ from .jobs import JobQueue
 from .metadata import Acquisition
 from .metrics import Metrics
 from .mrc.validate import check_header_bytes
-from .readers import source_fingerprint
 from .receiver import Receiver, ScratchCopy, pump
-from .sidecars import (SIDECAR_MAX_BYTES, beside, belongs_to, decode_text, name_prefix,
-                       sidecar_kind)
-from .storage import Storage, resolve_registration
+from .roots import Roots
+from .sidecars import (SIDECAR_MAX_BYTES, belongs_to, decode_text, name_prefix, sidecar_kind,
+                       sidecar_names)
+from .storage import Storage
 from .uploads import check_filename
 
 log = logging.getLogger("mrc_ingest.intake")
@@ -47,8 +47,8 @@ def refuse_non_mrc(first: bytes) -> None:
 class Intake:
     def __init__(self, settings: Settings, catalog: Catalog, storage: Storage,
                  metrics: Metrics, queue: JobQueue, acquisition: Acquisition,
-                 deps: PassDeps, submit_job: Callable[..., dict[str, Any]]):
-        self.settings, self.catalog, self.storage = settings, catalog, storage
+                 deps: PassDeps, submit_job: Callable[..., dict[str, Any]], roots: Roots):
+        self.settings, self.catalog, self.storage, self.roots = settings, catalog, storage, roots
         self.metrics, self.queue, self.acquisition, self.deps = (metrics, queue,
                                                                  acquisition, deps)
         #: queue a job and wake the workers (:meth:`IngestService.submit_job`)
@@ -207,25 +207,32 @@ class Intake:
     # -- registrations ------------------------------------------------------------
 
     def register(self, path: str, normalize: bool | None) -> dict[str, Any]:
-        real = resolve_registration(path, self.settings.allowed_roots,
-                                    self.settings.allow_hard_links)
-        current = source_fingerprint(real)
+        """A file on shared storage, opened inside the roots (:mod:`service.roots`); its
+        identity is recorded and checked at every later open, and its sidecars are read
+        the same way (one refused is a finding on the dataset, never its content)."""
+        with self.roots.open_registration(path) as opened:
+            real, current = opened.path, opened.identity
         for existing in self.catalog.find_registration(str(real), LIVE_STATUSES):
             # The same file, unchanged since (or still queued): that dataset, not a twin.
-            if existing["info"].get("source_fingerprint", current) == current:
+            if not current.changes_from(existing["info"].get("source_fingerprint") or {}):
                 jobs = self.catalog.jobs_in_states(("queued", "running"), existing["id"])
                 return {"dataset": existing, "job": jobs[0] if jobs else None,
                         "duplicate": True}
-        info: dict[str, Any] = {"registered_path": path}
+        sidecars, refused = self.roots.read_beside(real, sidecar_names(real.name),
+                                                   SIDECAR_MAX_BYTES)
+        info: dict[str, Any] = {"registered_path": path,
+                                "source_fingerprint": current.to_dict()}
+        if refused:
+            info["refused_sidecars"] = [f.to_dict() for f in refused]
         if normalize is not None:
             info["normalize"] = normalize
         dataset_id = new_id()
         dataset = self.catalog.add_dataset(
             id=dataset_id, name=real.name, source="registration", status="queued",
-            size_bytes=current["size"], path=str(real), info=info)
-        for name, text in beside(real):
+            size_bytes=current.size, path=str(real), info=info)
+        for name, raw in sidecars:
             self.catalog.add_sidecar(id=new_id(), name=name, kind=sidecar_kind(name),
-                                     text=text, dataset_id=dataset_id)
+                                     text=decode_text(raw), dataset_id=dataset_id)
         self.attach_pending_sidecars(dataset_id, real.name)
         return {"dataset": dataset, "job": self.submit_job("ingest", dataset_id),
                 "duplicate": False}

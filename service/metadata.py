@@ -31,7 +31,9 @@ class Acquisition:
                                                          extended, header, n_frames)
         info["acquisition"] = summary
         info["sidecars"] = parsed
-        info["sidecar_findings"] = [f.to_dict() for f in findings]
+        # Sidecars refused on shared storage (a link, not a plain file) stay findings.
+        info["sidecar_findings"] = (info.get("refused_sidecars", [])
+                                    + [f.to_dict() for f in findings])
         if header is None:
             columns = {k: v for k, v in columns.items() if v is not None}
         fields.update(columns)

@@ -18,14 +18,17 @@ import numpy as np
 from .catalog import Catalog
 from .config import Settings
 from .datastore import ObjectMissing
-from .errors import BadRequest, NotFound, from_core
+from .errors import BadRequest, Conflict, NotFound, PathNotAllowed, from_core
 from .mrc import MrcError
 from .mrc.header import HEADER_SIZE
 from .mrc.particles import (ParticleSet, export_stack, jsonable, load_cs, open_particle_set,
                             row_dict)
 from .mrc.preview import binned, contrast_u8
+from .mrc.source import FileSource
 from .receiver import ScratchCopy, pump
-from .storage import Storage, particle_set_prefix, resolve_inside_roots
+from .errors import RefusedFile
+from .roots import Roots
+from .storage import Storage, particle_set_prefix
 from .uploads import check_filename
 
 LOADED_SETS = 8  # parsed and validated sets kept in memory
@@ -36,16 +39,15 @@ def cs_key(set_id: str, name: str) -> str:
 
 
 class ParticleSets:
-    def __init__(self, settings: Settings, catalog: Catalog, storage: Storage):
-        self.settings, self.catalog, self.storage = settings, catalog, storage
+    def __init__(self, settings: Settings, catalog: Catalog, storage: Storage, roots: Roots):
+        self.settings, self.catalog, self.storage, self.roots = settings, catalog, storage, roots
         self._loaded: OrderedDict[str, ParticleSet] = OrderedDict()
         self._lock = threading.Lock()
 
     async def create(self, name: str, chunks: AsyncIterator[bytes], folder: str
                      ) -> dict[str, Any]:
         name = check_filename(name)
-        real_folder = await anyio.to_thread.run_sync(
-            resolve_inside_roots, folder, self.settings.allowed_roots)
+        real_folder = await anyio.to_thread.run_sync(self.roots.resolve, folder)
         if not real_folder.is_dir():
             raise BadRequest(f"folder {folder!r} is not a folder")
         set_id = uuid.uuid4().hex[:20]
@@ -71,14 +73,16 @@ class ParticleSets:
 
     def _register(self, set_id: str, name: str, scratch: ScratchCopy,
                   folder: Path) -> dict[str, Any]:
+        identities: dict[str, dict[str, int]] = {}
         try:
             rows = load_cs(scratch.path)
-            pset = open_particle_set(rows, folder)
+            pset = open_particle_set(rows, folder, StackOpener(self.roots, identities))
         except MrcError as exc:
             raise from_core(exc) from None
         scratch.keep_as(self.storage.store, cs_key(set_id, name))
         info = {"findings": [f.to_dict() for f in pset.findings],
-                "stacks": [s.to_dict() for s in pset.stacks.values()],
+                "stacks": [{**s.to_dict(), "identity": identities.get(str(s.path))}
+                           for s in pset.stacks.values()],
                 "fields": [{"name": n, "dtype": str(rows.dtype[n])} for n in rows.dtype.names],
                 "usable_rows": int(pset.valid_rows.sum())}
         row = self.catalog.add_particle_set(id=set_id, name=name, folder=str(folder),
@@ -108,7 +112,10 @@ class ParticleSets:
                 raw = self.storage.store.get_bytes(cs_key(set_id, row["name"]))
             except ObjectMissing:
                 raise NotFound(f"the .cs file of particle set {set_id} is missing") from None
-            pset = open_particle_set(load_cs(raw), Path(row["folder"]))
+            recorded = {s["file"]: s["identity"] for s in row["info"].get("stacks", [])
+                        if s.get("identity")}
+            pset = open_particle_set(load_cs(raw), Path(row["folder"]),
+                                     StackOpener(self.roots, recorded, check=True))
             self._remember(set_id, pset)
         return pset
 
@@ -166,3 +173,34 @@ class ParticleSets:
         with self._lock:
             self._loaded.pop(set_id, None)
         self.storage.store.delete_prefix(particle_set_prefix(set_id))
+
+
+class StackOpener:
+    """Opens a particle set's stacks inside the roots (:mod:`service.roots`): a link
+    inside a root may point inside it, nothing else; each stack's identity is recorded
+    when the set is registered (into ``identities``) and, with ``check``, must be the
+    same at every later open. A refused stack reads as unreadable (a finding)."""
+
+    def __init__(self, roots: Roots, identities: dict[str, dict[str, int]],
+                 check: bool = False):
+        self.roots, self.identities, self.check = roots, identities, check
+
+    def __call__(self, path: Path) -> FileSource:
+        try:
+            real = self.roots.resolve(path)
+        except NotFound:
+            raise FileNotFoundError(f"no such file: {str(path)!r}") from None
+        except PathNotAllowed as exc:
+            raise RefusedFile(str(exc.detail)) from None
+        opened = self.roots.open_file(real)
+        recorded = self.identities.get(str(path))
+        if self.check and recorded:
+            changed = opened.identity.changes_from(recorded)
+            if changed:
+                opened.close()
+                said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                raise Conflict(f"the stack {str(path)!r} changed after the set was "
+                                   f"registered ({said}); register the set again")
+        elif not self.check:
+            self.identities[str(path)] = opened.identity.to_dict()
+        return opened.source()

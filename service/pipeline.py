@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import mrc
@@ -21,8 +21,9 @@ from .errors import Conflict, NotFound, error_body
 from .ingest_pass import IngestPass, OriginalBytes, PassDeps, drop_receiving
 from .jobs import JobCancelled, JobContext, JobDeferred, LeaseLost
 from .mrc.stats import Stats
-from .readers import Readers, source_fingerprint
-from .storage import Storage, conversion_key, file_blocks
+from .readers import Readers, open_registered
+from .roots import Identity, SharedFile
+from .storage import Storage, conversion_key
 
 log = logging.getLogger("mrc_ingest.pipeline")
 
@@ -123,11 +124,12 @@ class Pipeline:
                 ctx: JobContext) -> dict[str, Any]:
         dataset_id = dataset["id"]
         original: OriginalBytes = OriginalBytes()
+        opened: SharedFile | None = None
         if dataset["source"] == "registration":
-            path = Path(dataset["path"])
-            info["source_fingerprint"] = source_fingerprint(path)
-            registered, total = str(path), info["source_fingerprint"]["size"]
-            blocks = file_blocks(path)
+            opened = open_registered(self.readers.roots, dataset, dataset["path"])
+            info["source_fingerprint"] = opened.identity.to_dict()
+            registered, total = dataset["path"], opened.identity.size
+            blocks = opened.blocks()
         else:  # a resumable upload finished without being ingested on the way
             found = self.tus_blocks(dataset)
             if found is None:
@@ -146,9 +148,9 @@ class Pipeline:
                 digest.update(block)
                 ingest.feed([block])
                 ctx.progress(ingest.received, total)
-            if dataset["source"] == "registration" and \
-                    source_fingerprint(path) != info["source_fingerprint"]:
-                raise Conflict(f"the registered file {str(path)!r} changed while it was "
+            if opened is not None and \
+                    Identity.of(os.fstat(opened.fd)) != opened.identity:
+                raise Conflict(f"the registered file {registered!r} changed while it was "
                                "being read; register it again once it is complete")
             result = ingest.finish(digest.hexdigest())
         except BaseException as exc:
@@ -156,6 +158,9 @@ class Pipeline:
             if not (ctx.lost or isinstance(exc, LeaseLost)):
                 ingest.abort(delete_row=False)
             raise
+        finally:
+            if opened is not None:
+                opened.close()
         row = result["dataset"]
         if not result["duplicate"]:
             self.on_ingested(dataset_id, row["name"])

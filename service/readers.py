@@ -21,36 +21,25 @@ from .errors import Conflict, from_core
 from .mrc.extended import ExtendedHeader, decode as decode_extended
 from .mrc import header as hdr
 from .mrc.restore import AsReceived, RestoreRecord
+from .roots import Roots, SharedFile
 from .storage import (FORM_ARCHIVE, FORM_LEGACY, FORM_REGISTERED, StoredForm, read_blocks,
                       stored_form)
 
 RECORDS_KEPT = 64
 
 
-def source_fingerprint(path: Path) -> dict[str, int]:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def check_registered_unchanged(dataset: dict[str, Any], path: str) -> Path:
-    """The registered file, after checking it was not changed since it was ingested (it
-    lives on shared storage, outside our control)."""
-    real = Path(path)
-    recorded = dataset["info"].get("source_fingerprint")
-    try:
-        current = source_fingerprint(real)
-    except FileNotFoundError:
-        raise Conflict(f"the file {path!r} of dataset {dataset['id']} is gone") from None
-    if recorded and current != recorded:
-        raise Conflict(f"the registered file {path!r} changed after it was ingested "
-                       f"(size/mtime {recorded} -> {current}); register it again")
-    return real
+def open_registered(roots: Roots, dataset: dict[str, Any], path: str) -> SharedFile:
+    """The registered file of ``dataset``, opened inside the roots and still the file
+    that was registered (it lives on shared storage, outside our control)."""
+    return roots.open_registered(path, dataset["info"].get("source_fingerprint"),
+                                 what=f"the registered file of dataset {dataset['id']}")
 
 
 class Readers:
-    def __init__(self, store: DataStore, data_dir: Path):
+    def __init__(self, store: DataStore, data_dir: Path, roots: Roots):
         self.store = store
         self.data_dir = data_dir
+        self.roots = roots
         self._records: OrderedDict[str, RestoreRecord] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -104,8 +93,7 @@ class Readers:
         if form.original_key is not None:
             return self._source(form.original_key, dataset)
         if form.registered_path is not None:
-            return mrc.source.FileSource(check_registered_unchanged(dataset,
-                                                                    form.registered_path))
+            return open_registered(self.roots, dataset, form.registered_path).source()
         raise Conflict(f"dataset {dataset['id']} keeps no readable copy")
 
     def header(self, dataset: dict[str, Any]) -> tuple[Any, ExtendedHeader, int] | None:
@@ -148,9 +136,9 @@ class Readers:
                             self.store.local_path(key))
         if form.registered_path is not None and form.form in (FORM_REGISTERED, FORM_LEGACY,
                                                               FORM_ARCHIVE):
-            path = check_registered_unchanged(dataset, form.registered_path)
-            source = mrc.source.FileSource(path)
-            return Received(source.size, source.read_at, source.close, path)
+            source = open_registered(self.roots, dataset, form.registered_path).source()
+            # Served by Python from the checked descriptor, never again by path.
+            return Received(source.size, source.read_at, source.close, None)
         raise Conflict(f"dataset {dataset['id']} keeps no copy of the file as received")
 
 

@@ -58,17 +58,14 @@ def name_prefix(sidecar_name: str) -> str:
     return sidecar_name[:-len(".mdoc")]
 
 
-def beside(path: Path) -> list[tuple[str, str]]:
-    """(name, text) of the sidecars next to a registered movie."""
-    names = [f"{path.name}.mdoc", f"{path.stem}.mdoc"]
-    if path.stem.endswith("_movie"):
-        names.append(f"{path.stem[:-len('_movie')]}_info.txt")
-    found = []
-    for name in dict.fromkeys(names):
-        candidate = path.with_name(name)
-        if candidate.is_file() and candidate.stat().st_size <= SIDECAR_MAX_BYTES:
-            found.append((name, decode_text(candidate.read_bytes())))
-    return found
+def sidecar_names(movie_name: str) -> list[str]:
+    """The names a sidecar of a registered movie may have beside it (they are read
+    inside the roots by :meth:`service.roots.Roots.read_beside`)."""
+    movie = Path(movie_name)
+    names = [f"{movie.name}.mdoc", f"{movie.stem}.mdoc"]
+    if movie.stem.endswith("_movie"):
+        names.append(f"{movie.stem[:-len('_movie')]}_info.txt")
+    return list(dict.fromkeys(names))
 
 
 def decode_text(raw: bytes) -> str:

@@ -27,14 +27,12 @@ received inside ``datasets/<id>/``) and maybe ``archive.mrcz`` beside it:
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 from .datastore import DataStore, LocalStore, sweep_abandoned
-from .errors import NotFound, PathNotAllowed, Unprocessable
 from .mrc import Target
 
 HASH_BLOCK = 4 << 20
@@ -190,45 +188,6 @@ class Storage:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
-
-
-def resolve_inside_roots(path: str, allowed_roots: list[Path]) -> Path:
-    """The real path of ``path`` if it exists inside an allowed root once every symlink
-    and ``..`` is resolved (a link inside a root pointing outside it is refused)."""
-    if not allowed_roots:
-        raise PathNotAllowed("no allowed roots are configured (set MRC_INGEST_ALLOWED_ROOTS)")
-    candidate = Path(path)
-    if not candidate.is_absolute():
-        raise Unprocessable(f"path must be absolute, got {path!r}")
-    try:
-        real = candidate.resolve(strict=True)
-    except FileNotFoundError:
-        raise NotFound(f"no such file or folder: {path!r}") from None
-    except (OSError, RuntimeError) as exc:
-        raise Unprocessable(f"cannot resolve {path!r}: {exc}") from None
-    roots = [Path(root).resolve() for root in allowed_roots]
-    if not any(real.is_relative_to(root) for root in roots):
-        raise PathNotAllowed(f"{path!r} (resolved to {str(real)!r}) is outside the allowed "
-                             f"roots {[str(r) for r in roots]}")
-    return real
-
-
-def resolve_registration(path: str, allowed_roots: list[Path],
-                         allow_hard_links: bool = False) -> Path:
-    """A file to register, inside the allowed roots (:func:`resolve_inside_roots`). A file
-    with several hard links is refused unless allowed: another name of the same data may
-    lie outside the roots, and no path tells which came first."""
-    real = resolve_inside_roots(path, allowed_roots)
-    if not real.is_file():
-        raise Unprocessable(f"{path!r} is not a regular file")
-    links = real.stat().st_nlink
-    if links > 1 and not allow_hard_links:
-        raise PathNotAllowed(f"{path!r} has {links} hard links; another of them may lie "
-                             "outside the allowed roots (set MRC_INGEST_ALLOW_HARD_LINKS if "
-                             "your storage uses hard links on purpose)")
-    if not os.access(real, os.R_OK):
-        raise PathNotAllowed(f"{path!r} is not readable by the service")
-    return real
 
 
 def read_blocks(read_at: Callable[[int, int], bytes], start: int, stop: int,

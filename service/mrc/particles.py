@@ -13,13 +13,14 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .errors import MrcError
 from .findings import Finding, error
 from .reader import MrcFile
+from .source import ByteSource, FileSource
 from .writer import MrcWriter
 
 PATH_FIELD, INDEX_FIELD = "blob/path", "blob/idx"
@@ -29,6 +30,8 @@ NUMPY_MAGIC = b"\x93NUMPY"
 CSDAT_MAGIC = b"\x95CSDAT"
 #: at most this many row numbers are spelled out in one finding
 MAX_ROWS_LISTED = 20
+#: opens a stack's file for reading; a service passes one that stays inside its roots
+StackOpener = Callable[[Path], ByteSource]
 
 
 class ParticleSetError(MrcError):
@@ -121,9 +124,13 @@ class ParticleSet:
     stacks: dict[str, StackInfo] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     valid_rows: np.ndarray | None = None   # bool mask
+    opener: StackOpener = FileSource
 
     def stack_path(self, blob_path: str) -> Path:
         return self.folder / PurePosixPath(blob_path.replace("\\", "/")).name
+
+    def open_stack(self, path: Path) -> MrcFile:
+        return MrcFile(self.opener(path), owns_source=True)
 
     def image(self, k: int) -> np.ndarray:
         """Particle ``k`` (row order) as a 2-D array."""
@@ -133,7 +140,7 @@ class ParticleSet:
             raise ParticleSetError(f"row {k} points at a missing stack or an index out of "
                                    "range (see the set's findings)")
         blob = _text(self.rows[k][PATH_FIELD])
-        with MrcFile(self.stack_path(blob)) as stack:
+        with self.open_stack(self.stack_path(blob)) as stack:
             return stack.read_frame(int(self.rows[k][INDEX_FIELD]))
 
     def images(self, selection: np.ndarray) -> Iterator[np.ndarray]:
@@ -146,17 +153,19 @@ class ParticleSet:
                 if blob != current_name:
                     if current is not None:
                         current.close()
-                    current_name, current = blob, MrcFile(self.stack_path(blob))
+                    current_name, current = blob, self.open_stack(self.stack_path(blob))
                 yield current.read_frame(int(self.rows[k][INDEX_FIELD]))
         finally:
             if current is not None:
                 current.close()
 
 
-def open_particle_set(rows: np.ndarray, folder: Path) -> ParticleSet:
+def open_particle_set(rows: np.ndarray, folder: Path,
+                      opener: StackOpener = FileSource) -> ParticleSet:
     """Check every referenced stack and index: a missing or unreadable stack, or an index
-    past its stack's sections, is a finding naming the rows."""
-    pset = ParticleSet(rows=rows, folder=folder)
+    past its stack's sections, is a finding naming the rows. Every stack is opened with
+    ``opener``."""
+    pset = ParticleSet(rows=rows, folder=folder, opener=opener)
     paths = np.array([_text(v) for v in rows[PATH_FIELD]], dtype=object)
     indices = rows[INDEX_FIELD].astype(np.int64)
     valid = np.ones(len(rows), dtype=bool)
@@ -165,7 +174,7 @@ def open_particle_set(rows: np.ndarray, folder: Path) -> ParticleSet:
         info = StackInfo(name=name, path=pset.stack_path(name), rows=len(members))
         pset.stacks[name] = info
         try:
-            with MrcFile(info.path) as stack:
+            with pset.open_stack(info.path) as stack:
                 info.sections, info.mode = stack.n_frames, stack.mode
                 info.shape = (stack.layout.ny, stack.layout.nx)
         except FileNotFoundError:
@@ -206,7 +215,7 @@ def export_stack(pset: ParticleSet, selection: np.ndarray, output: Path) -> Path
                                f"{sorted(map(str, modes))}); export them separately")
     (ny, nx), mode = shapes.pop(), modes.pop()
     mode = 0 if mode == 101 else mode  # 4-bit particles, if ever: raw counts in mode 0
-    with MrcFile(pset.stacks[sorted(used)[0]].path) as first:
+    with pset.open_stack(pset.stacks[sorted(used)[0]].path) as first:
         template = first.header.copy()  # pixel size, origin, labels of the source
     template["ispg"], template["mz"] = 0, 1  # an image stack (MRC2014: ISPG 0, MZ 1)
     with MrcWriter(output, nx=nx, ny=ny, nz=len(selection), mode=mode,

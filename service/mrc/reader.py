@@ -39,8 +39,10 @@ class MrcFile:
     """
 
     def __init__(self, path: str | os.PathLike | ByteSource, *,
-                 frame_index: FrameIndex | None = None):
-        self._source, self._owns_source = open_source(path)
+                 frame_index: FrameIndex | None = None, owns_source: bool = False):
+        """``owns_source``: a :class:`ByteSource` passed in is closed with this file."""
+        self._source, opened = open_source(path)
+        self._owns_source = opened or owns_source
         self.path = Path(self._source.name)
         try:
             self._load(frame_index)

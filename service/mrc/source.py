@@ -40,6 +40,15 @@ class FileSource:
         self._fd = os.open(self.path, os.O_RDONLY)
         self.size = os.fstat(self._fd).st_size
 
+    @classmethod
+    def from_fd(cls, fd: int, path: str | os.PathLike) -> "FileSource":
+        """A source over a descriptor already opened (and checked) by the caller; it
+        owns the descriptor from now on."""
+        source = cls.__new__(cls)
+        source.path, source.name, source._fd = Path(path), str(path), fd
+        source.size = os.fstat(fd).st_size
+        return source
+
     def read_at(self, offset: int, n: int) -> bytes:
         return os.pread(self._fd, n, offset)
 
