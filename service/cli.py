@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                "version (the service does it at start "
                                                "unless MRC_INGEST_MIGRATE_ON_START=false)")
     p_migrate.add_argument("--data-dir", type=Path, default=None)
+    p_recover = sub.add_parser("recover", help="run the recovery steps of the commit "
+                                               "protocol once (ARCHITECTURE.md): finish "
+                                               "deletions, replay complete uploads, release "
+                                               "committed ones, sweep unnamed objects")
+    p_recover.add_argument("--data-dir", type=Path, default=None)
+    p_recover.add_argument("--sweep-age", type=float, default=600.0,
+                           help="sweep objects no row names once older than this many "
+                                "seconds (default 600; 0 with every writer stopped)")
 
     def server_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default=os.environ.get("MRC_INGEST_SERVER",
@@ -81,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="API token (default $MRC_INGEST_TOKEN)")
 
     p_push = sub.add_parser("push", help="upload movies and sidecars (resumable; skips "
-                                         "what the server has)")
+                                         "what the server has ready), wait for each "
+                                         "dataset's final state; exit 1 unless all ready")
     p_push.add_argument("paths", nargs="+", type=Path, help="files or folders")
     server_args(p_push)
     p_push.add_argument("--watch", action="store_true",
@@ -89,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_push.add_argument("--interval", type=float, default=5.0,
                         help="seconds between scans with --watch (default 5)")
     p_push.add_argument("--chunk-mib", type=int, default=64, help="PATCH size (default 64)")
+    p_push.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds to wait for each movie's dataset to become ready, "
+                             "rejected or failed once sent (default 900)")
 
     p_ls = sub.add_parser("ls", help="list datasets on the server")
     server_args(p_ls)
@@ -164,7 +176,7 @@ def _worker(args: argparse.Namespace) -> int:
     from .ingest import IngestService
     from .logs import configure
 
-    if (settings := _settings(args)) is None:
+    if (settings := _settings(args)) is None or not _embedded_catalog_free(settings):
         return 1
     if settings.workers < 1:
         return _fail("a worker process needs MRC_INGEST_WORKERS (or --workers) >= 1", 2)
@@ -182,6 +194,41 @@ def _worker(args: argparse.Namespace) -> int:
         signal.signal(number, lambda *_: stop.set())
     stop.wait()
     service.stop()
+    return 0
+
+
+def _embedded_catalog_free(settings) -> bool:
+    """One line on stderr and False when another process holds the embedded catalog."""
+    from .ingest import CatalogInUse, EmbeddedLock
+
+    if not settings.catalog_url.startswith("sqlite"):
+        return True
+    try:
+        lock = EmbeddedLock.take(settings.catalog_url)
+    except CatalogInUse as exc:
+        _fail(str(exc))
+        return False
+    if lock is not None:
+        lock.release()
+    return True
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from .ingest import IngestService
+
+    if (settings := _settings(args)) is None:
+        return 1
+    if not _embedded_catalog_free(settings):
+        return 1
+    service = IngestService(settings.model_copy(update={"workers": 0}))
+    service.start()
+    try:
+        done = service.recovery.tick()
+        done["swept"] = service.recovery.sweep(min_age=args.sweep_age) + \
+            service.storage.sweep(service.may_be_writing, args.sweep_age)
+    finally:
+        service.stop()
+    print(json.dumps(done))
     return 0
 
 
@@ -205,7 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .api import create_app
 
-    if (settings := _settings(args)) is None:
+    if (settings := _settings(args)) is None or not _embedded_catalog_free(settings):
         return 1
     if not settings.tokens and settings.host not in LOOPBACK_HOSTS:
         return _fail(f"refusing to listen on {settings.host} without API tokens: anyone on the "
@@ -229,20 +276,17 @@ def _serve(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from .client import Pusher, Server, collect
 
-    pusher = Pusher(Server(args.server, args.token), chunk=args.chunk_mib << 20)
+    pusher = Pusher(Server(args.server, args.token), chunk=args.chunk_mib << 20,
+                    timeout=args.timeout)
     if args.watch:
         try:
             pusher.watch(args.paths, args.interval, stop=lambda: False)
         except KeyboardInterrupt:
-            return 0
-    failed = 0
-    for path in collect(args.paths):
-        try:
-            pusher.push(path)
-        except ClientError as exc:
-            failed += 1
-            print(f"mrc-ingest: error: {exc}", file=sys.stderr)
-    return 1 if failed else 0
+            pass
+    else:
+        pusher.push_all(collect(args.paths))
+    pusher.say(pusher.summary())
+    return 0 if pusher.all_ready else 1
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -321,7 +365,8 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "serve": _serve, "worker": _worker, "migrate": _migrate, "token": _token,
+    "serve": _serve, "worker": _worker, "migrate": _migrate, "recover": _recover,
+    "token": _token,
     "push": _push, "ls": _ls, "status": _status, "inspect": _inspect,
 }
 

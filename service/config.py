@@ -15,8 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .auth import TokenSpec
 from .mrc import Codec
 from .mrc.codec import CODEC_BY_NAME
+from .mrc.validate import FrameLimits
 
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 class Settings(BaseSettings):
@@ -50,7 +52,25 @@ class Settings(BaseSettings):
                                                   "may register files (symlinks resolved)")
     workers: int = Field(2, ge=0, le=64, description="processing threads; 0: this process "
                          "answers the API only and runs no jobs")
-    max_upload_bytes: int = Field(64 * GiB, gt=1024, description="largest accepted upload")
+    max_upload_bytes: int = Field(64 * GiB, gt=1024, description="largest accepted upload; "
+                                  "a multipart body counts whole (the movie, its sidecars "
+                                  "and every other part)")
+    max_multipart_parts: int = Field(16, ge=1, le=10_000, description="parts a multipart "
+                                     "body may have (the movie, its sidecars, any field); "
+                                     "one more is refused with 413")
+    max_json_bytes: int = Field(1 * MiB, ge=1024, description="largest JSON request body "
+                                "(registrations, conversion requests); a larger one is "
+                                "refused with 413 as soon as it is seen to be larger")
+    max_frames: int = Field(100_000, ge=1, description="most frames (NZ) a file may "
+                            "declare; a header declaring more is refused with 422 as soon "
+                            "as it arrives, before anything is stored")
+    min_frame_bytes: int = Field(256, ge=0, description="frames smaller than this (NX x NY "
+                                 "in the file's mode) are few or refused: see "
+                                 "max_small_frames; 0: no such rule")
+    max_small_frames: int = Field(10_000, ge=0, description="most frames a file may declare "
+                                  "when they are smaller than min_frame_bytes; a header "
+                                  "declaring more such frames is refused with 422 as it "
+                                  "arrives (every frame costs fixed work, whatever its size)")
     normalize: bool = Field(True, description="default policy: store 4-bit (mode 101) data "
                                               "normalized to mode 0, losslessly")
     archive_codec: str = Field("zstd", description="MRCZ codec of the archive copy kept for "
@@ -73,6 +93,10 @@ class Settings(BaseSettings):
                                     "dropped this long after it was created")
     sum_preview_size: int = Field(1024, ge=64, le=8192, description="longest side of the "
                                   "frame sum computed at ingest")
+    recovery_seconds: float = Field(15.0, gt=0, le=60, description="how often each replica "
+                                    "with workers runs the commit protocol's recovery "
+                                    "steps (ARCHITECTURE.md): a complete upload without its "
+                                    "dataset becomes one within this (plus its ingest)")
 
     @field_validator("archive_codec")
     @classmethod
@@ -85,6 +109,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"archive codec {value!r} unknown or unavailable; use one "
                                  f"of {usable} or 'none'")
         return value
+
+    @property
+    def frame_limits(self) -> FrameLimits:
+        """The header limits, as the format core takes them."""
+        return FrameLimits(max_frames=self.max_frames, min_frame_bytes=self.min_frame_bytes,
+                           max_small_frames=self.max_small_frames,
+                           setting_prefix="MRC_INGEST_")
 
     @property
     def archive(self) -> Codec:

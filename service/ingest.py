@@ -7,17 +7,20 @@ change; this one only wires them and owns their lifetime. Nothing happens at imp
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from .auth import Authenticator
 from .catalog import Catalog
 from .config import Settings
-from .datastore import open_store
+from .datastore import StoreUnavailable, open_store
 from .downloads import Downloads
 from .errors import first_line
-from .ingest_pass import PassDeps
+from .arrival import PassDeps
+from .arrival.recovery import Recovery, run_tick
 from .intake import Intake, new_id
 from .jobs import JobQueue
 from .metadata import Acquisition
@@ -52,11 +55,16 @@ class IngestService:
         self.catalog: Catalog | None = None
         self.queue: JobQueue | None = None
         self._stopping = threading.Event()
+        self._single: EmbeddedLock | None = None
 
     # -- lifetime ---------------------------------------------------------------------
 
     def start(self) -> None:
         settings, storage = self.settings, self.storage
+        if settings.catalog_url.startswith("sqlite"):
+            # One process per embedded catalog: a second one would take the first's
+            # leases and drop its uploads in flight. Refused here, with the reason.
+            self._single = EmbeddedLock.take(settings.catalog_url)
         storage.prepare()
         self.catalog = catalog = Catalog(settings.catalog_url,
                                          migrate=settings.migrate_on_start)
@@ -81,34 +89,42 @@ class IngestService:
                               self.intake, self.metrics)
         self.pipeline.wake = queue.wake
         self.pipeline.tus_blocks = self.tus.blocks_of
-        self.pipeline.tus_original = self.tus.original_of
+        self.pipeline.tus_arrived = self.tus.arrived_of
         self.pipeline.on_ingested = self.intake.attach_pending_sidecars
+        self.recovery = Recovery(catalog, storage, self.tus)
         if catalog.dialect == "sqlite":
-            # Embedded: no other process shares this catalog, so a lease still held is
-            # this process's own from before a restart; its jobs may run again at once.
+            # Embedded: no other process shares this catalog (EmbeddedLock), so a lease
+            # still held is this process's own from before a restart; its jobs may run
+            # again at once.
             catalog.expire_leases()
-        self.tus.prepare()
         queue.start()
         if settings.workers:
-            self._maintenance = threading.Thread(target=self._maintain, daemon=True,
-                                                 name="mrc-maintenance")
-            self._maintenance.start()
+            for target, name in ((self._recover, "mrc-recovery"),
+                                 (self._maintain, "mrc-maintenance")):
+                threading.Thread(target=target, daemon=True, name=name).start()
+
+    def _recover(self) -> None:
+        """At start and every few seconds, on every replica that runs workers: the
+        recovery steps of the commit protocol (service/arrival/recovery.py)."""
+        while True:
+            run_tick(self.recovery)
+            if self._stopping.wait(self.settings.recovery_seconds):
+                return
 
     def _maintain(self) -> None:
         """Every few minutes, on every replica that runs workers (each step is
-        idempotent, so several replicas doing it at once is fine): drop expired tus
-        uploads (aborting their S3 multipart uploads) and what crashed writers left."""
+        idempotent, so several replicas doing it at once is fine): remove what crashed
+        writers left, and objects no row names."""
         while not self._stopping.wait(MAINTENANCE_SECONDS):
             try:
-                assert self.catalog is not None
-                self.tus.prepare()
-                removed = self.storage.sweep(self._writing, ABANDONED_AFTER_SECONDS)
+                removed = self.storage.sweep(self.may_be_writing, ABANDONED_AFTER_SECONDS)
+                removed += self.recovery.sweep()
                 if removed:
-                    log.info("swept %d abandoned temporaries or uploads", removed)
+                    log.info("swept %d abandoned temporaries, uploads or objects", removed)
             except Exception as exc:  # noqa: BLE001 - next round; the store may be away
                 log.warning("maintenance sweep failed: %s", first_line(exc))
 
-    def _writing(self, dataset_id: str) -> bool:
+    def may_be_writing(self, dataset_id: str) -> bool:
         """Whether the dataset's objects may be being written: a job of it holds a live
         lease, or a resumable upload of it is still open (its streaming pass keeps the
         archive's multipart upload while the client pauses, up to the tus expiry)."""
@@ -124,6 +140,9 @@ class IngestService:
             self.queue.shutdown(wait=False)
         if self.catalog is not None:
             self.catalog.close()
+        if self._single is not None:
+            self._single.release()
+            self._single = None
 
     def snapshot(self) -> dict[str, Any]:
         assert self.catalog is not None and self.queue is not None
@@ -170,12 +189,62 @@ class IngestService:
         return self.queue.submit(job)
 
     def delete(self, dataset_id: str) -> None:
-        """Cancel its jobs, drop it from the catalog, then remove its objects (a
-        registered file on shared storage is never touched)."""
+        """The dataset becomes a tombstone (hidden from every answer at once), its jobs
+        are cancelled and an unfinished upload of it terminated; then its objects go,
+        then its row. Answers promptly: a job still running stops at its next lease
+        renewal, and recovery finishes the deletion (also when the store is away). A
+        registered file on shared storage is never touched."""
         assert self.catalog is not None and self.queue is not None
         self.queries.dataset(dataset_id)
-        self.queue.cancel_dataset(dataset_id)
-        self.catalog.delete_dataset(dataset_id)
-        self.storage.remove_dataset(dataset_id)
+        self.catalog.mark_deleting(dataset_id)
+        self.queue.cancel_dataset(dataset_id, timeout=2.0)
+        self.tus.terminate_for_dataset(dataset_id)
         self.previews.cache.drop(dataset_id)
         self.readers.forget(dataset_id)
+        if self.catalog.has_live_lease(dataset_id):
+            return
+        try:
+            self.recovery.delete_now(dataset_id)
+        except StoreUnavailable:
+            log.warning("dataset %s: deletion finishes once the store is back", dataset_id)
+
+
+class EmbeddedLock:
+    """An exclusive ``flock`` on ``<catalog>.lock`` beside the SQLite catalog, held for
+    the life of the process: a second process on the same data folder (a second
+    ``serve``, a ``worker``) is refused at start with a one-line reason."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    @classmethod
+    def take(cls, catalog_url: str) -> "EmbeddedLock | None":
+        import fcntl
+        import sqlalchemy as sa
+
+        database = sa.engine.make_url(catalog_url).database
+        if not database or database == ":memory:":
+            return None
+        path = Path(database).resolve().with_name(Path(database).name + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CatalogInUse(f"another mrc-ingest process (pid {holder}) uses the "
+                               f"embedded catalog {database}; the SQLite catalog serves one "
+                               "process: stop it, or run several over PostgreSQL") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class CatalogInUse(RuntimeError):
+    """A second process on one embedded catalog."""

@@ -1,6 +1,7 @@
 """Intake: movies arriving (raw PUT, multipart POST), files registered on shared storage,
-and sidecars. Uploads are ingested while they stream (:mod:`service.ingest_pass`): the
-response comes once the dataset is ready. Registrations are read once, by a job.
+and sidecars. Uploads are ingested while they stream (:mod:`service.arrival`): the
+response comes once the dataset is committed, and its bytes released, by the commit
+protocol (ARCHITECTURE.md). Registrations are read once, by a job.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import anyio
 from .catalog import Catalog
 from .config import Settings
 from .errors import BadRequest, NotMrc, ServiceError, TooLarge
-from .ingest_pass import LIVE_STATUSES, IngestPass, MovedOriginal, PassDeps
+from .arrival import IngestPass, PassDeps, ReceivedBytes
+from .arrival.ingest_pass import LIVE_STATUSES
+from .catalog import Fence
 from .jobs import JobQueue
 from .metadata import Acquisition
 from .metrics import Metrics
-from .mrc.validate import check_header_bytes
+from .mrc.stream import HeaderOverLimit
+from .mrc.validate import FrameLimits, check_frame_limits, check_header_bytes
 from .receiver import Receiver, ScratchCopy, pump
 from .roots import Roots
 from .sidecars import (SIDECAR_MAX_BYTES, belongs_to, decode_text, name_prefix, sidecar_kind,
@@ -35,13 +39,17 @@ def new_id() -> str:
     return uuid.uuid4().hex[:20]
 
 
-def refuse_non_mrc(first: bytes) -> None:
-    """The door check on the first 1024 bytes, before anything is written."""
+def refuse_non_mrc(first: bytes, limits: FrameLimits | None = None) -> None:
+    """The door check on the first 1024 bytes, before anything is written: an MRC/MRCZ
+    header (else 415), declaring no more frames than ``limits`` allow (else 422)."""
     layout, findings = check_header_bytes(first)
     if layout is None:
         raise NotMrc({"message": "the body does not start with an MRC/MRCZ header; "
                                  "nothing was stored",
                       "findings": [f.to_dict() for f in findings]})
+    over = check_frame_limits(layout, limits)
+    if over:
+        raise HeaderOverLimit(over)
 
 
 class Intake:
@@ -89,7 +97,11 @@ class Intake:
                       declared_size: int | None) -> dict[str, Any]:
         scratch: ScratchCopy | None = None
         ingest: IngestPass | None = None
-        dataset_id, job_id = new_id(), new_id()
+        dataset_id = new_id()
+        # The upload's job, claimed by this process from the header's arrival until the
+        # commit (attempt 0); a worker that takes its lapsed lease over claims attempt 1.
+        fence = Fence(new_id(), self.queue.owner, 0)
+        job_id = fence.job_id
 
         def consume(batch: list[bytes]) -> None:
             nonlocal scratch, ingest
@@ -99,15 +111,15 @@ class Intake:
                 ingest = IngestPass(
                     self.deps, dataset_id=dataset_id, name=name, source="upload",
                     normalize=normalize, declared_size=declared_size, create_row=True,
-                    original=MovedOriginal(scratch.keep_as, scratch.discard),
-                    fence=(job_id, self.queue.owner))  # a lapsed upload is drop_upload's
-                ingest.on_row = lambda: self._start_upload_job(job_id, dataset_id)
+                    arrived=ScratchBytes(scratch), fence=fence)  # a lapsed one: drop_upload
+                ingest.on_row = lambda: self._start_upload_job(fence, dataset_id)
             scratch.receiver.write_beside(batch, ingest.feed)
 
         # counts bytes against the limit on the loop, before the pass's own receiver
         counter = Receiver(None, 0, self.settings.max_upload_bytes)
         try:
-            await pump(chunks, counter, consume, refuse_non_mrc)
+            await pump(chunks, counter, consume,
+                       lambda first: refuse_non_mrc(first, self.settings.frame_limits))
             if ingest is None:  # under 1024 bytes: the header check refused it already
                 raise NotMrc({"message": "empty body", "findings": []})
             sha256 = scratch.receiver.digest(expected_sha256)
@@ -117,24 +129,17 @@ class Intake:
                 await anyio.to_thread.run_sync(ingest.abort)
             elif scratch is not None:
                 scratch.discard()
-            self.queue.release(job_id)
+            self.queue.release(fence)
             raise
+        self.queue.release(fence)
         scratch.receiver.close()
         received = ingest.received
         if result["duplicate"]:
             self.metrics.uploads.labels("duplicate").inc()
             jobs = self.catalog.jobs_in_states(("queued", "running"), result["dataset"]["id"])
             return {**result, "job": jobs[0] if jobs else None}
-        # The dataset is committed: what follows is bookkeeping. Should the catalog go
-        # away now, the upload job's lease lapses and drop_upload finds the dataset ready
-        # and leaves it alone.
-        try:
-            self.catalog.complete_job(job_id, self.queue.owner, state="done", result={
-                "status": result["dataset"]["status"],
-                "findings": len(result["dataset"]["info"].get("findings", [])),
-                "bytes_written": result["dataset"]["stored_bytes"] or 0})
-        finally:
-            self.queue.release(job_id)
+        # The dataset is committed with its job finished, in one transaction: what
+        # follows is bookkeeping, and a failure of it loses nothing.
         job = self.catalog.get_job(job_id)
         seconds = result["dataset"]["info"]["timings"]["total_s"]
         job_log.info("job done", extra={"job_id": job_id, "dataset_id": dataset_id,
@@ -147,17 +152,17 @@ class Intake:
         return {"dataset": self.catalog.get_dataset(dataset_id) or result["dataset"],
                 "job": job, "duplicate": False}
 
-    def _start_upload_job(self, job_id: str, dataset_id: str) -> None:
+    def _start_upload_job(self, fence: Fence, dataset_id: str) -> None:
         """The upload's job: running, leased by this process, from the header's arrival
         until the dataset is committed. If this process dies, the lease lapses and any
         worker cleans up what the cut-off upload left (:meth:`Pipeline.drop_upload`)."""
         catalog = self.catalog
-        catalog.add_job(id=job_id, kind="upload", dataset_id=dataset_id, state="running",
-                        started_at=catalog.now(),
-                        lease_owner=self.queue.owner,
+        catalog.add_job(id=fence.job_id, kind="upload", dataset_id=dataset_id,
+                        state="running", started_at=catalog.now(), attempts=fence.attempt,
+                        lease_owner=fence.owner,
                         lease_expires_at=catalog.now(self.queue.lease_seconds))
-        self.queue.hold(job_id)
-        job_log.info("job running", extra={"job_id": job_id, "dataset_id": dataset_id,
+        self.queue.hold(fence)
+        job_log.info("job running", extra={"job_id": fence.job_id, "dataset_id": dataset_id,
                                            "kind": "upload"})
 
     # -- sidecars -----------------------------------------------------------------
@@ -243,3 +248,18 @@ def sidecar_text(filename: str, raw: bytes) -> str:
     if "\x00" in text:
         raise BadRequest(f"{filename}: a sidecar is text; this body holds NUL bytes")
     return text
+
+
+class ScratchBytes(ReceivedBytes):
+    """A one-request upload's bytes, in this replica's scratch copy: kept by moving the
+    copy into the store (the client has no answer yet: should the commit fail, it is
+    told so and sends again), released by deleting it."""
+
+    def __init__(self, scratch: ScratchCopy):
+        self.scratch = scratch
+
+    def keep(self, store, key: str) -> int | None:
+        return self.scratch.keep_as(store, key)
+
+    def release(self) -> None:
+        self.scratch.discard()

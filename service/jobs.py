@@ -22,7 +22,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Callable, Protocol, Sequence
 
-from .catalog import Catalog
+from .catalog import Catalog, Fence
 from .errors import ServiceError, error_body, first_line, to_service_error
 
 log = logging.getLogger("mrc_ingest.jobs")
@@ -64,15 +64,18 @@ class JobContext:
     def __init__(self, queue: "JobQueue", job: dict[str, Any], cancel: threading.Event):
         self.queue, self.job, self._cancel = queue, job, cancel
         self._last = 0.0
+        #: the job was finished inside the commit transaction of its dataset (the commit
+        #: protocol): the queue records no second end
+        self.finished = False
 
     @property
-    def fence(self) -> tuple[str, str]:
-        """(job id, owner): catalog writes guarded by this lease."""
-        return self.job["id"], self.queue.owner
+    def fence(self) -> Fence:
+        """This claim of the job: catalog writes guarded by its lease and token."""
+        return Fence(self.job["id"], self.queue.owner, self.job["attempts"])
 
     @property
     def lost(self) -> bool:
-        return self.job["id"] in self.queue.lost
+        return self.fence in self.queue.lost
 
     def check(self) -> None:
         if self._cancel.is_set():
@@ -121,11 +124,13 @@ class JobQueue:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        #: job id -> cancel event, for every lease this process holds
-        self._held: dict[str, threading.Event] = {}
+        #: claim -> cancel event, for every lease this process holds; keyed by the claim
+        #: (job, owner, attempt), not the job, so a stale thread of an earlier claim of
+        #: the same job never shares (or releases) the current claim's entry
+        self._held: dict[Fence, threading.Event] = {}
         self._held_lock = threading.Lock()
-        #: jobs whose lease was found lost
-        self.lost: set[str] = set()
+        #: claims whose lease was found lost
+        self.lost: set[Fence] = set()
         #: job id -> event set when it finishes here (in-process waiters; bounded)
         self._done: OrderedDict[str, threading.Event] = OrderedDict()
         self._done_lock = threading.Lock()
@@ -189,18 +194,18 @@ class JobQueue:
 
     # -- leases this process holds ----------------------------------------------------
 
-    def hold(self, job_id: str) -> threading.Event:
-        """Keep renewing the lease of ``job_id`` (a job running here: a worker's, or an
-        upload streaming in); returns its cancel event."""
+    def hold(self, fence: Fence) -> threading.Event:
+        """Keep renewing the lease of the claim ``fence`` (a job running here: a
+        worker's, or an upload streaming in); returns its cancel event."""
         event = threading.Event()
         with self._held_lock:
-            self._held[job_id] = event
+            self._held[fence] = event
         return event
 
-    def release(self, job_id: str) -> None:
+    def release(self, fence: Fence) -> None:
         with self._held_lock:
-            self._held.pop(job_id, None)
-        self.lost.discard(job_id)
+            self._held.pop(fence, None)
+        self.lost.discard(fence)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
@@ -213,12 +218,12 @@ class JobQueue:
             except Exception as exc:  # noqa: BLE001 - the catalog is away: try next beat
                 log.warning("lease renewal failed: %s", first_line(exc))
                 continue
-            for job_id, event in held.items():
-                if job_id not in renewed:
-                    self.lost.add(job_id)
-                    log.warning("job lease lost", extra={"job_id": job_id})
+            for fence, event in held.items():
+                if fence not in renewed:
+                    self.lost.add(fence)
+                    log.warning("job lease lost", extra={"job_id": fence.job_id})
                     event.set()
-                elif renewed[job_id]:
+                elif renewed[fence]:
                     event.set()  # cancellation asked for
 
     def cancel_dataset(self, dataset_id: str, timeout: float = 60.0) -> list[str]:
@@ -228,10 +233,10 @@ class JobQueue:
         running = self.catalog.request_cancel(dataset_id)
         local = []
         with self._held_lock:
-            for job_id in running:
-                if job_id in self._held:
-                    self._held[job_id].set()
-                    local.append(job_id)
+            for fence, event in self._held.items():
+                if fence.job_id in running:
+                    event.set()
+                    local.append(fence.job_id)
         deadline = time.monotonic() + timeout
         for job_id in local:
             self.finished_event(job_id).wait(max(0.0, deadline - time.monotonic()))
@@ -274,20 +279,23 @@ class JobQueue:
                 with self._wake:
                     self._wake.wait(POLL_SECONDS)
                 continue
+            fence = Fence(job["id"], self.owner, job["attempts"])
             try:
-                self._run(job)
+                self._run(job, fence)
             except Exception as exc:  # noqa: BLE001 - the worker thread must live on
                 # the job's own bookkeeping failed (the catalog went away as it ended):
                 # its lease is released, so it lapses and the job runs again (idempotent)
                 log.warning("could not record the end of job %s: %s", job["id"],
                             first_line(exc))
             finally:
-                self.release(job["id"])
+                self.release(fence)
 
-    def _run(self, job: dict[str, Any]) -> None:
-        """Run one claimed job and record how it ended (the caller releases its lease)."""
+    def _run(self, job: dict[str, Any], fence: Fence) -> None:
+        """Run one claimed job and record how it ended (the caller releases its lease).
+        Every end is written under the claim's fence (owner and attempt)."""
         job_id = job["id"]
-        cancel = self.hold(job_id)
+        cancel = self.hold(fence)
+        ctx = JobContext(self, job, cancel)
         started = time.monotonic()
         log.info("job running", extra={"job_id": job_id, "dataset_id": job["dataset_id"],
                                        "kind": job["kind"], "attempt": job["attempts"]})
@@ -298,10 +306,10 @@ class JobQueue:
             if job["attempts"] > job["max_attempts"]:
                 raise JobGaveUp(f"gave up after {job['max_attempts']} attempts (its worker "
                                 "stopped each time)")
-            result = self.runner(job, JobContext(self, job, cancel))
+            result = self.runner(job, ctx)
         except JobDeferred:
             self.catalog.requeue_job(job_id, self.owner, delay_seconds=DEFER_SECONDS,
-                                     count_attempt=False)
+                                     count_attempt=False, attempt=fence.attempt)
             return
         except LeaseLost:
             log.warning("job stopped: lease lost", extra={"job_id": job_id})
@@ -320,12 +328,13 @@ class JobQueue:
                 log.warning("job will retry", extra={"job_id": job_id, "seconds": delay,
                                                      "error": error["error"]})
                 self.catalog.requeue_job(job_id, self.owner, delay_seconds=delay,
-                                         error=error)
+                                         error=error, attempt=fence.attempt)
                 return
             state = "failed"
-        written = self.catalog.complete_job(job_id, self.owner, state=state, result=result,
-                                            error=error)
-        self.release(job_id)
+        written = ctx.finished or self.catalog.complete_job(
+            job_id, self.owner, state=state, result=result, error=error,
+            attempt=fence.attempt)
+        self.release(fence)
         seconds = time.monotonic() - started
         if not written:
             log.warning("job result discarded: lease lost", extra={"job_id": job_id})

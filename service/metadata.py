@@ -8,7 +8,7 @@ and a sidecar's refresh take the same lock, so neither overwrites the other's su
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from .catalog import Catalog
 from .mrc.extended import ExtendedHeader
@@ -40,12 +40,14 @@ class Acquisition:
 
     def finalize(self, dataset_id: str, info: dict[str, Any], fields: dict[str, Any],
                  extended: ExtendedHeader | None, header: Any, n_frames: int | None,
-                 fence: tuple[str, str] | None = None) -> bool:
-        """The final write of an ingest, summary included (guarded by the job's lease
-        when ``fence`` is given); False if the row is gone or the lease was lost."""
+                 commit: Callable[[dict[str, Any], dict[str, Any]], str]) -> str:
+        """The commit of an ingest with its summary in it: ``commit(info, fields)`` runs
+        the catalog transaction (:mod:`service.arrival.protocol`) under this lock, so a
+        sidecar arriving meanwhile is in the summary or refreshes it after. Returns the
+        transaction's verdict."""
         with self._lock:
             self._apply(dataset_id, info, fields, extended, header, n_frames)
-            return self.catalog.update_dataset(dataset_id, fence=fence, info=info, **fields)
+            return commit(info, fields)
 
     def refresh(self, dataset_id: str) -> dict[str, Any] | None:
         """Recompute a dataset's summary after a sidecar arrived."""

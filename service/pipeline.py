@@ -1,8 +1,8 @@
 """The work jobs do: ingest a registered file (or a resumable upload replayed after a
 restart), convert a dataset for download, verify a stored dataset.
 
-Ingest reads its file exactly once through the same streaming pass an upload takes
-(:mod:`service.ingest_pass`). Conversions read the stored archive and write through the
+Ingest reads its file exactly once through the same streaming pass an upload takes,
+and ends in the same commit protocol (:mod:`service.arrival`). Conversions read the stored archive and write through the
 datastore, so a conversion needs nothing of the file as received.
 """
 
@@ -15,10 +15,10 @@ import time
 from typing import Any, Callable, Iterator
 
 from . import mrc
-from .catalog import Catalog
+from .arrival import IngestPass, PassDeps, ReceivedBytes, drop_receiving
+from .catalog import TOMBSTONE, Catalog
 from .config import Settings
 from .errors import Conflict, NotFound, error_body
-from .ingest_pass import IngestPass, OriginalBytes, PassDeps, drop_receiving
 from .jobs import JobCancelled, JobContext, JobDeferred, LeaseLost
 from .mrc.stats import Stats
 from .readers import Readers, open_registered
@@ -57,11 +57,11 @@ class Pipeline:
         self.readers, self.deps = readers, deps
         #: set by the service once the queue exists: wakes its workers
         self.wake: Callable[[], None] = lambda: None
-        #: set by the service: a finished resumable upload's bytes, and its original
+        #: set by the service: a finished resumable upload's bytes, and where they wait
         self.tus_blocks: Callable[[dict[str, Any]], Iterator[bytes] | None] = \
             lambda dataset: None
-        self.tus_original: Callable[[dict[str, Any]], OriginalBytes] = \
-            lambda dataset: OriginalBytes()
+        self.tus_arrived: Callable[[dict[str, Any]], ReceivedBytes] = \
+            lambda dataset: ReceivedBytes()
         #: set by the service: attach sidecars that arrived before the movie
         self.on_ingested: Callable[[str, str], None] = lambda dataset_id, name: None
 
@@ -95,16 +95,15 @@ class Pipeline:
 
     def ingest(self, dataset_id: str, ctx: JobContext) -> dict[str, Any] | None:
         dataset = self.catalog.get_dataset(dataset_id)
-        if dataset is None:
+        if dataset is None or dataset["status"] == TOMBSTONE:
             return None
         if dataset["status"] in ("ready", "rejected"):
-            # committed by an earlier run whose end was not recorded (its worker died,
-            # or the catalog went away, between the commit and the job's completion)
+            # committed already (a dataset is committed once): nothing to do
             self._release_conversions(dataset_id)
             return {"status": dataset["status"], "already": True, "dataset_id": dataset_id}
         if not self.catalog.update_dataset(dataset_id, fence=ctx.fence, status="processing"):
-            if self.catalog.get_dataset(dataset_id) is None:
-                return None
+            if self.catalog.holds_lease(ctx.fence):
+                return None  # deleted meanwhile
             raise LeaseLost(f"job {ctx.job['id']} lost its lease before it started")
         info = {k: v for k, v in dataset["info"].items() if k != "error"}
         try:
@@ -123,7 +122,7 @@ class Pipeline:
     def _ingest(self, dataset: dict[str, Any], info: dict[str, Any],
                 ctx: JobContext) -> dict[str, Any]:
         dataset_id = dataset["id"]
-        original: OriginalBytes = OriginalBytes()
+        arrived = ReceivedBytes()  # a registration's: the user's file, never released
         opened: SharedFile | None = None
         if dataset["source"] == "registration":
             opened = open_registered(self.readers.roots, dataset, dataset["path"])
@@ -135,12 +134,11 @@ class Pipeline:
             if found is None:
                 raise Conflict(f"the bytes of upload {dataset_id} are gone")
             blocks, registered, total = found, "", dataset["size_bytes"]
-            original = self.tus_original(dataset)
+            arrived = self.tus_arrived(dataset)
         ingest = IngestPass(self.deps, dataset_id=dataset_id, name=dataset["name"],
                             source=dataset["source"], normalize=info.get("normalize"),
-                            original=original, declared_size=total,
-                            phase="processing", registered_path=registered, fence=ctx.fence,
-                            takeover_rewrites=True)
+                            arrived=arrived, declared_size=total,
+                            phase="processing", registered_path=registered, fence=ctx.fence)
         ingest.extra_info = info
         digest = hashlib.sha256()
         try:
@@ -153,20 +151,19 @@ class Pipeline:
                 raise Conflict(f"the registered file {registered!r} changed while it was "
                                "being read; register it again once it is complete")
             result = ingest.finish(digest.hexdigest())
-        except BaseException as exc:
-            # after a takeover, the objects under these keys are the new worker's
-            if not (ctx.lost or isinstance(exc, LeaseLost)):
-                ingest.abort(delete_row=False)
+        except BaseException:
+            # only this pass's own generation goes; the bytes as received stay
+            ingest.abort(delete_row=False, release_arrived=False)
             raise
         finally:
             if opened is not None:
                 opened.close()
         row = result["dataset"]
-        if not result["duplicate"]:
-            self.on_ingested(dataset_id, row["name"])
-        return {"status": row["status"], "duplicate": result["duplicate"],
-                "dataset_id": row["id"], "findings": len(row["info"].get("findings", [])),
-                "bytes_written": row["stored_bytes"] or 0}
+        if result["duplicate"]:
+            return {"status": row["status"], "duplicate": True, "dataset_id": row["id"]}
+        ctx.finished = ingest.committed  # the commit transaction finished this job
+        self.on_ingested(dataset_id, row["name"])
+        return ingest.job_result or {"status": row["status"], "dataset_id": row["id"]}
 
     def _release_conversions(self, dataset_id: str) -> None:
         """Conversions requested while the dataset was ingesting can run now (or fail

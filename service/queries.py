@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .catalog import JOB_STATES, Catalog, CursorError, DatasetQuery
+from .catalog import JOB_STATES, TOMBSTONE, Catalog, CursorError, DatasetQuery
 from .errors import BadRequest, Conflict, NotFound
 
 
@@ -20,7 +20,7 @@ class Queries:
 
     def dataset(self, dataset_id: str) -> dict[str, Any]:
         row = self.catalog.get_dataset(dataset_id)
-        if row is None:
+        if row is None or row["status"] == TOMBSTONE:
             raise NotFound(f"no dataset {dataset_id!r}")
         return row
 

@@ -124,12 +124,24 @@ class Roots:
         candidate = Path(path)
         if not candidate.is_absolute():
             raise Unprocessable(f"path must be absolute, got {str(path)!r}")
+        if "\x00" in str(path):
+            raise Unprocessable(f"path {str(path)!r} holds a NUL byte; no file has one")
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            raise Unprocessable(f"path {str(path)!r} is not valid UTF-8; the catalog keeps "
+                                "names as UTF-8 (rename the file)") from None
         try:
             real = candidate.resolve(strict=True)
         except FileNotFoundError:
             raise NotFound(f"no such file or folder: {str(path)!r}") from None
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, ValueError) as exc:
             raise Unprocessable(f"cannot resolve {str(path)!r}: {exc}") from None
+        try:
+            str(real).encode("utf-8")
+        except UnicodeEncodeError:
+            raise Unprocessable(f"path {str(path)!r} resolves to a name that is not valid "
+                                "UTF-8; the catalog keeps names as UTF-8") from None
         if self._root_of(real) is None:
             raise PathNotAllowed(f"{str(path)!r} (resolved to {str(real)!r}) is outside the "
                                  f"allowed roots {[str(r) for r in self.roots]}")

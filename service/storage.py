@@ -48,24 +48,35 @@ def dataset_prefix(dataset_id: str) -> str:
     return f"datasets/{dataset_id}/"
 
 
-def archive_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}/archive.mrcz"
+def generation_prefix(dataset_id: str, generation: str) -> str:
+    """The folder one ingest pass writes its objects into (ARCHITECTURE.md): two passes
+    of one dataset (a stale worker and the one that took over) never share a key."""
+    return f"datasets/{dataset_id}/{generation}/"
 
 
-def record_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}/restore.npz"
+def _in(dataset_id: str, generation: str | None) -> str:
+    return generation_prefix(dataset_id, generation) if generation else \
+        dataset_prefix(dataset_id)
 
 
-def tail_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}/tail.bin"
+def archive_key(dataset_id: str, generation: str | None = None) -> str:
+    return f"{_in(dataset_id, generation)}archive.mrcz"
 
 
-def original_key(dataset_id: str, filename: str) -> str:
-    return f"datasets/{dataset_id}/original/{filename}"
+def record_key(dataset_id: str, generation: str | None = None) -> str:
+    return f"{_in(dataset_id, generation)}restore.npz"
 
 
-def sum_key(dataset_id: str, legacy: bool = False) -> str:
-    return f"datasets/{dataset_id}/sum.{'npy' if legacy else 'bin'}"
+def tail_key(dataset_id: str, generation: str | None = None) -> str:
+    return f"{_in(dataset_id, generation)}tail.bin"
+
+
+def original_key(dataset_id: str, filename: str, generation: str | None = None) -> str:
+    return f"{_in(dataset_id, generation)}original/{filename}"
+
+
+def sum_key(dataset_id: str, legacy: bool = False, gen: str | None = None) -> str:
+    return f"{_in(dataset_id, gen)}sum.{'npy' if legacy else 'bin'}"
 
 
 def conversions_prefix(dataset_id: str) -> str:

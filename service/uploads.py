@@ -61,10 +61,17 @@ class MultipartFile:
 
     Parts whose names say they are small text companions (``extra_suffixes``: SerialEM
     ``.mdoc``, Direct Electron ``_info.txt``), before or after the main file, are kept
-    in :attr:`extras` (name -> bytes, each at most ``extra_max_bytes``)."""
+    in :attr:`extras` (name -> bytes, each at most ``extra_max_bytes``).
+
+    Bounds (413 ``too_large``, as soon as they are passed): the body counts whole against
+    ``max_bytes`` (the file part, the companions, every other part and the framing:
+    ``MRC_INGEST_MAX_UPLOAD_BYTES``), and it may have at most ``max_parts`` parts
+    (``MRC_INGEST_MAX_MULTIPART_PARTS``), so few companions are ever held.
+    python-multipart bounds each part's headers itself. None: no bound."""
 
     def __init__(self, content_type: str, body: AsyncIterator[bytes],
-                 extra_suffixes: tuple[str, ...] = (), extra_max_bytes: int = 16 << 20):
+                 extra_suffixes: tuple[str, ...] = (), extra_max_bytes: int = 16 << 20,
+                 *, max_bytes: int | None = None, max_parts: int | None = None):
         kind, options = parse_options_header(content_type)
         boundary = options.get(b"boundary")
         if kind != b"multipart/form-data" or not boundary:
@@ -81,6 +88,9 @@ class MultipartFile:
         self.extra_suffixes, self.extra_max_bytes = extra_suffixes, extra_max_bytes
         self.extras: dict[str, bytes] = {}
         self._extra: tuple[str, list[bytes]] | None = None
+        self.max_bytes, self.max_parts = max_bytes, max_parts
+        self.received = 0  # bytes of the body so far, framing included
+        self.parts = 0
         self._parser = MultipartParser(boundary, callbacks={
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field,
@@ -91,6 +101,10 @@ class MultipartFile:
         })
 
     def _part_begin(self) -> None:
+        self.parts += 1
+        if self.max_parts is not None and self.parts > self.max_parts:
+            raise TooLarge(f"the multipart body has more than {self.max_parts} parts, the "
+                           "limit (MRC_INGEST_MAX_MULTIPART_PARTS); nothing was stored")
         self._headers = {}
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
@@ -128,6 +142,11 @@ class MultipartFile:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self.body:
+            self.received += len(chunk)
+            if self.max_bytes is not None and self.received > self.max_bytes:
+                raise TooLarge(f"the multipart body is over the upload limit of "
+                               f"{self.max_bytes} bytes (MRC_INGEST_MAX_UPLOAD_BYTES), "
+                               "counting every part; nothing was stored")
             try:
                 self._parser.write(chunk)
             except ServiceError:

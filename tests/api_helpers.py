@@ -112,3 +112,28 @@ def assert_consistent(data_dir: Path) -> None:
         assert [p for p in data_dir.rglob("*.part")] == []
     finally:
         catalog.close()
+
+
+def run_recover(data_dir: Path, env: dict[str, str] | None = None,
+                sweep_age: float = 0.0) -> str:
+    """``mrc-ingest recover`` once, in its own process (every writer of an embedded
+    catalog stopped: it refuses to run beside one); its JSON line of counts."""
+    done = subprocess.run([sys.executable, "-m", "service.cli", "recover", "--data-dir",
+                           str(data_dir), "--sweep-age", str(sweep_age)],
+                          env=clean_environment(env), capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary"
+              ) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body of (field name, file name or None, content) parts."""
+    out = bytearray()
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"'
+                                                     if filename else "")
+        out += (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + content + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), {"Content-Type": f"multipart/form-data; boundary={boundary}"}

@@ -32,3 +32,32 @@ def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_PREFIX)}
     env.update(extra or {})
     return env
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def failpoint():
+    """Arm fault points in this process for one test (service/failpoints.py)."""
+    from service import failpoints
+
+    yield failpoints.arm
+    failpoints.disarm()
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """An allowed root of shared storage, empty."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def client(tmp_path, shared):
+    """A service (TestClient) on a fresh data folder, registering inside ``shared``."""
+    from tests.api_helpers import make_client
+
+    with make_client(tmp_path / "data", allowed_roots=[shared]) as c:
+        yield c

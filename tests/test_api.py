@@ -19,18 +19,6 @@ from tests.api_helpers import files_under, make_client, upload_and_wait, wait_jo
 from tests.reference import counting_movie, synthetic, write_raw_mrc
 
 
-@pytest.fixture
-def shared(tmp_path):
-    folder = tmp_path / "shared"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def client(tmp_path, shared):
-    with make_client(tmp_path / "data", allowed_roots=[shared]) as c:
-        yield c
-
 
 @pytest.fixture
 def movie101(tmp_path):

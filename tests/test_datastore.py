@@ -8,6 +8,9 @@ or failed upload would have left.
 
 from __future__ import annotations
 
+import base64
+import zlib
+
 import functools
 import threading
 import os
@@ -273,12 +276,14 @@ def test_multipart_primitives(s3):
     store = s3.store
     upload_id = store.create_multipart("tus/u1")
     first, last = payload(PART, seed=7), payload(1234, seed=8)
-    etag_last = store.upload_part("tus/u1", upload_id, 2, last)  # any order will do
-    etag_first = store.upload_part("tus/u1", upload_id, 1, memoryview(first))
-    parts = store.list_parts("tus/u1", upload_id)
-    assert parts == [(1, PART, etag_first), (2, 1234, etag_last)]
+    part_last = store.upload_part("tus/u1", upload_id, 2, last)  # any order will do
+    part_first = store.upload_part("tus/u1", upload_id, 1, memoryview(first))
+    assert part_first.crc32 == base64.b64encode(zlib.crc32(first).to_bytes(4, "big")).decode()
+    listed = store.list_parts("tus/u1", upload_id)
+    assert [p[:3] for p in listed] == [(1, PART, part_first.etag), (2, 1234, part_last.etag)]
     assert store.size("tus/u1") is None
     assert s3.leftovers() == [store.prefix + "tus/u1"]
+    parts = [part_first, part_last]  # with their checksums (SeaweedFS does not list them)
     assert store.complete_multipart("tus/u1", upload_id, parts) == PART + 1234
     assert store.get_bytes("tus/u1") == first + last
     assert s3.leftovers() == []
@@ -486,3 +491,43 @@ def test_the_maintenance_sweep_on_the_local_folder_takes_only_free_temporaries(t
         fcntl.flock(held, fcntl.LOCK_EX)
         assert storage.sweep(lambda dataset_id: False, older_than_seconds=0) == 1
     assert not dead.exists() and live.exists() and young.exists()
+
+
+# -- read back: what the commit protocol checks before anything is committed ------------
+
+@pytest.mark.parametrize("size,head", [(0, 0), (1234, 0), (3 * PART + 17, 1024)])
+def test_a_receipt_reads_back_and_a_changed_object_does_not(backend, size, head):
+    """A writer's receipt (size + CRC-32, from the bytes as written) matches what the
+    store gives back -- on S3 the composite checksum the store itself keeps, with a
+    reserved head filled at commit -- and a changed or missing object is caught."""
+    from service.datastore import ObjectCorrupt
+
+    store, data = backend.store, payload(size, seed=size)
+    writer = store.open_writer("datasets/x/g/archive.mrcz", reserve_head=head)
+    write_in_pieces(writer, data)
+    writer.commit(b"H" * head if head else None)
+    receipt = writer.receipt
+    assert receipt.size == head + size
+    store.read_back(receipt)
+    small = store.put("datasets/x/g/record", b"a record")
+    store.read_back(small)
+    store.put_bytes("datasets/x/g/record", b"A record")  # same size, other bytes
+    with pytest.raises(ObjectCorrupt):
+        store.read_back(small)
+    store.delete("datasets/x/g/archive.mrcz")
+    with pytest.raises(ObjectMissing):
+        store.read_back(receipt)
+
+
+def test_s3_refuses_a_part_whose_checksum_does_not_match(s3):
+    """The store verifies each part's CRC-32 on receipt (AWS S3 user guide, "Checking object integrity")."""
+    from botocore.exceptions import ClientError
+
+    store = s3.store
+    upload_id = store.create_multipart("tus/u9")
+    with pytest.raises(ClientError) as refused:
+        store._client.upload_part(Bucket=store.bucket, Key=store._full("tus/u9"),
+                                  UploadId=upload_id, PartNumber=1, Body=b"some bytes",
+                                  ChecksumCRC32="AAAAAA==")
+    assert refused.value.response["Error"]["Code"] in ("BadDigest", "InvalidRequest")
+    store.abort_multipart("tus/u9", upload_id)

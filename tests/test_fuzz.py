@@ -118,7 +118,10 @@ def test_upload_endpoint_survives_10000_mutations(tmp_path):
             response = c.put(f"/v1/uploads/f{case}.mrc", content=raw)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             assert response.status_code < 500, (case, what, response.text)
-            assert response.json().get("error") in (None, "not_mrc"), (case, what)
+            body = response.json()
+            assert body.get("error") in (None, "not_mrc", "invalid_mrc"), (case, what)
+            if body.get("error") == "invalid_mrc":  # refused at the door: frame limits
+                assert {f["field"] for f in body["detail"]["findings"]} <= {"nz", "nx"}, body
             if response.status_code == 201:  # ingested while it streamed: done now
                 job = response.json()["job"]
                 assert job["state"] == "done", (case, what, job)  # rejected is a result

@@ -9,7 +9,7 @@ from service.mrc import MrcFile, Severity, validate
 
 GOLDEN = Path(__file__).parent / "golden"
 #: python-mrcz leaves MX/MY at 0 and writes header statistics that are not the data's
-#: (DESIGN section 7); mrcfile's float16 file is clean.
+#: (checked against mrcz 0.6 and mrcfile 1.5); mrcfile's float16 file is clean.
 MRCZ_WARNINGS = {"mx", "my", "dmin", "dmax", "dmean", "rms"}
 
 

@@ -1,5 +1,6 @@
 """The leased job queue's catalog side, on SQLite and on a real PostgreSQL: claim,
-renewal and completion guarded by the lease owner (fencing), takeover of lapsed leases,
+renewal and completion guarded by the lease owner and the claim's fencing token (its
+attempt number), takeover of lapsed leases -- by another process or by the same one --
 not-before times, and many concurrent claimers never getting the same job twice."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from service.catalog import Catalog
+from service.catalog import Catalog, Fence
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -35,10 +36,11 @@ def test_a_claim_takes_the_job_and_fences_everyone_else(catalog):
     assert job["id"] == "j1" and job["state"] == "running" and job["attempts"] == 1
     assert job["lease_owner"] == "worker-a"
     assert catalog.claim_job("worker-b", 30) is None          # nothing else runnable
-    assert catalog.renew_leases("worker-b", ["j1"], 30) == {}  # not b's to renew
+    mine = Fence("j1", "worker-a", 1)
+    assert catalog.renew_leases("worker-b", [Fence("j1", "worker-b", 1)], 30) == {}
     assert not catalog.complete_job("j1", "worker-b", state="done")
-    assert catalog.has_live_lease("d-j1")
-    assert catalog.renew_leases("worker-a", ["j1"], 30) == {"j1": False}
+    assert catalog.has_live_lease("d-j1") and catalog.holds_lease(mine)
+    assert catalog.renew_leases("worker-a", [mine], 30) == {mine: False}
     assert catalog.complete_job("j1", "worker-a", state="done", result={"ok": 1})
     done = catalog.get_job("j1")
     assert done["state"] == "done" and done["result"] == {"ok": 1}
@@ -53,10 +55,39 @@ def test_a_lapsed_lease_is_taken_over_and_the_old_owner_writes_nothing(catalog):
     assert not catalog.has_live_lease("d-j2")
     taken = catalog.claim_job("worker-b", 30)
     assert taken["id"] == "j2" and taken["attempts"] == 2
-    assert catalog.renew_leases("worker-a", ["j2"], 30) == {}   # a learns it lost it
+    assert catalog.renew_leases("worker-a", [Fence("j2", "worker-a", 1)], 30) == {}
     assert not catalog.complete_job("j2", "worker-a", state="failed")
     assert catalog.complete_job("j2", "worker-b", state="done")
     assert catalog.get_job("j2")["state"] == "done"
+
+
+def test_a_stale_claim_of_the_same_process_is_fenced_by_its_token(catalog):
+    """One process claims a job, pauses past its lease, and claims the same job again
+    (a second worker thread): the first claim carries the older token and can write
+    nothing -- not the dataset, not the job's end -- though the owner is the same."""
+    catalog.add_dataset(id="d-j5", name="m.mrc", source="upload", status="processing",
+                        size_bytes=1, path="", info={})
+    add(catalog, "j5")
+    first = catalog.claim_job("worker-a", 0.5)
+    time.sleep(0.8)
+    second = catalog.claim_job("worker-a", 30)
+    assert (first["attempts"], second["attempts"]) == (1, 2)
+    stale, current = Fence("j5", "worker-a", 1), Fence("j5", "worker-a", 2)
+    assert not catalog.holds_lease(stale) and catalog.holds_lease(current)
+    assert catalog.renew_leases("worker-a", [stale, current], 30) == {current: False}
+    assert not catalog.update_dataset("d-j5", fence=stale, status="failed")
+    assert catalog.commit_ingest("d-j5", {"status": "ready"}, fence=stale, job_result={},
+                                 tus_upload_id=None) == "lease_lost"
+    assert not catalog.complete_job("j5", "worker-a", state="done", attempt=1)
+    assert catalog.get_dataset("d-j5")["status"] == "processing"
+    assert catalog.commit_ingest("d-j5", {"status": "ready"}, fence=current,
+                                 job_result={"ok": 1}, tus_upload_id=None) == "committed"
+    job = catalog.get_job("j5")
+    assert (job["state"], job["result"], job["lease_owner"]) == ("done", {"ok": 1}, None)
+    assert catalog.get_dataset("d-j5")["status"] == "ready"
+    # a dataset is committed once
+    assert catalog.commit_ingest("d-j5", {"status": "rejected"}, fence=None, job_result={},
+                                 tus_upload_id=None) == "already"
 
 
 def test_requeue_waits_for_its_time_and_cancellation_reaches_the_holder(catalog):
@@ -68,7 +99,8 @@ def test_requeue_waits_for_its_time_and_cancellation_reaches_the_holder(catalog)
     again = catalog.claim_job("worker-a", 30)
     assert again["id"] == "j3" and again["attempts"] == 2
     assert catalog.request_cancel("d-j3") == ["j3"]
-    assert catalog.renew_leases("worker-a", ["j3"], 30) == {"j3": True}
+    claim = Fence("j3", "worker-a", 2)
+    assert catalog.renew_leases("worker-a", [claim], 30) == {claim: True}
 
 
 def test_kinds_and_priority_decide_what_is_claimed(catalog):

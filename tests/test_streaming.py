@@ -51,8 +51,12 @@ def movie16(tmp_path):
 
 
 def dataset_files(data_dir, dataset_id):
-    return sorted(p.relative_to(data_dir / "datasets" / dataset_id).as_posix()
-                  for p in files_under(data_dir / "datasets" / dataset_id))
+    """The dataset's files, relative to the folder of the pass that committed them (one
+    generation: ARCHITECTURE.md)."""
+    files = [p.relative_to(data_dir / "datasets" / dataset_id).parts
+             for p in files_under(data_dir / "datasets" / dataset_id)]
+    assert len({parts[0] for parts in files}) <= 1, files  # one pass's objects, no other
+    return sorted("/".join(parts[1:]) for parts in files)
 
 
 def test_put_is_ready_on_response_and_keeps_only_the_archive(tmp_path, movie4):
@@ -164,8 +168,8 @@ def test_keep_original_setting_keeps_the_file_as_received(tmp_path, movie4):
         ds = c.put("/v1/uploads/m.mrc", content=raw).json()["dataset"]
         assert dataset_files(tmp_path / "data", ds["id"]) == [
             "archive.mrcz", "original/m.mrc", "restore.npz", "sum.bin"]
-        assert (tmp_path / "data" / "datasets" / ds["id"] / "original" / "m.mrc").read_bytes() \
-            == raw
+        (original,) = (tmp_path / "data" / "datasets" / ds["id"]).glob("*/original/m.mrc")
+        assert original.read_bytes() == raw
         assert c.get(f"/v1/datasets/{ds['id']}/download").content == raw
 
 
@@ -205,7 +209,9 @@ def test_registration_reads_its_file_once_and_never_touches_it(tmp_path, movie4,
         return real_open(file, *args, **kwargs)
 
     def counting_os_open(file, *args, **kwargs):
-        if str(file) == str(registered):
+        # shared storage is opened walking from the root (service/roots.py): by name
+        if str(file) == str(registered) or (str(file) == registered.name
+                                            and kwargs.get("dir_fd") is not None):
             opened.append("os.open")
         return real_os_open(file, *args, **kwargs)
     with make_client(tmp_path / "data", allowed_roots=[shared]) as c:
@@ -220,7 +226,9 @@ def test_registration_reads_its_file_once_and_never_touches_it(tmp_path, movie4,
         assert c.get(f"/v1/datasets/{ds['id']}/frames/3.png").status_code == 200
         assert c.get(f"/v1/datasets/{ds['id']}/download").content == path.read_bytes()
         monkeypatch.undo()
-        assert opened == ["open"], opened  # one read: hash, frames, archive in one pass
+        # one open to record its identity at registration, one to read it once (hash,
+        # frames, archive in one pass)
+        assert opened == ["os.open", "os.open"], opened
         assert c.delete(f"/v1/datasets/{ds['id']}").status_code == 200
     after = registered.stat()
     assert registered.read_bytes() == path.read_bytes()
@@ -332,10 +340,12 @@ def test_legacy_datasets_keep_working(tmp_path, movie4):
             (folder / "archive.mrcz").read_bytes()
 
 
-def test_an_ingest_that_lost_its_lease_writes_nothing_and_removes_nothing(tmp_path, movie4):
-    """Fencing: the lease of an ingest job goes to another worker just before the job
-    commits. The commit is refused, the dataset is not marked failed, and the objects
-    under its keys -- the ones the new worker writes too -- stay."""
+def test_an_ingest_that_lost_its_lease_writes_nothing_and_removes_only_its_own(tmp_path,
+                                                                              movie4):
+    """Fencing: the job is claimed again (another claim, the next fencing token) just
+    before this claim commits. The commit is refused, the dataset is not marked failed,
+    and the loser removes only the objects of its own generation: none of the new
+    claim's keys."""
     from service.catalog import jobs as jobs_table
 
     path, _ = movie4
@@ -348,12 +358,16 @@ def test_an_ingest_that_lost_its_lease_writes_nothing_and_removes_nothing(tmp_pa
         real_finalize = service.pipeline.deps.finalize
         stolen = threading.Event()
 
-        def finalize_after_a_takeover(dataset_id, *args, fence=None, **kwargs):
+        def finalize_after_a_takeover(dataset_id, *args, **kwargs):
             with service.catalog.engine.begin() as conn:  # another worker took it over
-                conn.execute(jobs_table.update().where(jobs_table.c.id == fence[0])
-                             .values(lease_owner="another-worker"))
+                conn.execute(jobs_table.update().where(jobs_table.c.dataset_id == dataset_id)
+                             .values(lease_owner="another-worker",
+                                     attempts=jobs_table.c.attempts + 1))
+            # ... and stored its own generation meanwhile
+            service.storage.store.put_bytes(f"datasets/{dataset_id}/0ther000/archive.mrcz",
+                                            b"the new claim's")
             stolen.set()
-            return real_finalize(dataset_id, *args, fence=fence, **kwargs)
+            return real_finalize(dataset_id, *args, **kwargs)
         service.pipeline.deps.finalize = finalize_after_a_takeover
         reg = c.post("/v1/registrations", json={"path": str(registered)}).json()
         dataset_id = reg["dataset"]["id"]
@@ -362,7 +376,7 @@ def test_an_ingest_that_lost_its_lease_writes_nothing_and_removes_nothing(tmp_pa
         ds = c.get(f"/v1/datasets/{dataset_id}").json()
         assert ds["status"] == "processing", ds  # not "failed", not committed by the loser
         keys = {info.key for info in service.storage.store.list(f"datasets/{dataset_id}/")}
-        assert f"datasets/{dataset_id}/archive.mrcz" in keys  # the new owner's key stays
+        assert keys == {f"datasets/{dataset_id}/0ther000/archive.mrcz"}  # only the new's
         job = service.catalog.get_job(reg["job"]["id"])
         assert job["state"] == "running" and job["lease_owner"] == "another-worker"
         service.pipeline.deps.finalize = real_finalize

@@ -205,23 +205,12 @@ def test_expired_uploads_get_410(tmp_path, movie):
         assert detail.startswith(f"upload {other.rsplit('/', 1)[1]} expired at ")
 
 
-def test_a_failed_end_keeps_the_bytes_and_the_sweep_ingests_them(tmp_path, movie, monkeypatch):
-    """The last PATCH's end fails (the catalog or store went away as it committed): the
-    client gets 503, every byte stays, and the maintenance sweep ingests them after all."""
-    from service.errors import ServiceUnavailable
-    from service.ingest_pass import IngestPass
-
+def test_a_failed_end_keeps_the_bytes_and_recovery_ingests_them(tmp_path, movie, failpoint):
+    """The last PATCH's end fails (the store went away as it stored the archive): the
+    client gets 503, every byte stays, and recovery ingests them after all."""
     path, sha = movie
     raw = path.read_bytes()
-    real_finish = IngestPass.finish
-    calls = []
-
-    def flaky_finish(self, sha256):
-        calls.append(sha256)
-        if len(calls) == 1:
-            raise ServiceUnavailable("the catalog went away (test)")
-        return real_finish(self, sha256)
-    monkeypatch.setattr(IngestPass, "finish", flaky_finish)
+    failpoint("commit.after_store", "unavailable@once")
     with make_client(tmp_path / "data") as c:
         url = c.post("/v1/tus/", headers={
             **TUS, "Upload-Length": str(len(raw)),
@@ -231,7 +220,8 @@ def test_a_failed_end_keeps_the_bytes_and_the_sweep_ingests_them(tmp_path, movie
             **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
         error_of(response, 503, "unavailable")
         assert c.get("/v1/datasets").json()["items"] == []
-        c.app.state.service.tus.prepare()  # what every replica runs every few minutes
+        assert c.head(url, headers=TUS).headers["upload-offset"] == str(len(raw))
+        c.app.state.service.recovery.tick()  # what every replica runs every few seconds
         head = c.head(url, headers=TUS)
         location = head.headers["mrc-ingest-dataset"]
         ds = c.get(location).json()
@@ -254,3 +244,37 @@ def test_an_ingest_job_run_again_leaves_a_ready_dataset_alone(tmp_path, movie):
         after = c.get(f"/v1/datasets/{ds['id']}").json()
         assert after["status"] == "ready" and after["sha256"] == sha
         assert c.get(f"/v1/datasets/{ds['id']}/download").content == path.read_bytes()
+
+
+def test_expiration_counts_from_the_last_patch_and_is_announced(tmp_path, movie):
+    """tus 1.0 expiration: advertised in Tus-Extension, ``Upload-Expires`` (an RFC 7231
+    date) on creation, HEAD and PATCH of an unfinished upload, moved on by each PATCH;
+    an upload PATCHed within its expiry lives on past its creation + expiry. And
+    ``Mrc-Ingest-Dataset`` appears only once there is a dataset."""
+    from email.utils import parsedate_to_datetime
+
+    path, sha = movie
+    raw = path.read_bytes()
+    expiry_s = 2.0
+    with make_client(tmp_path / "data", tus_expiry_hours=expiry_s / 3600) as c:
+        assert "expiration" in c.options("/v1/tus/").headers["tus-extension"].split(",")
+        created = c.post("/v1/tus/", headers={**TUS, "Upload-Length": str(len(raw))})
+        url = created.headers["location"]
+        first = parsedate_to_datetime(created.headers["upload-expires"])
+        head = c.head(url, headers=TUS)
+        assert "mrc-ingest-dataset" not in head.headers  # no dataset yet
+        assert parsedate_to_datetime(head.headers["upload-expires"]) == first
+        third = len(raw) // 3
+        for k in range(3):  # every 1.2 s: past creation + expiry by the last one
+            time.sleep(1.2 if k else 0)
+            stop = len(raw) if k == 2 else (k + 1) * third
+            response = patch(c, url, raw[k * third:stop], k * third)
+            assert response.status_code == 204, response.text
+            if k < 2:
+                moved = parsedate_to_datetime(response.headers["upload-expires"])
+                assert moved >= first  # whole seconds: the first PATCH is at once
+                first = moved
+        assert "upload-expires" not in response.headers  # finished: it no longer expires
+        location = response.headers["mrc-ingest-dataset"]
+        ds = c.get(location).json()
+        assert ds["status"] == "ready" and ds["sha256"] == sha

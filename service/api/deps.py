@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, AsyncIterator, Literal
+import json
+from typing import Annotated, AsyncIterator, Literal, TypeVar
 
 from fastapi import Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from ..auth import Role
-from ..errors import BadRequest, ClientGone
+from ..config import Settings
+from ..errors import BadRequest, ClientGone, TooLarge
 from ..ingest import IngestService
 from ..mrc import Codec, Target
+from ..uploads import MultipartFile
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def get_service(request: Request) -> IngestService:
@@ -51,6 +58,51 @@ def declared_length(request: Request) -> int | None:
     if not value.isdigit():
         raise BadRequest(f"Content-Length {value!r} is not a number")
     return int(value)
+
+
+def multipart_body(request: Request, settings: Settings, **extras) -> MultipartFile:
+    """The request's multipart body, bounded by the settings: counted whole against
+    ``max_upload_bytes``, at most ``max_multipart_parts`` parts. ``extras``: the
+    companion parts to keep (:class:`MultipartFile`)."""
+    return MultipartFile(request.headers.get("content-type", ""), body_chunks(request),
+                         max_bytes=settings.max_upload_bytes,
+                         max_parts=settings.max_multipart_parts, **extras)
+
+
+async def json_bytes(request: Request, limit: int) -> bytes:
+    """A JSON request body of at most ``limit`` bytes (``MRC_INGEST_MAX_JSON_BYTES``),
+    read as it arrives: a larger one is refused (413) as soon as its Content-Length or
+    its bytes so far say so, and never held whole."""
+    why = (f"the JSON body is over the limit of {limit} bytes (MRC_INGEST_MAX_JSON_BYTES)")
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
+        raise TooLarge(f"{why}: Content-Length is {declared}")
+    parts, size = [], 0
+    async for chunk in body_chunks(request):
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(why)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def json_body(request: Request, model: type[Model], limit: int) -> Model:
+    """The request body as ``model``, read after the route's dependencies (the token
+    check) and bounded (:func:`json_bytes`); malformed JSON and invalid fields are the
+    same 422 ``invalid_request`` FastAPI gives for a body parameter (``where``:
+    ``body.<field>``)."""
+    raw = await json_bytes(request, limit)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are no Unicode at all
+        raise RequestValidationError([{
+            "type": "json_invalid", "loc": ("body", getattr(exc, "pos", 0)),
+            "msg": "JSON decode error", "input": {}, "ctx": {"error": str(exc)}}]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
+                                      for e in exc.errors(include_url=False)]) from None
 
 
 class TargetQuery:

@@ -4,7 +4,10 @@ requests for curl users (upload + target in one request)."""
 
 from __future__ import annotations
 
+import string
+import unicodedata
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
@@ -14,8 +17,9 @@ from pydantic import ValidationError
 from starlette.concurrency import iterate_in_threadpool
 
 from ..downloads import Download, parse_range
-from ..uploads import MultipartFile, parse_digest
-from .deps import READ, WRITE, Service, TargetQuery, body_chunks, declared_length
+from ..uploads import parse_digest
+from .deps import (READ, WRITE, Service, TargetQuery, declared_length, json_bytes,
+                   multipart_body)
 from .schemas import ConversionAccepted, ConversionIn, ErrorBody, dataset_summary, job_view
 
 router = APIRouter(prefix="/v1", tags=["downloads"])
@@ -23,6 +27,33 @@ router = APIRouter(prefix="/v1", tags=["downloads"])
 FILE = {200: {"content": {"application/octet-stream": {}}},
         206: {"description": "the requested byte range"},
         **{code: {"model": ErrorBody} for code in (400, 404, 409, 416, 422)}}
+
+#: what the ASCII fallback file name keeps; the rest becomes '_'. Not '"' or '\\' (the
+#: quoted string), control characters (the header), '%' (RFC 6266 appendix D: some
+#: clients percent-decode it), '?' (an RFC 2047 ``=?...?=`` that mail-minded parsers
+#: decode), nor '/', ':', '*', '<', '>', '|' (not file names everywhere)
+_FALLBACK_KEEPS = frozenset(string.ascii_letters + string.digits + " !#$&'()+,-.;=@[]^_`{}~")
+
+
+def content_disposition(filename: str) -> str:
+    """``Content-Disposition: attachment`` for a file called ``filename``, whatever the
+    name: a registered file on disk may hold quotes, backslashes, CR/LF, '%', right-to-
+    left marks, emoji (RFC 6266 with RFC 8187).
+
+    ``filename="..."`` is an ASCII fallback for clients that know nothing else (curl -J):
+    accents dropped (NFKD), anything unsafe ``_``. When that is not the name itself,
+    ``filename*=UTF-8''<percent-encoded>`` carries the exact name, and comes first:
+    RFC 6266 section 4.3 has recipients prefer ``filename*`` in either order, and parsers
+    that keep the first of two same-named parameters (Python's ``email``) then get it
+    too. A name that is not valid Unicode (undecodable bytes on disk, held as lone
+    surrogates) has those bytes as U+FFFD. The value is plain ASCII."""
+    name = filename.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    fallback = "".join(c if c in _FALLBACK_KEEPS else "_"
+                       for c in unicodedata.normalize("NFKD", name)
+                       if not unicodedata.combining(c)) or "download"
+    if fallback == name:
+        return f'attachment; filename="{name}"'
+    return f"attachment; filename*=UTF-8''{quote(name, safe='')}; filename=\"{fallback}\""
 
 
 def download_response(request: Request, download: Download) -> Response:
@@ -34,7 +65,7 @@ def download_response(request: Request, download: Download) -> Response:
     the work behind each block is decompression and repacking, not just a read, and
     aiofiles would run the read on the same pool anyway."""
     headers = {"ETag": download.etag, "Accept-Ranges": "bytes",
-               "Content-Disposition": f'attachment; filename="{download.filename}"'}
+               "Content-Disposition": content_disposition(download.filename)}
     if request.headers.get("if-none-match") == download.etag:
         download.close()
         return Response(status_code=304, headers=headers)
@@ -49,9 +80,9 @@ def download_response(request: Request, download: Download) -> Response:
         raise
     if span is None and download.local_path is not None:
         download.close()
-        return FileResponse(download.local_path, filename=download.filename,
-                            media_type="application/octet-stream",
-                            headers={"ETag": download.etag})
+        return FileResponse(download.local_path, media_type="application/octet-stream",
+                            headers={"ETag": download.etag,
+                                     "Content-Disposition": headers["Content-Disposition"]})
     start, stop = span if span is not None else (0, download.size)
     headers["Content-Length"] = str(stop - start)
     status = 200
@@ -99,7 +130,8 @@ async def create_conversion(request: Request, response: Response, service: Servi
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
-            body = ConversionIn.model_validate_json(await request.body())
+            body = ConversionIn.model_validate_json(
+                await json_bytes(request, service.settings.max_json_bytes))
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from None
         query = TargetQuery(format=body.format, mode=body.mode, codec=body.codec,
@@ -109,7 +141,7 @@ async def create_conversion(request: Request, response: Response, service: Servi
         duplicate = True
     else:
         upload = await service.intake.accept_upload(
-            None, MultipartFile(content_type, body_chunks(request)),
+            None, multipart_body(request, service.settings),
             parse_digest(request.headers), None, declared_length(request))
         dataset, duplicate, query = upload["dataset"], upload["duplicate"], target
     wanted = query.target(service.settings.archive)

@@ -10,8 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from ..particle_sets import ParticleSets
 from ..previews import encode_png
-from ..uploads import MultipartFile
-from .deps import ADMIN, READ, WRITE, Service, body_chunks
+from .deps import ADMIN, READ, WRITE, Service, body_chunks, multipart_body
 from .downloads import FILE, download_response
 from .previews import PNG, Clip, Size, png_response
 from .schemas import ErrorBody
@@ -45,7 +44,7 @@ async def create(request: Request, response: Response, service: Service,
     Every stack and index is checked now; bad rows are findings (with row numbers)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/"):
-        body = MultipartFile(content_type, body_chunks(request))
+        body = multipart_body(request, service.settings)
         row = await sets(service).create_from_part(body, folder)
     else:
         row = await sets(service).create(name or "particles.cs", body_chunks(request), folder)

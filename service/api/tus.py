@@ -1,8 +1,10 @@
-"""tus 1.0 resumable uploads under /v1/tus/ (core, creation, termination, checksum).
-Protocol rules live in :mod:`service.tus`; this maps HTTP to them."""
+"""tus 1.0 resumable uploads under /v1/tus/ (core, creation, termination, checksum,
+expiration). Protocol rules live in :mod:`service.tus`; this maps HTTP to them."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from email.utils import format_datetime
 from typing import Any
 
 import anyio
@@ -45,11 +47,23 @@ def uploads(service) -> TusUploads:
     return service.tus
 
 
-def offset_headers(row: dict[str, Any]) -> dict[str, str]:
+def expires_header(row: dict[str, Any]) -> dict[str, str]:
+    """``Upload-Expires`` (RFC 7231 date) while the upload is unfinished (tus 1.0,
+    expiration extension)."""
+    if row.get("completed_at") is not None or not row.get("expires_at"):
+        return {}
+    return {"Upload-Expires": format_datetime(datetime.fromisoformat(row["expires_at"]),
+                                              usegmt=True)}
+
+
+def offset_headers(tus: TusUploads, row: dict[str, Any]) -> dict[str, str]:
+    """HEAD's and PATCH's answer headers; ``Mrc-Ingest-Dataset`` only once the dataset
+    exists."""
     headers = {"Upload-Offset": str(row["offset"]), "Upload-Length": str(row["length"]),
-               "Cache-Control": "no-store"}
-    if row.get("dataset_id"):
-        headers["Mrc-Ingest-Dataset"] = f"/v1/datasets/{row['dataset_id']}"
+               "Cache-Control": "no-store", **expires_header(row)}
+    dataset = tus.dataset_url(row)
+    if dataset is not None:
+        headers["Mrc-Ingest-Dataset"] = dataset
     return headers
 
 
@@ -69,13 +83,14 @@ def create(request: Request, service: Service) -> Response:
     row = uploads(service).create(request.headers.get("upload-length"),
                                   request.headers.get("upload-metadata"))
     return Response(status_code=201, headers={"Location": f"{PREFIX}/{row['id']}",
-                                              "Upload-Offset": "0"})
+                                              "Upload-Offset": "0", **expires_header(row)})
 
 
 @router.head("/{upload_id}", dependencies=[WRITE], summary="Where to resume")
 def head(upload_id: str, request: Request, service: Service) -> Response:
     check_version(request.headers.get("tus-resumable"))
-    return Response(status_code=200, headers=offset_headers(uploads(service).get(upload_id)))
+    tus = uploads(service)
+    return Response(status_code=200, headers=offset_headers(tus, tus.get(upload_id)))
 
 
 @router.patch("/{upload_id}", status_code=204, dependencies=[WRITE],
@@ -84,10 +99,12 @@ async def patch(upload_id: str, request: Request, service: Service) -> Response:
     check_version(request.headers.get("tus-resumable"))
     if request.headers.get("content-type") != "application/offset+octet-stream":
         raise WrongContentType("PATCH needs Content-Type: application/offset+octet-stream")
-    row = await uploads(service).patch(upload_id, request.headers.get("upload-offset"),
-                                       request.headers.get("upload-checksum"),
-                                       body_chunks(request))
-    return Response(status_code=204, headers=offset_headers(row))
+    tus = uploads(service)
+    row = await tus.patch(upload_id, request.headers.get("upload-offset"),
+                          request.headers.get("upload-checksum"), body_chunks(request))
+    row = await anyio.to_thread.run_sync(tus.get, upload_id)  # as committed, with expiry
+    return Response(status_code=204, headers=await anyio.to_thread.run_sync(
+        offset_headers, tus, row))
 
 
 @router.delete("/{upload_id}", status_code=204, dependencies=[WRITE],

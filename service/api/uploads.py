@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Query, Request, Response
 
 from ..sidecars import SIDECAR_MAX_BYTES, SIDECAR_SUFFIXES
-from ..uploads import MultipartFile, parse_digest
-from .deps import WRITE, Service, body_chunks, declared_length
+from ..uploads import parse_digest
+from .deps import WRITE, Service, body_chunks, declared_length, json_body, multipart_body
 from .schemas import (Accepted, ErrorBody, RegistrationIn, SidecarAccepted, dataset_summary,
                       job_view)
 
@@ -17,9 +18,10 @@ router = APIRouter(prefix="/v1", tags=["uploads"])
 UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in (
         (400, "bad file name, digest mismatch, malformed multipart, client went away"),
-        (413, "larger than the configured maximum"),
+        (413, "larger than the configured maximum (bytes, or multipart parts)"),
         (415, "the body does not start with an MRC/MRCZ header (nothing stored)"),
-        (422, "invalid parameters"))}
+        (422, "invalid parameters; a header declaring more frames (or more tiny frames) "
+              "than the limits (nothing stored)"))}
 
 Normalize = Annotated[bool | None, Query(description="override the default normalization "
                                                      "policy (4-bit -> mode 0) for this file")]
@@ -69,16 +71,27 @@ async def put_upload(filename: str, request: Request, response: Response, servic
             dependencies=[WRITE])
 async def post_upload(request: Request, response: Response, service: Service,
                       normalize: Normalize = None) -> dict[str, Any]:
-    body = MultipartFile(request.headers.get("content-type", ""), body_chunks(request),
-                         extra_suffixes=SIDECAR_SUFFIXES, extra_max_bytes=SIDECAR_MAX_BYTES)
+    body = multipart_body(request, service.settings, extra_suffixes=SIDECAR_SUFFIXES,
+                          extra_max_bytes=SIDECAR_MAX_BYTES)
     result = await service.intake.accept_upload(None, body, parse_digest(request.headers),
                                          normalize, declared_length(request))
     return accepted_response(result, response)
 
 
+#: the body as /docs shows it; the route reads it itself (:func:`register`)
+REGISTRATION_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": RegistrationIn.model_json_schema()}}}}
+
+
 @router.post("/registrations", status_code=202, response_model=Accepted,
-             responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+             responses={code: {"model": ErrorBody} for code in (403, 404, 413, 422)},
              summary="Register a file already on allowed shared storage",
-            dependencies=[WRITE])
-def register(body: RegistrationIn, response: Response, service: Service) -> dict[str, Any]:
-    return accepted_response(service.intake.register(body.path, body.normalize), response)
+             dependencies=[WRITE], openapi_extra=REGISTRATION_BODY)
+async def register(request: Request, response: Response, service: Service) -> dict[str, Any]:
+    """Body: :class:`RegistrationIn` as JSON, at most ``MRC_INGEST_MAX_JSON_BYTES``. It is
+    read here, after the token check (a body parameter would be read and parsed by
+    FastAPI before the route's dependencies run)."""
+    body = await json_body(request, RegistrationIn, service.settings.max_json_bytes)
+    result = await anyio.to_thread.run_sync(service.intake.register, body.path,
+                                            body.normalize)
+    return accepted_response(result, response)

@@ -1,13 +1,14 @@
 """One streaming ingest of one movie, from its first byte to its catalog row.
 
 Every way a movie arrives ends here: an upload while it streams (PUT, multipart, tus
-PATCHes in order), a registered file read once, a tus upload replayed after a restart.
-The bytes are cut into frames as they come (:class:`~service.mrc.stream.StreamCutter`)
-and each frame goes once through decode -> statistics -> sum -> compress -> proof
-(:class:`~service.mrc.archiver.Archiver`), so the dataset is ready moments after the
-last byte.
+PATCHes in order), a registered file read once, a tus upload replayed after a restart,
+a job taken over from a worker that died. The bytes are cut into frames as they come
+(:class:`~service.mrc.stream.StreamCutter`) and each frame goes once through decode ->
+statistics -> sum -> compress -> proof (:class:`~service.mrc.archiver.Archiver`), so the
+dataset is ready moments after the last byte; then :meth:`IngestPass.finish` runs the
+commit protocol (:mod:`service.arrival.protocol`): stored -> committed -> released.
 
-The stored form is decided at the end (DESIGN section 9): the archive + restore record
+The stored form is decided at the end (ARCHITECTURE.md): the archive + restore record
 when every frame was proven to restore to the bytes received and the archive is
 smaller; otherwise the file as received (a rejected file, an MRCZ upload, data that do
 not compress, a proof that failed). ``MRC_INGEST_KEEP_ORIGINAL`` keeps the file as
@@ -17,24 +18,23 @@ received as well. A registered file stays where it is and is never touched.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sqlalchemy import exc as sa_exc
 
-from .catalog import Catalog
-from .config import Settings
-from .datastore import DataStore
-from .errors import Conflict
-from .jobs import LeaseLost
-from .mrc.archiver import FORM_ARCHIVE, ArchiveOutcome, ArchivePolicy, Archiver
-from .mrc.preview import encode_sum
-from .mrc.stream import StreamCutter
-from .storage import (FORM_REGISTERED, Storage, archive_key, original_key, record_key,
-                      sum_key, tail_key)
+from ..catalog import Catalog, Fence
+from ..datastore import ObjectWriter
+from ..errors import Conflict
+from ..failpoints import hit
+from ..jobs import LeaseLost
+from ..mrc.archiver import FORM_ARCHIVE, ArchiveOutcome, ArchivePolicy, Archiver
+from ..mrc.preview import encode_sum
+from ..mrc.stream import StreamCutter
+from ..storage import (FORM_REGISTERED, Storage, archive_key, generation_prefix,
+                       original_key, record_key, sum_key, tail_key)
+from .protocol import (PassDeps, ReceivedBytes, Stored, commit, new_generation, read_back,
+                       release)
 
 log = logging.getLogger("mrc_ingest.ingest")
 
@@ -42,29 +42,6 @@ log = logging.getLogger("mrc_ingest.ingest")
 LIVE_STATUSES = ("receiving", "queued", "processing", "ready")
 #: progress goes to the catalog at most this often (seconds)
 PROGRESS_INTERVAL = 0.25
-
-
-@dataclass
-class PassDeps:
-    """What a pass needs of the service around it."""
-
-    settings: Settings
-    catalog: Catalog
-    store: DataStore
-    #: (dataset id, info, fields, extended header, header, frames) -> writes the final
-    #: row with the acquisition summary in it; False when the row is gone
-    finalize: Callable[..., bool]
-    #: serializes "is there already a dataset with these bytes?" with the commit
-    commit_lock: threading.Lock = field(default_factory=threading.Lock)
-    #: how many passes may cut and measure frames at once: one per core but one, which
-    #: stays for the event loop and the compressors. Eight uploads at once otherwise run
-    #: eight such threads, and the event loop, which answers the dashboards, waits its
-    #: turn for the GIL behind all of them; the others wait here (and their clients,
-    #: through TCP, a moment) instead. Measured (bench_load --quick, 2 cores): metadata
-    #: p99 326 ms unbounded, 164 ms with one slot per core, 85 ms with this; the
-    #: aggregate upload rate 121, 119, 114 MB/s.
-    frame_slots: threading.Semaphore = field(default_factory=lambda: threading.BoundedSemaphore(
-        max(1, (os.cpu_count() or 1) - 1)))
 
 
 def drop_receiving(catalog: Catalog, storage: Storage, dataset_id: str) -> bool:
@@ -80,73 +57,55 @@ def drop_receiving(catalog: Catalog, storage: Storage, dataset_id: str) -> bool:
     return True
 
 
-class OriginalBytes:
-    """How the bytes as received can be kept if they must be: moved from a scratch or
-    tus file into the datastore, or (registrations) left where the user keeps them."""
-
-    def keep(self, store: DataStore, key: str) -> int | None:
-        """Store them under ``key``; the byte count, or None when nothing is stored."""
-        return None
-
-    def discard(self) -> None:
-        pass
-
-
-class MovedOriginal(OriginalBytes):
-    """Bytes waiting somewhere (an upload's scratch copy, a finished tus upload) that
-    ``keep(store, key)`` moves into the datastore and ``discard()`` drops."""
-
-    def __init__(self, keep: Callable[[DataStore, str], int], discard: Callable[[], None]):
-        self._keep, self._discard = keep, discard
-
-    def keep(self, store: DataStore, key: str) -> int | None:
-        return self._keep(store, key)
-
-    def discard(self) -> None:
-        self._discard()
-
-
 class IngestPass:
     """Feed it the bytes in order (:meth:`feed`, on a worker thread), then
     :meth:`finish` (or :meth:`abort`). ``dataset_id``: the dataset's row, made by the
     caller (registrations, replays) or by the pass when the header arrives (uploads,
-    ``create_row``)."""
+    ``create_row``). ``arrived``: where the bytes as received wait until the commit
+    protocol releases them. ``fence``: the job claim under which the commit must land."""
 
     def __init__(self, deps: PassDeps, *, dataset_id: str, name: str, source: str,
-                 normalize: bool | None, original: OriginalBytes,
+                 normalize: bool | None, arrived: ReceivedBytes,
                  declared_size: int | None = None, create_row: bool = False,
-                 phase: str = "receiving", registered_path: str = "", fence: tuple[str, str] | None = None,
-                 takeover_rewrites: bool = False):
+                 phase: str = "receiving", registered_path: str = "",
+                 fence: Fence | None = None):
         self.deps = deps
         self.dataset_id, self.name, self.source = dataset_id, name, source
         self.normalize = deps.settings.normalize if normalize is None else normalize
-        self.original = original
+        self.arrived = arrived
         self.declared_size = declared_size
         self.create_row, self.phase = create_row, phase
         self.registered_path = registered_path
-        #: (job id, owner): the final write happens only while that lease is held
         self.fence = fence
-        #: a worker that takes the lease over runs this same pass and writes the same
-        #: keys (an ingest job): having lost the lease, this pass must not remove them
-        self.takeover_rewrites = takeover_rewrites
+        #: this pass's own folder of keys (protocol.new_generation)
+        self.generation = new_generation()
         #: the catalog row names this pass's objects: from here on nothing is removed
         self.committed = False
         #: called (on the feeding thread) once the dataset row exists
         self.on_row: Callable[[], None] | None = None
         #: merged into the dataset's info at the end (a registration's fingerprint)
         self.extra_info: dict[str, Any] = {}
-        self.received = 0
+        #: the job result the commit transaction records (set by finish)
+        self.job_result: dict[str, Any] = {}
+        self.received = 0  # bytes fed so far
         self.row_created = False
         settings = deps.settings
         policy = ArchivePolicy(codec=settings.archive, clevel=settings.archive_clevel,
                                normalize=self.normalize,
                                sum_side=settings.sum_preview_size)
+        self._writers: dict[str, ObjectWriter] = {}
         self.archiver = Archiver(
-            policy, lambda: deps.store.open_writer(archive_key(dataset_id), reserve_head=1024),
-            lambda: deps.store.open_writer(tail_key(dataset_id)))
-        self.cutter = StreamCutter(pool=self.archiver.pool)
+            policy, lambda: self._writer("archive", archive_key(dataset_id, self.generation),
+                                         reserve_head=1024),
+            lambda: self._writer("tail", tail_key(dataset_id, self.generation)))
+        self.cutter = StreamCutter(pool=self.archiver.pool, limits=settings.frame_limits)
         self._last_progress = 0.0
         self.started = time.perf_counter()
+
+    def _writer(self, role: str, key: str, reserve_head: int = 0) -> ObjectWriter:
+        writer = self.deps.store.open_writer(key, reserve_head=reserve_head)
+        self._writers[role] = writer
+        return writer
 
     # -- bytes in -----------------------------------------------------------------
 
@@ -195,73 +154,131 @@ class IngestPass:
                 raise Conflict(f"dataset {self.dataset_id} was deleted while it was being "
                                "received; nothing was stored")
 
-    # -- the end ------------------------------------------------------------------
+    # -- the end: the commit protocol (ARCHITECTURE.md) ---------------------------------
 
     def finish(self, sha256: str) -> dict[str, Any]:
-        """All bytes are in and their digest checked: decide the stored form, commit it
-        and the catalog row. Returns ``{"dataset", "duplicate"}``."""
+        """All bytes are in and their digest checked: decide the stored form, then
+        stored -> committed -> released. Returns ``{"dataset", "duplicate"}``."""
         deps, catalog = self.deps, self.deps.catalog
         for piece in self.cutter.finish():
             self.archiver.add(piece)
-        with deps.commit_lock:
-            if self.source != "registration":
-                existing = catalog.find_by_sha256(sha256, LIVE_STATUSES,
-                                                  exclude_id=self.dataset_id)
-                if existing is not None:
-                    self.abort(delete_row=True)
-                    return {"dataset": existing, "duplicate": True}
-            outcome = self.archiver.finish(self.received, sha256,
-                                           self.cutter.header_findings + self.cutter.findings)
-            try:
-                dataset = self._commit(outcome, sha256)
-            except LeaseLost:
-                if not self.takeover_rewrites:
-                    self._remove_objects()
-                raise
-            except sa_exc.IntegrityError:
-                # The same bytes became a dataset an instant ago, here or on another
-                # replica (the catalog keeps one live upload per content): that one.
-                existing = catalog.find_by_sha256(sha256, LIVE_STATUSES,
-                                                  exclude_id=self.dataset_id)
-                self.abort(delete_row=True)
+        # A look without the lock first: storing what the catalog already has is waste.
+        existing = self._twin(sha256)
+        if existing is not None:
+            return self._duplicate(existing)
+        outcome = self.archiver.finish(self.received, sha256,
+                                       self.cutter.header_findings + self.cutter.findings)
+        try:
+            hit("commit.before_store")
+            stored = self._store(outcome, sha256)
+            read_back(deps.store, stored)
+            hit("commit.after_store")
+            info, fields = self._row(outcome, stored, sha256)
+        except BaseException:
+            self._remove_objects()  # nothing names them: the commit never began
+            raise
+        source = self.archiver.source
+        summary = (source.extended, source.header, source.layout.nz) if source is not None \
+            else (None, None, None)
+        try:
+            with deps.commit_lock:  # the dedup check and the catalog commit, nothing else
+                existing = self._twin(sha256)
                 if existing is None:
-                    raise
-                return {"dataset": existing, "duplicate": True}
-            except BaseException:
-                if not self.committed:
-                    self._remove_objects()
+                    verdict = commit(deps, self.dataset_id, stored, info, fields,
+                                     fence=self.fence, job_result=self.job_result,
+                                     tus_upload_id=self.arrived.tus_upload_id,
+                                     summary=summary)
+        except sa_exc.IntegrityError:
+            # The same bytes became a dataset an instant ago, on another replica (the
+            # unique index keeps one live upload per content); the transaction rolled back.
+            self._remove_objects()
+            existing = self._twin(sha256)
+            if existing is None:
                 raise
+            return self._duplicate(existing)
+        # Any other error of the commit itself: it may have landed before the connection
+        # broke, so nothing is removed here; the sweep removes what no committed row names.
+        if existing is not None:
+            self._remove_objects()
+            return self._duplicate(existing)
+        if verdict != "committed":
+            self._remove_objects()  # the row names none of this generation's keys
+            if verdict == "lease_lost":
+                assert self.fence is not None
+                raise LeaseLost(f"the lease of job {self.fence.job_id} went to another "
+                                f"claim before dataset {self.dataset_id} was committed")
+            if verdict == "gone":
+                raise Conflict(f"dataset {self.dataset_id} was deleted while it was being "
+                               "ingested")
+            return {"dataset": catalog.get_dataset(self.dataset_id), "duplicate": False}
+        self.committed = True
+        hit("commit.after_commit")
+        release(self.arrived, self.dataset_id)
+        dataset = catalog.get_dataset(self.dataset_id)
+        if dataset is None:
+            raise Conflict(f"dataset {self.dataset_id} was deleted as it was committed")
         return {"dataset": dataset, "duplicate": False}
 
-    def _commit(self, outcome: ArchiveOutcome, sha256: str) -> dict[str, Any]:
-        deps, store, dataset_id = self.deps, self.deps.store, self.dataset_id
-        keys: dict[str, str] = {}
-        sizes: dict[str, int] = {}
+    def _twin(self, sha256: str) -> dict[str, Any] | None:
+        """A live dataset of the same bytes (registrations are never deduplicated)."""
+        if self.source == "registration":
+            return None
+        return self.deps.catalog.find_by_sha256(sha256, LIVE_STATUSES,
+                                                exclude_id=self.dataset_id)
+
+    def _duplicate(self, existing: dict[str, Any]) -> dict[str, Any]:
+        """The bytes are already a dataset: this pass's row and objects go; a tus upload
+        is completed as that dataset, and then its bytes are released."""
+        self.abort(delete_row=True, release_arrived=False)
+        upload_id = self.arrived.tus_upload_id
+        if upload_id is not None:
+            self.deps.catalog.update_tus_upload(upload_id, dataset_id=existing["id"],
+                                                completed_at=self.deps.catalog.now())
+        release(self.arrived, existing["id"])
+        return {"dataset": existing, "duplicate": True}
+
+    def _store(self, outcome: ArchiveOutcome, sha256: str) -> Stored:
+        """Step "stored": everything this pass keeps is durable under its generation's
+        keys (the archive and tail were committed by the archiver)."""
+        deps, store, dataset_id, gen = self.deps, self.deps.store, self.dataset_id, \
+            self.generation
+        stored = Stored()
         if outcome.form == FORM_ARCHIVE:
             assert outcome.record is not None and outcome.archive is not None
-            keys["archive"] = archive_key(dataset_id)
-            sizes["archive"] = outcome.archive["bytes"]
-            sizes["record"] = store.put_bytes(record_key(dataset_id), outcome.record)
-            keys["record"] = record_key(dataset_id)
+            stored.add("archive", self._receipt("archive"))
+            stored.add("record", store.put(record_key(dataset_id, gen), outcome.record))
             if outcome.tail_bytes:
-                keys["tail"], sizes["tail"] = tail_key(dataset_id), outcome.tail_bytes
+                stored.add("tail", self._receipt("tail"))
         if outcome.frame_sum is not None and outcome.frame_sum.total is not None:
-            sizes["sum"] = store.put_bytes(sum_key(dataset_id),
-                                           encode_sum(outcome.frame_sum.total))
-            keys["sum"] = sum_key(dataset_id)
+            stored.add("sum", store.put(sum_key(dataset_id, gen=gen),
+                                        encode_sum(outcome.frame_sum.total)))
+        if outcome.form != FORM_ARCHIVE or deps.settings.keep_original:
+            key = original_key(dataset_id, self.name, gen)
+            kept = self.arrived.keep(store, key)
+            if kept is not None:
+                stored.keys["original"], stored.sizes["original"] = key, kept
+                stored.original_check = (key, sha256)
+            elif self.source != "registration":
+                raise Conflict(f"dataset {dataset_id}: the bytes as received could not be "
+                               "stored; nothing was committed")
+        return stored
+
+    def _receipt(self, role: str):
+        receipt = self._writers[role].receipt
+        assert receipt is not None, f"the {role} writer was not committed"
+        return receipt
+
+    def _row(self, outcome: ArchiveOutcome, stored: Stored, sha256: str
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The committed row's info and columns, and the job result that goes with it."""
         form = outcome.form
-        keep = form != FORM_ARCHIVE or deps.settings.keep_original
-        kept = self.original.keep(store, original_key(dataset_id, self.name)) if keep else None
-        if kept is not None:
-            keys["original"], sizes["original"] = original_key(dataset_id, self.name), kept
-        else:
-            self.original.discard()
-            if form != FORM_ARCHIVE:
-                form = FORM_REGISTERED  # the user's file, on shared storage
+        if form != FORM_ARCHIVE and "original" not in stored.keys:
+            form = FORM_REGISTERED  # the user's file, on shared storage
+        stored_bytes = sum(stored.sizes.values())
         fields: dict[str, Any] = {"sha256": sha256, "size_bytes": self.received,
-                                  "stored_bytes": sum(sizes.values()), "progress": None,
+                                  "stored_bytes": stored_bytes, "progress": None,
                                   "frame_stats": outcome.frame_stats}
-        info = self._info(outcome, form, keys, sizes)
+        info = self._info(outcome, form, stored.keys, stored.sizes)
         source = self.archiver.source
         if source is not None:
             layout = source.layout
@@ -269,24 +286,17 @@ class IngestPass:
                           dtype=str(layout.dtype), pixel_size=outcome.described[
                               "pixel_size_angstrom"][0] if outcome.described else None)
         fields["status"] = "ready" if outcome.valid else "rejected"
-        if not deps.finalize(dataset_id, info, fields,
-                             source.extended if source is not None else None,
-                             source.header if source is not None else None,
-                             source.layout.nz if source is not None else None,
-                             fence=self.fence):
-            if self.fence is not None and not deps.catalog.holds_lease(*self.fence):
-                raise LeaseLost(f"the lease of job {self.fence[0]} went to another worker "
-                                f"before dataset {dataset_id} was committed")
-            raise Conflict(f"dataset {dataset_id} was deleted while it was being ingested")
-        self.committed = True
-        dataset = deps.catalog.get_dataset(dataset_id)
-        if dataset is None:
-            raise Conflict(f"dataset {dataset_id} was deleted as it was committed")
-        return dataset
+        self.job_result = {"status": fields["status"], "dataset_id": self.dataset_id,
+                           "duplicate": False, "findings": len(outcome.findings),
+                           "bytes_written": stored_bytes}
+        return info, fields
 
     def _info(self, outcome: ArchiveOutcome, form: str, keys: dict[str, str],
               sizes: dict[str, int]) -> dict[str, Any]:
+        # What an earlier pass of the dataset recorded is replaced by this pass's own:
+        # only what the caller adds (a registration's fingerprint) carries over.
         info: dict[str, Any] = {
+            **self.extra_info,
             "findings": [f.to_dict() for f in outcome.findings],
             "storage": {"form": form, "keys": keys, "bytes": sizes,
                         "received_bytes": self.received},
@@ -295,7 +305,6 @@ class IngestPass:
         }
         if self.normalize != self.deps.settings.normalize:
             info["normalize"] = self.normalize
-        info.update(self.extra_info)
         if outcome.described is not None:
             info["file"] = outcome.described
             info["default_mode"] = outcome.default_mode
@@ -311,20 +320,21 @@ class IngestPass:
         info["archive"] = archive
         return info
 
-    def abort(self, delete_row: bool | None = None, discard_original: bool = True) -> None:
-        """The upload failed (or was a duplicate): nothing of it stays. The dataset row
-        goes too when this pass made it (or ``delete_row``), but only once its objects
-        are gone: while the store or catalog is away the row stays ``receiving`` and its
+    def abort(self, delete_row: bool | None = None, release_arrived: bool = True) -> None:
+        """The pass failed (or was a duplicate): what it wrote goes. The dataset row goes
+        too when this pass made it (or ``delete_row``), but only once its objects are
+        gone: while the store or catalog is away the row stays ``receiving`` and its
         upload job's lease lapses, so a worker finishes the cleanup later
-        (:meth:`Pipeline.drop_upload`). ``discard_original=False``: the bytes as received
-        stay where they are (a complete tus upload, to be ingested again). A pass whose
-        row was committed removes nothing: the objects are the dataset's."""
+        (:meth:`Pipeline.drop_upload`). ``release_arrived=False``: the bytes as received
+        stay where they wait (a tus upload's are never dropped here: only termination,
+        expiry or the protocol's release step drops them). A committed pass removes
+        nothing: the objects are the dataset's."""
         if self.committed:
             return
         try:
             self.archiver.abort()
-            if discard_original:
-                self.original.discard()
+            if release_arrived:
+                self.arrived.release()
             self._remove_objects()
             if self.row_created if delete_row is None else delete_row:
                 self.deps.catalog.delete_dataset(self.dataset_id)
@@ -333,8 +343,7 @@ class IngestPass:
                         extra={"dataset_id": self.dataset_id})
 
     def _remove_objects(self) -> None:
-        for key in (archive_key(self.dataset_id), record_key(self.dataset_id),
-                    tail_key(self.dataset_id), sum_key(self.dataset_id),
-                    original_key(self.dataset_id, self.name)):
-            self.deps.store.delete(key)
-
+        """This pass's own objects (its generation's keys, which no other pass writes
+        and, uncommitted, no row names)."""
+        self.archiver.abort()
+        self.deps.store.delete_prefix(generation_prefix(self.dataset_id, self.generation))

@@ -8,8 +8,6 @@ in and out as plain dicts; every time recorded comes from the database's clock.
 
 from __future__ import annotations
 
-import threading
-
 import sqlalchemy as sa
 
 from .base import make_engine
@@ -17,12 +15,13 @@ from .clock import text_now as now
 from .datasets import RARE_NAME_ROWS, CursorError, DatasetQuery, DatasetRows, escape_like
 from .jobs import JobRows
 from .migrate import upgrade
-from .schema import (DATASET_STATES, JOB_STATES, LIVE_STATUSES, SORT_KEYS,
-                     UNFINISHED_JOB_STATES, conversions, datasets, jobs, metadata,
+from .schema import (DATASET_STATES, JOB_STATES, LIVE_STATUSES, SORT_KEYS, TOMBSTONE,
+                     UNFINISHED_JOB_STATES, Fence, conversions, datasets, jobs, metadata,
                      particle_sets, sidecars, tus_uploads)
 from .uploads import UploadRows
 
-__all__ = ["Catalog", "CursorError", "DATASET_STATES", "DatasetQuery", "JOB_STATES",
+__all__ = ["Catalog", "CursorError", "DATASET_STATES", "DatasetQuery", "Fence", "JOB_STATES",
+           "TOMBSTONE",
            "LIVE_STATUSES", "RARE_NAME_ROWS", "SORT_KEYS", "UNFINISHED_JOB_STATES",
            "conversions", "datasets", "escape_like", "jobs", "metadata", "now",
            "particle_sets", "sidecars", "tus_uploads"]
@@ -35,8 +34,6 @@ class Catalog(DatasetRows, JobRows, UploadRows):
     def __init__(self, url: str, *, migrate: bool = True, pool_size: int = 10):
         super().__init__(make_engine(url, pool_size))
         self.url = url
-        self._local_locks = set()
-        self._local_guard = threading.Lock()
         if migrate:
             upgrade(self.engine)
         if self.dialect == "sqlite":

@@ -2,7 +2,7 @@
 
 Replicas run on different machines whose clocks drift; a lease that expires "30 seconds
 from now" must mean the same instant to all of them, so every time the catalog records
-comes from the database (DESIGN section 10: "time is the database's now()").
+comes from the database (as pgqueuer and river do it: "time is the database's now()"; ARCHITECTURE.md).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from .base import CatalogBase
 from .schema import (DATASET_STATES, DETAIL_COLUMNS, LIVE_STATUSES, SORT_KEYS,
-                     SUMMARY_COLUMNS, conversions, datasets, jobs, lease_held, particle_sets,
-                     sidecars)
+                     SUMMARY_COLUMNS, TOMBSTONE, Fence, conversions, datasets, jobs,
+                     lease_held, particle_sets, sidecars, tus_uploads)
 
 #: (column, DatasetQuery field of the inclusive lower bound, ... of the upper bound)
 RANGE_FILTERS = (("total_dose", "min_dose", "max_dose"),
@@ -94,24 +94,70 @@ class DatasetRows(CatalogBase):
         return self._insert(datasets, {"created_at": stamp, "updated_at": stamp, "info": {},
                                        **row})
 
-    def update_dataset(self, dataset_id: str, *, fence: tuple[str, str] | None = None,
+    def update_dataset(self, dataset_id: str, *, fence: Fence | None = None,
                        **fields: Any) -> bool:
-        """Update a dataset; ``fence=(job id, owner)`` makes the write happen only while
-        that worker still holds that job's lease (a worker that lost it writes nothing).
-        False when no row was written."""
+        """Update a dataset (not one being deleted); with ``fence`` the write happens
+        only while that claim still holds its job's lease (a worker that lost it writes
+        nothing). False when no row was written."""
         fields["updated_at"] = self.now()
         with self.engine.begin() as conn:
-            if fence is not None:
-                # The job row stays share-locked until this write commits, so a worker
-                # claiming the lapsed lease meanwhile (FOR UPDATE SKIP LOCKED) waits for
-                # the next poll instead of running beside a write that is landing.
-                held = conn.execute(sa.select(jobs.c.id).where(lease_held(*fence))
-                                    .with_for_update(read=True)).first()
-                if held is None:
-                    return False
-            result = conn.execute(datasets.update().where(datasets.c.id == dataset_id)
+            if fence is not None and not self._fence_holds(conn, fence):
+                return False
+            result = conn.execute(datasets.update().where(datasets.c.id == dataset_id,
+                                                          datasets.c.status != TOMBSTONE)
                                   .values(**fields))
         return result.rowcount > 0
+
+    @staticmethod
+    def _fence_holds(conn: sa.Connection, fence: Fence) -> bool:
+        # The job row stays share-locked until the caller's transaction commits, so a
+        # worker claiming the lapsed lease meanwhile (FOR UPDATE SKIP LOCKED) waits for
+        # the next poll instead of running beside a write that is landing.
+        return conn.execute(sa.select(jobs.c.id).where(lease_held(fence))
+                            .with_for_update(read=True)).first() is not None
+
+    def commit_ingest(self, dataset_id: str, fields: dict[str, Any], *,
+                      fence: Fence | None, job_result: dict[str, Any] | None,
+                      tus_upload_id: str | None) -> str:
+        """The commit step of the protocol (ARCHITECTURE.md), in one transaction: the
+        dataset becomes ``ready``/``rejected`` with the keys of its stored objects, the
+        job of ``fence`` is finished with ``job_result``, a resumable upload is marked
+        completed. Nothing is written unless all of it is. Returns "committed", or why
+        not: "lease_lost" (the fence no longer holds), "gone" (deleted, or being
+        deleted), "already" (committed before: a dataset is committed once)."""
+        fields = {**fields, "updated_at": self.now()}
+        with self.engine.begin() as conn:
+            if fence is not None and not self._fence_holds(conn, fence):
+                return "lease_lost"
+            status = conn.execute(sa.select(datasets.c.status)
+                                  .where(datasets.c.id == dataset_id)).scalar()
+            if status is None or status == TOMBSTONE:
+                return "gone"
+            if status in ("ready", "rejected"):
+                return "already"
+            conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(**fields))
+            if fence is not None:
+                conn.execute(jobs.update().where(lease_held(fence)).values(
+                    state="done", result=job_result, error=None, finished_at=self.now(),
+                    lease_owner=None, lease_expires_at=None))
+            if tus_upload_id is not None:
+                conn.execute(tus_uploads.update().where(tus_uploads.c.id == tus_upload_id)
+                             .values(completed_at=self.now(), dataset_id=dataset_id))
+        return "committed"
+
+    def mark_deleting(self, dataset_id: str) -> bool:
+        """Make the dataset a tombstone (hidden; its objects are removed next, then its
+        row); False when there is no such dataset."""
+        with self.engine.begin() as conn:
+            return conn.execute(datasets.update().where(datasets.c.id == dataset_id)
+                                .values(status=TOMBSTONE, progress=None,
+                                        updated_at=self.now())).rowcount > 0
+
+    def tombstones(self) -> list[str]:
+        """Datasets whose deletion was cut off (the sweep finishes them)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(datasets.c.id)
+                                     .where(datasets.c.status == TOMBSTONE)).scalars())
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
         return self._by_id(datasets, dataset_id, DETAIL_COLUMNS)
@@ -120,7 +166,8 @@ class DatasetRows(CatalogBase):
         """(whether the dataset exists, its per-frame statistics or None)."""
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(datasets.c.frame_stats)
-                               .where(datasets.c.id == dataset_id)).first()
+                               .where(datasets.c.id == dataset_id,
+                                      datasets.c.status != TOMBSTONE)).first()
         return (row is not None, row[0] if row is not None else None)
 
     def find_by_sha256(self, sha256: str, statuses: Iterable[str] = LIVE_STATUSES,
@@ -152,7 +199,7 @@ class DatasetRows(CatalogBase):
         if q.sort not in SORT_KEYS:
             raise CursorError(f"sort must be one of {SORT_KEYS}, got {q.sort!r}")
         key, tie = datasets.c[q.sort], datasets.c.id
-        query = sa.select(*SUMMARY_COLUMNS)
+        query = sa.select(*SUMMARY_COLUMNS).where(datasets.c.status != TOMBSTONE)
         for column, value in (("status", q.status), ("mode", q.mode), ("source", q.source),
                               ("sha256", q.sha256), ("voltage_kv", q.voltage_kv),
                               ("camera", q.camera)):

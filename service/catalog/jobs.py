@@ -1,4 +1,4 @@
-"""Job rows as a leased queue (DESIGN section 10, the pattern of pgqueuer and river).
+"""Job rows as a leased queue (ARCHITECTURE.md; the pattern of pgqueuer and river).
 
 A worker claims the next runnable row in one statement: queued and due, or running with
 an expired lease (its worker died), taken with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL so
@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import sqlalchemy as sa
 
 from .base import CatalogBase
-from .schema import JOB_STATES, UNFINISHED_JOB_STATES, jobs, lease_held
+from .schema import JOB_STATES, UNFINISHED_JOB_STATES, Fence, jobs, lease_held
 
 
 class JobRows(CatalogBase):
@@ -42,11 +42,15 @@ class JobRows(CatalogBase):
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         return self._by_id(jobs, job_id)
 
-    def update_job(self, job_id: str, *, owner: str | None = None, **fields: Any) -> bool:
-        """Update a job (with ``owner``: only while that worker holds its lease)."""
+    def update_job(self, job_id: str, *, owner: str | None = None, attempt: int | None = None,
+                   **fields: Any) -> bool:
+        """Update a job (with ``owner``: only while that worker holds its lease; with
+        ``attempt`` too, only while that very claim does)."""
         condition = jobs.c.id == job_id
         if owner is not None:
             condition = sa.and_(condition, jobs.c.lease_owner == owner)
+        if attempt is not None:
+            condition = sa.and_(condition, jobs.c.attempts == attempt)
         with self.engine.begin() as conn:
             return conn.execute(jobs.update().where(condition).values(**fields)).rowcount > 0
 
@@ -94,29 +98,34 @@ class JobRows(CatalogBase):
             row = conn.execute(claim).first()
         return dict(row._mapping) if row else None
 
-    def renew_leases(self, owner: str, job_ids: Sequence[str],
-                     lease_seconds: float) -> dict[str, bool]:
-        """Extend the leases ``owner`` holds; job id -> whether cancellation was asked.
-        A job missing from the answer has lost its lease."""
-        if not job_ids:
+    def renew_leases(self, owner: str, claims: Sequence[Fence],
+                     lease_seconds: float) -> dict[Fence, bool]:
+        """Extend the leases ``owner``'s claims hold; claim -> whether cancellation was
+        asked. A claim missing from the answer has lost its lease (the job was claimed
+        again since, by another process or by this one)."""
+        if not claims:
             return {}
         with self.engine.begin() as conn:
             rows = conn.execute(
-                jobs.update().where(jobs.c.id.in_(list(job_ids)), jobs.c.lease_owner == owner,
-                                    jobs.c.state == "running")
+                jobs.update().where(jobs.c.id.in_([c.job_id for c in claims]),
+                                    jobs.c.lease_owner == owner, jobs.c.state == "running")
                 .values(lease_expires_at=self.now(lease_seconds))
-                .returning(jobs.c.id, jobs.c.cancel_requested)).all()
-        return {row.id: bool(row.cancel_requested) for row in rows}
+                .returning(jobs.c.id, jobs.c.attempts, jobs.c.cancel_requested)).all()
+        current = {Fence(row.id, owner, row.attempts): bool(row.cancel_requested)
+                   for row in rows}
+        return {claim: current[claim] for claim in claims if claim in current}
 
     def complete_job(self, job_id: str, owner: str, *, state: str, result: Any = None,
-                     error: Any = None) -> bool:
-        """The last write of a run, only while ``owner`` holds the lease."""
-        return self.update_job(job_id, owner=owner, state=state, result=result, error=error,
-                               finished_at=self.now(), lease_owner=None,
-                               lease_expires_at=None)
+                     error: Any = None, attempt: int | None = None) -> bool:
+        """The last write of a run, only while ``owner`` (and claim ``attempt``) holds
+        the lease."""
+        return self.update_job(job_id, owner=owner, attempt=attempt, state=state,
+                               result=result, error=error, finished_at=self.now(),
+                               lease_owner=None, lease_expires_at=None)
 
     def requeue_job(self, job_id: str, owner: str, *, delay_seconds: float,
-                    error: Any = None, count_attempt: bool = True) -> bool:
+                    error: Any = None, count_attempt: bool = True,
+                    attempt: int | None = None) -> bool:
         """Back to the queue, runnable after ``delay_seconds`` (a retry after a failure,
         or a job that has to wait for something, which does not count as an attempt)."""
         fields: dict[str, Any] = {"state": "queued", "run_after": self.now(delay_seconds),
@@ -124,8 +133,10 @@ class JobRows(CatalogBase):
         if error is not None:
             fields["error"] = error
         if not count_attempt:
-            fields["attempts"] = jobs.c.attempts - 1
-        return self.update_job(job_id, owner=owner, **fields)
+            # The attempt count is also the fencing token, which must only grow: a wait
+            # that does not count raises the allowance instead.
+            fields["max_attempts"] = jobs.c.max_attempts + 1
+        return self.update_job(job_id, owner=owner, attempt=attempt, **fields)
 
     def release_jobs(self, dataset_id: str, kind: str) -> int:
         """Queued jobs of a dataset that were waiting for it become runnable now."""
@@ -155,9 +166,9 @@ class JobRows(CatalogBase):
             return conn.execute(jobs.update().where(jobs.c.state == "running")
                                 .values(lease_expires_at=self.now(-1.0))).rowcount
 
-    def holds_lease(self, job_id: str, owner: str) -> bool:
-        """Whether ``owner`` still holds the lease of ``job_id`` (the job is running)."""
-        return bool(self._count(jobs, lease_held(job_id, owner)))
+    def holds_lease(self, fence: Fence) -> bool:
+        """Whether the claim ``fence`` still holds its job's lease."""
+        return bool(self._count(jobs, lease_held(fence)))
 
     def has_live_lease(self, dataset_id: str) -> bool:
         """Whether some worker (or a receiving process) holds a live lease on a job of

@@ -11,6 +11,8 @@ lists filter and sort on.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import sqlalchemy as sa
 
 metadata = sa.MetaData()
@@ -18,6 +20,9 @@ metadata = sa.MetaData()
 DATASET_STATES = ("receiving", "queued", "processing", "ready", "rejected", "failed")
 #: statuses a re-upload of the same bytes is answered from (no second copy is kept)
 LIVE_STATUSES = ("receiving", "queued", "processing", "ready")
+#: a dataset being deleted: hidden from every answer; its objects go first, then the row
+#: (the maintenance sweep finishes a deletion that was cut off). ARCHITECTURE.md.
+TOMBSTONE = "deleting"
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED_JOB_STATES = ("queued", "running")
 
@@ -106,6 +111,7 @@ tus_uploads = sa.Table(
     sa.Column("parts", sa.JSON),                              # S3: [[number, size, etag]]
     sa.Column("pending_bytes", sa.BigInteger, nullable=False, default=0),  # S3: the tail
     sa.Column("pending_key", sa.Text),                        # S3: the tail's object
+    sa.Column("released_at", sa.String(32)),                  # its bytes were dropped
 )
 
 #: converted downloads kept in the datastore (a cache bounded in bytes, least recently
@@ -119,7 +125,7 @@ conversions = sa.Table(
     sa.Column("used_at", sa.String(32), nullable=False, index=True),
 )
 
-#: Jobs are rows leased by workers (pgqueuer/river pattern, DESIGN section 10): a worker
+#: Jobs are rows leased by workers (pgqueuer/river pattern, ARCHITECTURE.md): a worker
 #: claims a queued row (or one whose lease expired) with SELECT ... FOR UPDATE SKIP
 #: LOCKED, renews the lease while it works, and every renewal and completion is guarded
 #: by lease_owner, so a worker that lost its lease writes nothing.
@@ -149,10 +155,22 @@ jobs = sa.Table(
 sa.Index("ix_jobs_claim", jobs.c.state, jobs.c.run_after, jobs.c.priority)
 
 
-def lease_held(job_id: str, owner: str) -> sa.ColumnElement[bool]:
-    """Job ``job_id`` is running under ``owner``'s lease (the guard of fenced writes)."""
-    return sa.and_(jobs.c.id == job_id, jobs.c.lease_owner == owner,
-                   jobs.c.state == "running")
+class Fence(NamedTuple):
+    """A job's lease as one claim holds it: the job, the claiming process and the claim's
+    fencing token (its attempt number, which grows with every claim). A write guarded by
+    it lands only while that very claim holds the lease: a stale thread, even of the
+    same process, that was paused past its lease carries an older token and writes
+    nothing (Kleppmann, "How to do distributed locking"; ARCHITECTURE.md)."""
+
+    job_id: str
+    owner: str
+    attempt: int
+
+
+def lease_held(fence: Fence) -> sa.ColumnElement[bool]:
+    """The claim ``fence`` still holds its job's lease (the guard of fenced writes)."""
+    return sa.and_(jobs.c.id == fence.job_id, jobs.c.lease_owner == fence.owner,
+                   jobs.c.attempts == fence.attempt, jobs.c.state == "running")
 UNFINISHED_DEDUP = sa.and_(jobs.c.dedup_key.isnot(None),
                            jobs.c.state.in_(UNFINISHED_JOB_STATES))
 sa.Index("uq_jobs_unfinished_dedup", jobs.c.dataset_id, jobs.c.dedup_key, unique=True,

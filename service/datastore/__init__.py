@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .base import (DataStore, ObjectInfo, ObjectMissing, ObjectWriter, StoreError,
-                   StoreUnavailable, check_key)
+from .base import (DataStore, ObjectCorrupt, ObjectInfo, ObjectMissing, ObjectWriter,
+                   Receipt, StoreError, StoreUnavailable, check_key)
 from .local import LocalStore, sweep_abandoned
 
 if TYPE_CHECKING:
     from .s3 import S3Store
 
-__all__ = ["DataStore", "LocalStore", "ObjectInfo", "ObjectMissing", "ObjectWriter",
-           "S3Store", "StoreError", "StoreUnavailable", "check_key", "open_store",
+__all__ = ["DataStore", "LocalStore", "ObjectCorrupt", "ObjectInfo", "ObjectMissing",
+           "ObjectWriter", "Receipt", "S3Store", "StoreError", "StoreUnavailable", "check_key", "open_store",
            "sweep_abandoned"]
 
 

@@ -43,6 +43,29 @@ def check_key(key: str) -> str:
     return key
 
 
+class ObjectCorrupt(StoreError):
+    """What the store holds under a key is not what was written there."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a writer wrote, for reading it back before anything that depends on it is
+    committed (ARCHITECTURE.md, step "stored"): its key, size and CRC-32 checksum in the
+    form the store can check (local: the head and the body separately; S3: the
+    object's checksum as the store reports it, composite for a multipart upload)."""
+
+    key: str
+    size: int
+    checksum: str
+
+
+def crc32_text(crc: int) -> str:
+    """A CRC-32 as S3 spells it: the four big-endian bytes in base64."""
+    import base64
+
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -53,6 +76,8 @@ class ObjectInfo:
 class ObjectWriter(Protocol):
     key: str
     written: int
+    #: set by :meth:`commit`: what :meth:`DataStore.read_back` checks
+    receipt: Receipt | None
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data`` (it may be reused by the caller once this returns)."""
@@ -99,33 +124,27 @@ class DataStore(ABC):
     def ping(self) -> None:
         """Raise :class:`StoreUnavailable` when the store cannot be used."""
 
-    def local_path(self, key: str) -> Path | None:
-        """The object's path on local disk, for stores that have one (sendfile)."""
-        return None
+    @abstractmethod
+    def read_back(self, receipt: Receipt) -> None:
+        """Check that the object under ``receipt.key`` is what was written (size and
+        checksum, from the store itself); :class:`ObjectCorrupt` or
+        :class:`ObjectMissing` otherwise."""
 
-    def describe(self) -> str:
-        return self.kind
-
-    # -- conveniences built on the primitives -------------------------------------
-
-    def put_bytes(self, key: str, data: bytes) -> int:
+    def copy_file(self, key: str, path: Path) -> int:
+        """Store a copy of the local file ``path`` under ``key``; ``path`` stays."""
         writer = self.open_writer(key)
         try:
-            writer.write(data)
+            with open(path, "rb") as f:
+                while block := f.read(8 << 20):
+                    writer.write(block)
         except BaseException:
             writer.abort()
             raise
         return writer.commit()
 
-    def get_bytes(self, key: str) -> bytes:
-        size = self.size(key)
-        if size is None:
-            raise ObjectMissing(key)
-        return self.read_range(key, 0, size)
-
-    def move(self, source: str, target: str) -> int:
-        """Give the object ``source`` the key ``target`` (streamed copy, then delete;
-        stores override with something cheaper). Returns its size."""
+    def copy(self, source: str, target: str) -> int:
+        """Store a copy of the object ``source`` under ``target`` (streamed; stores
+        override with something cheaper); ``source`` stays. Returns its size."""
         size = self.size(source)
         if size is None:
             raise ObjectMissing(source)
@@ -136,7 +155,54 @@ class DataStore(ABC):
         except BaseException:
             writer.abort()
             raise
+        return writer.commit()
+
+    def sha256(self, key: str) -> str:
+        """The SHA-256 of the object as the store gives it back (reads it whole)."""
+        import hashlib
+
+        size = self.size(key)
+        if size is None:
+            raise ObjectMissing(key)
+        digest = hashlib.sha256()
+        for offset in range(0, size, 8 << 20):
+            digest.update(self.read_range(key, offset, min(8 << 20, size - offset)))
+        return digest.hexdigest()
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's path on local disk, for stores that have one (sendfile)."""
+        return None
+
+    def describe(self) -> str:
+        return self.kind
+
+    # -- conveniences built on the primitives -------------------------------------
+
+    def put_bytes(self, key: str, data: bytes) -> int:
+        return self.put(key, data).size
+
+    def put(self, key: str, data: bytes) -> Receipt:
+        """Store ``data`` under ``key``; the writer's receipt."""
+        writer = self.open_writer(key)
+        try:
+            writer.write(data)
+        except BaseException:
+            writer.abort()
+            raise
         writer.commit()
+        assert writer.receipt is not None
+        return writer.receipt
+
+    def get_bytes(self, key: str) -> bytes:
+        size = self.size(key)
+        if size is None:
+            raise ObjectMissing(key)
+        return self.read_range(key, 0, size)
+
+    def move(self, source: str, target: str) -> int:
+        """Give the object ``source`` the key ``target`` (a copy, then delete; stores
+        override with something cheaper). Returns its size."""
+        size = self.copy(source, target)
         self.delete(source)
         return size
 

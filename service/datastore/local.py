@@ -15,12 +15,15 @@ import fcntl
 import os
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Iterator
 
 from ..mrc.sink import PART_SUFFIX, AtomicFile, fsync_directory
 from ..mrc.source import ByteSource, FileSource
-from .base import DataStore, ObjectInfo, ObjectMissing, StoreUnavailable, check_key
+from .base import (DataStore, ObjectCorrupt, ObjectInfo, ObjectMissing, Receipt,
+                   StoreUnavailable, check_key)
+
 
 class LocalWriter(AtomicFile):
     """An :class:`AtomicFile` that knows its key."""
@@ -28,6 +31,19 @@ class LocalWriter(AtomicFile):
     def __init__(self, final: Path, key: str, reserve_head: int):
         super().__init__(final, reserve_head=reserve_head)
         self.key = key
+        self.receipt: Receipt | None = None
+
+    def commit(self, head: bytes | None = None) -> int:
+        size = super().commit(head)
+        self.receipt = Receipt(self.key, size, local_checksum(
+            self._reserve, self.head_crc32 or 0, self.body_crc32))
+        return size
+
+
+def local_checksum(head_bytes: int, head_crc: int, body_crc: int) -> str:
+    """A local object's checksum: CRC-32 of its first ``head_bytes`` and of the rest
+    (a writer fills its reserved head last, so the two are taken apart)."""
+    return f"crc32:{head_bytes}:{head_crc:08x}:{body_crc:08x}"
 
 
 class LocalStore(DataStore):
@@ -70,9 +86,12 @@ class LocalStore(DataStore):
     def delete(self, key: str) -> None:
         path = self.path(key)
         path.unlink(missing_ok=True)
-        # Drop folders the deletion emptied, up to the root (datasets/<id>/ and such).
+        self._remove_empty_parents(path)
+
+    def _remove_empty_parents(self, path: Path) -> None:
+        """Drop folders a deletion emptied, up to the root (datasets/<id>/ and such)."""
         parent = path.parent
-        while parent != self.root:
+        while parent != self.root and parent.is_relative_to(self.root):
             try:
                 parent.rmdir()
             except OSError:
@@ -100,7 +119,9 @@ class LocalStore(DataStore):
 
     def delete_prefix(self, prefix: str) -> int:
         count = super().delete_prefix(prefix)
-        shutil.rmtree(self.root / prefix.rstrip("/"), ignore_errors=True)  # temporaries too
+        folder = self.root / prefix.rstrip("/")
+        shutil.rmtree(folder, ignore_errors=True)  # temporaries too
+        self._remove_empty_parents(folder)
         return count
 
     def put_file(self, key: str, path: Path) -> int:
@@ -124,6 +145,45 @@ class LocalStore(DataStore):
 
     def local_path(self, key: str) -> Path | None:
         return self.path(key)
+
+    def read_back(self, receipt: Receipt) -> None:
+        """Read the file again and compare its size and CRC-32s with the receipt's."""
+        _, head_text, _, _ = receipt.checksum.split(":")
+        head_bytes = int(head_text)
+        try:
+            fd = os.open(self.path(receipt.key), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectMissing(receipt.key) from None
+        try:
+            size = os.fstat(fd).st_size
+            head_crc = zlib.crc32(os.pread(fd, head_bytes, 0)) if head_bytes else 0
+            body_crc, offset = 0, head_bytes
+            while piece := os.pread(fd, 8 << 20, offset):
+                body_crc = zlib.crc32(piece, body_crc)
+                offset += len(piece)
+        finally:
+            os.close(fd)
+        found = local_checksum(head_bytes, head_crc, body_crc)
+        if size != receipt.size or found != receipt.checksum:
+            raise ObjectCorrupt(f"{receipt.key}: {size} bytes ({found}) read back, "
+                                f"{receipt.size} ({receipt.checksum}) written")
+
+    def copy_file(self, key: str, path: Path) -> int:
+        """A hard link where the data folder allows it (the same file system): no byte is
+        copied, and ``path`` may be removed later without touching the object."""
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        temp = final.with_name(f".{final.name}.link{PART_SUFFIX}")
+        temp.unlink(missing_ok=True)
+        try:
+            os.link(path, temp)
+        except OSError:
+            return super().copy_file(key, path)
+        os.replace(temp, final)
+        fsync_directory(final.parent)
+        return final.stat().st_size
 
     def move(self, source: str, target: str) -> int:
         src, dst = self.path(source), self.path(target)

@@ -2,7 +2,7 @@
 
 Objects live under ``s3://<bucket>/<prefix>/<key>``. Facts this module is built on
 (AWS S3 API reference and user guide, "Uploading and copying objects using multipart
-upload"; DESIGN.md section 10):
+upload"; ARCHITECTURE.md):
 
 - A multipart upload's parts are at least 5 MiB except the last, at most 10,000 of them,
   numbered 1-10,000 and uploadable in any order; ``CompleteMultipartUpload`` assembles
@@ -17,8 +17,15 @@ upload"; DESIGN.md section 10):
   when an upload declares a checksum algorithm, ``CompleteMultipartUpload`` must repeat
   each part's checksum, and SeaweedFS 4.48's ListParts does not report them. We use the
   classic protocol (``request_checksum_calculation="when_required"``), which every S3
-  implementation speaks and which lets another process (the tus layer) complete an
-  upload from ListParts' ETags alone. The service checks content with its own SHA-256.
+  implementation speaks for everything else. Content is checked with CRC-32 sent by
+  us (AWS S3 user guide, "Checking object integrity"): every part and every single PUT carries ``ChecksumCRC32``,
+  which the store verifies on receipt (a mismatch is ``BadDigest``); a multipart upload
+  is created with ``ChecksumAlgorithm=CRC32`` and completed with each part's checksum,
+  so the store reports the object's composite checksum (CRC-32 of the parts' CRC-32s,
+  ``"...-N"``) on a HEAD with ``ChecksumMode=ENABLED``: :meth:`S3Store.read_back`
+  compares it with the one computed here, without reading the object back. The tus
+  layer records each part's checksum with its ETag, since SeaweedFS 4.48's ListParts
+  does not report them.
 
 Errors: a missing object is :class:`ObjectMissing`; an endpoint that does not answer,
 times out, answers 5xx or throttles, a missing bucket and rejected credentials are
@@ -32,6 +39,7 @@ import logging
 import re
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,8 +54,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError,
                                  IncompleteReadError, NoCredentialsError,
                                  PartialCredentialsError)
 
-from .base import (DataStore, ObjectInfo, ObjectMissing, StoreError, StoreUnavailable,
-                   check_key)
+from .base import (DataStore, ObjectCorrupt, ObjectInfo, ObjectMissing, Receipt, StoreError,
+                   StoreUnavailable, check_key, crc32_text)
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +84,22 @@ class MultipartUploadMissing(ObjectMissing):
 
 
 class PartInfo(NamedTuple):
-    """A part of a multipart upload, as ListParts reports it."""
+    """A part of a multipart upload: number, size, ETag and (when it was sent with one)
+    its CRC-32 as S3 spells it."""
 
     number: int
     size: int
     etag: str
+    crc32: str | None = None
+
+
+def composite_crc32(part_crcs: list[str]) -> str:
+    """The checksum S3 reports for a multipart object whose parts were sent with these
+    CRC-32s: the CRC-32 of their concatenated bytes, then ``-<parts>``."""
+    import base64
+
+    joined = b"".join(base64.b64decode(c) for c in part_crcs)
+    return f"{crc32_text(zlib.crc32(joined))}-{len(part_crcs)}"
 
 
 class PendingUpload(NamedTuple):
@@ -194,21 +213,39 @@ class S3Store(DataStore):
     def open_writer(self, key: str, *, reserve_head: int = 0) -> S3Writer:
         return S3Writer(self, key, reserve_head)
 
-    def put_object(self, key: str, data: bytes | bytearray) -> None:
-        """One PutObject: the object appears whole or not at all."""
+    def put_object(self, key: str, data: bytes | bytearray) -> str:
+        """One PutObject: the object appears whole or not at all. The store checks the
+        CRC-32 sent with it; returns that checksum."""
+        crc = crc32_text(zlib.crc32(data))
         with self._translated("PutObject", key):
-            self._client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data)
+            self._client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data,
+                                    ChecksumCRC32=crc)
+        return crc
 
-    def move(self, source: str, target: str) -> int:
-        """Server-side copy (multipart for large objects, by boto3's transfer manager),
-        then delete the source."""
+    def read_back(self, receipt: Receipt) -> None:
+        """Compare the object's size and the checksum the store keeps for it (HEAD with
+        ``ChecksumMode=ENABLED``) with the receipt's; no byte is read again."""
+        try:
+            with self._translated("HeadObject", receipt.key):
+                head = self._client.head_object(Bucket=self.bucket,
+                                                Key=self._full(receipt.key),
+                                                ChecksumMode="ENABLED")
+        except ObjectMissing:
+            raise
+        found = f"crc32:{head.get('ChecksumCRC32')}"
+        if head["ContentLength"] != receipt.size or found != receipt.checksum:
+            raise ObjectCorrupt(f"{receipt.key}: the store holds {head['ContentLength']} "
+                                f"bytes ({found}), {receipt.size} ({receipt.checksum}) "
+                                "were written")
+
+    def copy(self, source: str, target: str) -> int:
+        """Server-side copy (multipart for large objects, by boto3's transfer manager)."""
         size = self.size(source)
         if size is None:
             raise ObjectMissing(source)
         with self._translated("CopyObject", source):
             self._client.copy({"Bucket": self.bucket, "Key": self._full(source)},
                               self.bucket, self._full(target))
-        self.delete(source)
         return size
 
     def put_file(self, key: str, path: Path) -> int:
@@ -343,23 +380,28 @@ class S3Store(DataStore):
     # -- multipart primitives (also for the resumable-upload layer) ---------------------
 
     def create_multipart(self, key: str) -> str:
-        """Start a multipart upload for ``key``; returns its upload id."""
+        """Start a multipart upload for ``key`` whose parts carry CRC-32 checksums;
+        returns its upload id."""
         with self._translated("CreateMultipartUpload", key):
             return self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=self._full(key))["UploadId"]
+                Bucket=self.bucket, Key=self._full(key),
+                ChecksumAlgorithm="CRC32")["UploadId"]
 
     def upload_part(self, key: str, upload_id: str, part_number: int,
-                    data: bytes | bytearray | memoryview) -> str:
-        """Upload part ``part_number`` (1-10,000); returns its ETag. Every part but the
-        last must be at least 5 MiB, which S3 checks only at completion."""
+                    data: bytes | bytearray | memoryview) -> PartInfo:
+        """Upload part ``part_number`` (1-10,000) with its CRC-32, which the store checks
+        on receipt. Every part but the last must be at least 5 MiB, which S3 checks
+        only at completion."""
         if not 1 <= part_number <= MAX_PARTS:
             raise ValueError(f"part numbers run from 1 to {MAX_PARTS}, not {part_number}")
         if isinstance(data, memoryview):
             data = data.tobytes()
+        crc = crc32_text(zlib.crc32(data))
         with self._translated("UploadPart", key):
-            return self._client.upload_part(Bucket=self.bucket, Key=self._full(key),
+            etag = self._client.upload_part(Bucket=self.bucket, Key=self._full(key),
                                             UploadId=upload_id, PartNumber=part_number,
-                                            Body=data)["ETag"]
+                                            Body=data, ChecksumCRC32=crc)["ETag"]
+        return PartInfo(part_number, len(data), etag, crc)
 
     def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
         """The parts uploaded so far, by number."""
@@ -368,20 +410,22 @@ class S3Store(DataStore):
         with self._translated("ListParts", key):
             for page in paginator.paginate(Bucket=self.bucket, Key=self._full(key),
                                            UploadId=upload_id):
-                parts += [PartInfo(p["PartNumber"], p["Size"], p["ETag"])
+                parts += [PartInfo(p["PartNumber"], p["Size"], p["ETag"],
+                                   p.get("ChecksumCRC32"))
                           for p in page.get("Parts", ())]
         return sorted(parts)
 
     def complete_multipart(self, key: str, upload_id: str,
-                           parts: Iterable[tuple[int, int, str]]) -> int:
-        """Assemble ``parts`` (number, size, ETag: as :meth:`list_parts` gives them)
-        into the object, which appears atomically. Returns its size."""
+                           parts: Iterable[tuple]) -> int:
+        """Assemble ``parts`` (number, size, ETag and, when sent with one, CRC-32) into
+        the object, which appears atomically. Returns its size."""
         parts = sorted(PartInfo(*part) for part in parts)
         with self._translated("CompleteMultipartUpload", key):
             self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
-                MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag}
-                                           for p in parts]})
+                MultipartUpload={"Parts": [
+                    {"PartNumber": p.number, "ETag": p.etag,
+                     **({"ChecksumCRC32": p.crc32} if p.crc32 else {})} for p in parts]})
         return sum(p.size for p in parts)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -468,6 +512,7 @@ class S3Writer:
         self._slots = threading.BoundedSemaphore(store.parallel_parts)
         self._failure: BaseException | None = None
         self._closed = False
+        self.receipt: Receipt | None = None
 
     def write(self, data: bytes | memoryview) -> None:
         self._check_open()
@@ -499,21 +544,22 @@ class S3Writer:
                 first[:self._reserve] = head
             if self._upload_id is None:  # it all fits in memory: one request
                 whole = tail if first is tail else first + tail
-                self._store.put_object(self.key, whole)
+                checksum = self._store.put_object(self.key, whole)
             else:
                 if self._held_first is not None:
                     self._submit(1, self._held_first)
                 if tail:
                     self._submit(self._next_number, tail)
                 self._held_first = self._buffer = None
-                parts = [PartInfo(number, size, future.result())
-                         for number, size, future in self._parts]
+                parts = sorted(future.result() for _, _, future in self._parts)
                 self._store.complete_multipart(self.key, self._upload_id, parts)
+                checksum = composite_crc32([p.crc32 for p in parts])
         except BaseException:
             self.abort()
             raise
         self._closed = True
         self._held_first = self._buffer = None
+        self.receipt = Receipt(self.key, self._reserve + self.written, f"crc32:{checksum}")
         return self._reserve + self.written
 
     def abort(self) -> None:

@@ -1,6 +1,6 @@
 """Lossless conversion between MRC modes and to/from MRCZ, streamed frame by frame.
 
-The rules (DESIGN section 2): 4-bit counts 0-15 fit exactly in modes 0, 1, 2 and 6, so
+The rules (MRC2014 mode table; IMOD mrc_format.txt for mode 101): 4-bit counts 0-15 fit exactly in modes 0, 1, 2 and 6, so
 mode 101 converts to any of them with the raw values, never shifted or scaled (IMOD
 ``newstack`` shifts by -127 or scales by 2184). A target that cannot hold every possible
 source value (float32 -> int8, say) is allowed only when this file's values survive

@@ -3,7 +3,7 @@ received, and the rebuild of those bytes (whole, or any byte range) from archive
 
 An archive rewrites the header (mode, MZ, labels, statistics, byte order), may change the
 mode (4-bit counts become mode-0 bytes, IMOD's unsigned bytes become mode 6) and holds
-every pixel value. What it cannot hold, the record keeps (DESIGN section 9):
+every pixel value. What it cannot hold, the record keeps (ARCHITECTURE.md, "The write path"):
 
 - the original 1024-byte header and the NSYMBT bytes of extended header, verbatim;
 - the source layout: mode, byte order, 4-bit packing (mode 101 or IMOD's half-width

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import zlib
 from pathlib import Path
 from typing import Protocol
 
@@ -85,6 +86,10 @@ class AtomicFile:
         self._temp = LockedTempFile(self.path)
         self._reserve = reserve_head
         self.written = 0
+        #: CRC-32 of the body (after the reserved head) and, after commit, of the head:
+        #: what the file should hold when it is read back
+        self.body_crc32 = 0
+        self.head_crc32: int | None = None
         if reserve_head:
             try:
                 os.ftruncate(self._temp.fd, reserve_head)
@@ -100,6 +105,7 @@ class AtomicFile:
     def write(self, data: bytes | memoryview) -> None:
         try:
             self.written += write_all(self._temp.fd, data)
+            self.body_crc32 = zlib.crc32(data, self.body_crc32)
         except BaseException:
             self.abort()
             raise
@@ -111,6 +117,7 @@ class AtomicFile:
                     raise ValueError(f"head of {len(head)} bytes for a reserve of "
                                      f"{self._reserve}")
                 os.pwrite(self._temp.fd, head, 0)
+            self.head_crc32 = zlib.crc32(head if head is not None else bytes(self._reserve))
             self._temp.publish()
         except BaseException:
             self.abort()

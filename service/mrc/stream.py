@@ -1,7 +1,7 @@
 """Cut an MRC or MRCZ byte stream into its parts while it arrives.
 
 After the 1024-byte header and NSYMBT bytes of extended header the layout is fixed
-(DESIGN section 9): frame k of a plain file is bytes ``1024 + NSYMBT + k * frame_nbytes``
+(MRC2014: the 1024-byte header and NSYMBT bytes of extended header come first): frame k of a plain file is bytes ``1024 + NSYMBT + k * frame_nbytes``
 onwards, so frames can be cut as the body streams. An MRCZ stream is cut at its c-blosc
 chunk headers (16 bytes each; ``cbytes`` gives the chunk's length, MRCZ spec 0.5). Each
 piece goes to whoever processes frames (:mod:`service.mrc.archiver`) the moment it is
@@ -25,7 +25,7 @@ from .buffers import BufferPool
 from .codec import BLOSC_MAX_OVERHEAD, CHUNK_HEADER_SIZE, Codec, ChunkHeader
 from .errors import FormatError
 from .findings import Finding, error, warning
-from .validate import check_header_bytes
+from .validate import FrameLimits, check_frame_limits, check_header_bytes
 
 #: A frame is held whole in memory while it is processed; a header declaring larger
 #: frames (or a chunk claiming to decompress past this) is refused as such.
@@ -38,6 +38,16 @@ PieceKind = Literal["header", "extended", "frame", "tail"]
 
 class HeaderRefused(FormatError):
     """The first 1024 bytes are not an MRC/MRCZ header."""
+
+
+class HeaderOverLimit(FormatError):
+    """A header that declares more frames, or more tiny frames, than the limits given
+    (:class:`~service.mrc.validate.FrameLimits`): refused as it arrives, before any piece
+    is handed on, so nothing of it is stored. ``findings`` name the field and limit."""
+
+    def __str__(self) -> str:
+        return ("the header declares more frames than this service takes on; nothing was "
+                f"stored: {super().__str__()}")
 
 
 @dataclass
@@ -64,6 +74,8 @@ class StreamCutter:
 
     #: where frame buffers come from (the archiver gives them back once proven)
     pool: BufferPool | None = None
+    #: a header over these is refused (:class:`HeaderOverLimit`) as soon as it is in
+    limits: FrameLimits | None = None
 
     def __post_init__(self) -> None:
         self._pending = bytearray()       # header / extended header / chunk header bytes
@@ -124,6 +136,9 @@ class StreamCutter:
         layout, findings = check_header_bytes(raw)
         if layout is None:
             raise HeaderRefused(findings)
+        over = check_frame_limits(layout, self.limits)
+        if over:
+            raise HeaderOverLimit(over, hdr.parse(raw, layout.byte_order))
         self.layout, self.header_findings = layout, findings
         self.header = hdr.parse(raw, layout.byte_order)
         pieces.append(Piece("header", np.frombuffer(raw, dtype=np.uint8)))

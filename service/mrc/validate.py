@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -142,6 +143,47 @@ def check_header_bytes(raw: bytes) -> tuple[hdr.Layout | None, list[Finding]]:
     if layout is None:
         return None, findings
     return layout, findings + check_header_fields(h, layout)
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """How many frames, and how small, a header may declare before the work it asks for
+    is refused (each frame costs a fixed amount of work and bookkeeping, whatever its
+    size). None or 0: no limit. The format core reads no settings: the service passes
+    its own, and ``setting_prefix`` makes each finding name the setting that holds the
+    limit (``MRC_INGEST_`` there)."""
+
+    max_frames: int | None = None
+    #: frames smaller than this ...
+    min_frame_bytes: int = 0
+    #: ... may be at most this many
+    max_small_frames: int | None = None
+    setting_prefix: str = ""
+
+    def setting(self, name: str) -> str:
+        return f"{self.setting_prefix}{name}".upper() if self.setting_prefix else name
+
+
+def check_frame_limits(layout: hdr.Layout, limits: FrameLimits | None) -> list[Finding]:
+    """Error findings when the header declares more frames than ``limits`` allow (NZ),
+    or more frames smaller than ``min_frame_bytes`` (NX x NY in MODE) than
+    ``max_small_frames``; nothing when it is within them."""
+    if limits is None:
+        return []
+    nz, found = layout.nz, []
+    if limits.max_frames and nz > limits.max_frames:
+        found.append(error("nz", f"NZ is {nz} frames, over the limit of {limits.max_frames} "
+                                 f"frames ({limits.setting('max_frames')})"))
+    elif limits.min_frame_bytes and limits.max_small_frames is not None and \
+            layout.frame_nbytes < limits.min_frame_bytes and nz > limits.max_small_frames:
+        found.append(error("nx", f"NX x NY = {layout.nx} x {layout.ny} (mode "
+                                 f"{layout.mode}) makes frames of {layout.frame_nbytes} "
+                                 f"bytes, and NZ is {nz}: more than the "
+                                 f"{limits.max_small_frames} frames "
+                                 f"({limits.setting('max_small_frames')}) of fewer than "
+                                 f"{limits.min_frame_bytes} bytes "
+                                 f"({limits.setting('min_frame_bytes')}) a movie may have"))
+    return found
 
 
 def scan(src: MrcFile, progress: Callable[[int, int], None] | None = None,

@@ -1,6 +1,10 @@
 """Resumable uploads, tus 1.0 (https://tus.io/protocols/resumable-upload): core, creation,
-termination and checksum extensions. The protocol lives here; the router only maps HTTP;
-where the bytes wait is :mod:`service.tus_bytes` (a local file, or S3 multipart parts).
+termination and checksum extensions. The protocol lives here (the handler); the router
+only maps HTTP; where the bytes wait is :mod:`.stores` (a local file, or S3 multipart
+parts); two PATCHes of one upload are kept apart by :mod:`.locker`. As tusd, the handler
+never deletes an upload's bytes as a side effect of finishing it: termination and expiry
+do, and the commit protocol's release step (ARCHITECTURE.md), once the upload's dataset
+is committed.
 
 An upload's bytes go through the same :class:`Receiver` every upload uses, and its
 offset to the catalog once each PATCH's bytes are durable, so offsets survive a restart
@@ -11,9 +15,9 @@ in which case a partial body is discarded.
 PATCH bodies are ingested as they arrive, in order: the upload's streaming pass (hash,
 frames, archive) lives in memory from PATCH to PATCH, so the dataset is ready when the
 last PATCH ends. When that state is lost (the service restarted mid-upload, or a PATCH
-was discarded for its checksum), the upload still completes: its file is then read once
-by an ingest job after the last PATCH. The MRC header is checked once its 1024 bytes are
-in.
+was discarded for its checksum), or the end of the last PATCH fails, the upload still
+completes: its bytes are read once by an ingest job (queued by the last PATCH, or by
+recovery within seconds). The MRC header is checked once its 1024 bytes are in.
 """
 
 from __future__ import annotations
@@ -29,23 +33,25 @@ from typing import Any, AsyncIterator, Iterator
 
 import anyio
 
-from .catalog import Catalog
-from .datastore import DataStore
-from .errors import BadRequest, NotMrc, ServiceError, TooLarge
-from .ingest_pass import IngestPass, OriginalBytes, PassDeps, drop_receiving
-from .intake import Intake, new_id, refuse_non_mrc
-from .metrics import Metrics
-from .mrc.header import HEADER_SIZE
-from .mrc.stream import HeaderRefused
-from .receiver import Receiver, pump
-from .storage import Storage
-from .tus_bytes import Patch, TusBytes, tus_bytes
-from .uploads import check_filename
+from ..arrival import IngestPass, PassDeps, ReceivedBytes, drop_receiving
+from ..catalog import TOMBSTONE, Catalog
+from ..datastore import DataStore
+from ..errors import BadRequest, NotMrc, ServiceError, TooLarge
+from ..failpoints import hit
+from ..intake import Intake, new_id, refuse_non_mrc
+from ..metrics import Metrics
+from ..mrc.header import HEADER_SIZE
+from ..mrc.stream import HeaderOverLimit, HeaderRefused
+from ..receiver import Receiver, pump
+from ..storage import Storage
+from ..uploads import check_filename
+from .locker import Locker
+from .stores import Patch, TusBytes, tus_bytes
 
 log = logging.getLogger("mrc_ingest.tus")
 
 VERSION = "1.0.0"
-EXTENSIONS = "creation,termination,checksum"
+EXTENSIONS = "creation,termination,checksum,expiration"
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
 
 
@@ -137,38 +143,75 @@ class TusUploads:
         self.storage, self.catalog, self.max_bytes = storage, catalog, max_bytes
         self.expiry, self.deps, self.intake, self.metrics = expiry, deps, intake, metrics
         self.bytes: TusBytes = tus_bytes(storage.store, catalog, storage.tus)
+        self.locks = Locker(catalog)
         self._streams: dict[str, _Stream] = {}
 
-    def prepare(self) -> None:
-        """At start and then every few minutes, on any replica (each step takes the
-        upload's lock and is idempotent): expired uploads go; uploads that hold every
-        byte but whose end failed are ingested after all; streams of uploads finished
-        (or dropped) elsewhere release what they hold here."""
+    # -- recovery steps (service.arrival.recovery runs them, on any replica) ------------
+
+    def expire(self) -> int:
+        """Expired unfinished uploads go (their bytes, their receiving dataset)."""
+        dropped = 0
         for row in self.catalog.expired_tus_uploads():
-            with self.catalog.upload_lock(row["id"]) as taken:
+            with self.locks.hold(row["id"]) as taken:
                 if taken:
                     self._drop(row)
+                    dropped += 1
+        return dropped
+
+    def finish_complete(self) -> int:
+        """Uploads that hold every byte (the client was told so) but whose dataset was
+        never committed -- the end of the last PATCH failed, or the process died in it --
+        are ingested after all; returns how many were (re)queued."""
+        queued = 0
         for row in self.catalog.complete_unfinished_tus_uploads():
-            with self.catalog.upload_lock(row["id"]) as taken:
+            with self.locks.hold(row["id"]) as taken:
                 row = self.catalog.get_tus_upload(row["id"]) if taken else None
                 if row is not None and row["completed_at"] is None and \
-                        row["offset"] == row["length"]:
-                    self._finish(row)
+                        row["offset"] == row["length"] and row["id"] not in self._streams:
+                    queued += self._replay_later(row)
+        return queued
+
+    def release_committed(self) -> int:
+        """Uploads whose dataset is committed but whose bytes are still kept (the
+        process died between the commit and the release): release them now."""
+        released = 0
+        for row in self.catalog.committed_unreleased_tus_uploads():
+            TusArrived(self, row["id"]).release()
+            released += 1
+        return released
+
+    def forget_streams(self) -> None:
+        """Streams of uploads finished (or dropped) elsewhere release what they hold."""
         for upload_id in list(self._streams):
             row = self.catalog.get_tus_upload(upload_id)
             if row is None or row["completed_at"] is not None:
-                with self.catalog.upload_lock(upload_id) as taken:
+                with self.locks.hold(upload_id) as taken:
                     if taken:
                         self._lose_stream(upload_id)
+
+    def terminate_for_dataset(self, dataset_id: str) -> None:
+        """The dataset is being deleted: an unfinished upload of it is terminated (its
+        next PATCH is a 404), so it cannot come back as a replay."""
+        row = self.catalog.tus_upload_of(dataset_id)
+        if row is None or row["completed_at"] is not None:
+            return
+        with self.locks.hold(row["id"]) as taken:
+            if taken:
+                self._drop(row)
+            else:  # a PATCH is streaming: it stops at the tombstone, then this is dropped
+                self.catalog.update_tus_upload(row["id"], expires_at=self.catalog.now(-1))
 
     def blocks_of(self, dataset: dict[str, Any]) -> Iterator[bytes] | None:
         """The bytes of the finished upload behind ``dataset`` (for its ingest job)."""
         row = self.catalog.tus_upload_of(dataset["id"])
-        return self.bytes.blocks(row) if row is not None else None
+        if row is None or row["released_at"] is not None:
+            return None
+        return self.bytes.blocks(row)
 
-    def original_of(self, dataset: dict[str, Any]) -> OriginalBytes:
+    def arrived_of(self, dataset: dict[str, Any]) -> ReceivedBytes:
+        """Where the bytes of the upload behind ``dataset`` wait (a replay's)."""
         row = self.catalog.tus_upload_of(dataset["id"])
-        return self.bytes.original(row) if row is not None else OriginalBytes()
+        return TusArrived(self, row["id"]) if row is not None else ReceivedBytes()
 
     # -- creation / termination / HEAD -------------------------------------------------
 
@@ -203,9 +246,17 @@ class TusUploads:
             raise UploadGone(f"upload {upload_id} expired at {row['expires_at']}")
         return row
 
+    def dataset_url(self, row: dict[str, Any]) -> str | None:
+        """The upload's dataset, once there is one (its row exists and is not being
+        deleted); None before its header arrived, or after the dataset went."""
+        dataset = self.catalog.get_dataset(row["dataset_id"]) if row["dataset_id"] else None
+        if dataset is None or dataset["status"] == TOMBSTONE:
+            return None
+        return f"/v1/datasets/{dataset['id']}"
+
     def terminate(self, upload_id: str) -> None:
         row = self.get(upload_id)
-        with self.catalog.upload_lock(upload_id) as taken:
+        with self.locks.hold(upload_id) as taken:
             if not taken:
                 raise UploadLocked(f"upload {upload_id} is receiving a PATCH")
             self._drop(row)
@@ -213,9 +264,9 @@ class TusUploads:
     def _drop(self, row: dict[str, Any]) -> None:
         """An unfinished upload goes: its bytes, its stream, its receiving dataset."""
         self._lose_stream(row["id"])
-        if row["completed_at"] is None:
-            if row["dataset_id"]:
-                drop_receiving(self.catalog, self.storage, row["dataset_id"])
+        if row["completed_at"] is None and row["dataset_id"]:
+            drop_receiving(self.catalog, self.storage, row["dataset_id"])
+        if row["released_at"] is None:
             self.bytes.drop(row)
         self.catalog.delete_tus_upload(row["id"])
 
@@ -227,7 +278,7 @@ class TusUploads:
         if offset_header is None or not offset_header.isdigit():
             raise BadRequest("Upload-Offset is required and must be a number")
         checksum = parse_checksum(checksum_header)
-        handle = await anyio.to_thread.run_sync(self.catalog.lock_upload, upload_id)
+        handle = await anyio.to_thread.run_sync(self.locks.take, upload_id)
         if handle is None:
             await anyio.to_thread.run_sync(self.get, upload_id)  # 404/410 before 423
             raise UploadLocked(f"upload {upload_id} is already receiving a PATCH")
@@ -241,7 +292,7 @@ class TusUploads:
                 raise OffsetMismatch(f"upload {upload_id} is complete")
             return await self._receive(row, start, checksum, chunks)
         finally:
-            await anyio.to_thread.run_sync(self.catalog.unlock_upload, handle)
+            await anyio.to_thread.run_sync(self.locks.give_back, handle)
 
     def _stream(self, row: dict[str, Any], start: int) -> _Stream:
         stream = self._streams.get(row["id"])
@@ -255,7 +306,7 @@ class TusUploads:
                 ingest = IngestPass(
                     self.deps, dataset_id=row["dataset_id"], name=row["filename"],
                     source="upload", normalize=None, declared_size=row["length"],
-                    create_row=True, original=_Later(self, row["id"]))
+                    create_row=True, arrived=TusArrived(self, row["id"]))
                 stream = _Stream(Receiver(None, 0, row["length"]), ingest)
             else:  # the state of the bytes before is not here: ingest after the last PATCH
                 stream = _Stream(Receiver(None, start, row["length"]), None)
@@ -288,7 +339,10 @@ class TusUploads:
                 first = await anyio.to_thread.run_sync(self.bytes.first_bytes, row,
                                                        HEADER_SIZE)
                 if first is not None:
-                    refuse_non_mrc(first)
+                    refuse_non_mrc(first, self.deps.settings.frame_limits)
+        except HeaderOverLimit:
+            refused = True  # terminated like a header that is not MRC; answered 422
+            raise
         except (NotMrc, HeaderRefused) as exc:
             refused = True
             findings = [f.to_dict() for f in exc.findings] if isinstance(exc, HeaderRefused) \
@@ -337,11 +391,15 @@ class TusUploads:
             fields = patch.settle(keep)
             try:
                 if self.catalog.get_tus_upload(upload_id) is not None:  # not dropped
-                    self.catalog.update_tus_upload(upload_id, **fields)
+                    # expiration counts from the last PATCH, not from the creation
+                    self.catalog.update_tus_upload(upload_id, **fields,
+                                                   expires_at=self.catalog.now(
+                                                       self.expiry.total_seconds()))
             except BaseException:
                 patch.unsettle()
                 raise
             patch.after_settle()
+            hit("tus.after_settle")
         except BaseException:
             self._lose_stream(upload_id)
             raise
@@ -356,66 +414,78 @@ class TusUploads:
                 self._lose_stream(upload_id)
 
     def _finish(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Every byte is in and durable: commit the streamed pass (the commit protocol
+        marks the upload completed and then releases its bytes), or queue the replay
+        that will. A failure of the streamed commit keeps every byte: recovery replays
+        the upload within seconds."""
         stream = self._streams.pop(row["id"], None)
         dataset_id = row["dataset_id"]
         if stream is not None:
             stream.receiver.close()
-        if stream is not None and stream.ingest is not None:
-            ingest = stream.ingest
-            try:
-                result = ingest.finish(stream.receiver.digest())
-            except BaseException:
-                # Every byte is in: keep them, and let the next PATCH or the
-                # maintenance sweep ingest them anew.
-                ingest.abort(delete_row=True, discard_original=False)
-                raise
-            dataset_id = result["dataset"]["id"]
-            if not result["duplicate"]:
+        if stream is None or stream.ingest is None:
+            self._replay_later(row)
+            return row
+        ingest = stream.ingest
+        try:
+            result = ingest.finish(stream.receiver.digest())
+        except BaseException:
+            ingest.abort(delete_row=True, release_arrived=False)
+            raise
+        dataset_id = result["dataset"]["id"]
+        try:  # bookkeeping after the commit: a failure of it loses nothing
+            if result["duplicate"]:
+                self.metrics.uploads.labels("duplicate").inc()
+            else:
                 self.catalog.add_job(id=new_id(), kind="upload", dataset_id=dataset_id,
                                      state="done", started_at=row["created_at"],
-                                     finished_at=self.catalog.now(), result={
-                                         "status": result["dataset"]["status"],
-                                         "bytes_written":
-                                             result["dataset"]["stored_bytes"] or 0})
+                                     finished_at=self.catalog.now(),
+                                     result=ingest.job_result)
                 self.intake.attach_pending_sidecars(dataset_id, row["filename"])
                 self.metrics.uploads.labels("accepted").inc()
                 self.metrics.upload_bytes.inc(row["length"])
-            else:
-                self.metrics.uploads.labels("duplicate").inc()
-        else:
-            self._replay_later(row)
-        self.catalog.update_tus_upload(row["id"], dataset_id=dataset_id,
-                                       completed_at=self.catalog.now())
+        except Exception:  # noqa: BLE001
+            log.warning("bookkeeping after the commit of upload %s failed", row["id"],
+                        exc_info=True)
         return {**row, "dataset_id": dataset_id}
 
-    def _replay_later(self, row: dict[str, Any]) -> None:
-        """The bytes are all in but were not ingested on the way: an ingest job reads
-        them once (on any replica)."""
+    def _replay_later(self, row: dict[str, Any]) -> int:
+        """The bytes are all in but were not committed on the way: an ingest job reads
+        them once (on any replica). A committed dataset is never queued again; one
+        that failed for good stays failed (its error says why). Returns 1 when a job
+        was queued."""
         dataset = self.catalog.get_dataset(row["dataset_id"])
+        if dataset is not None and dataset["status"] in ("ready", "rejected", "failed"):
+            return 0
         if dataset is None:
             self.catalog.add_dataset(id=row["dataset_id"], name=row["filename"],
                                      source="upload", status="queued",
                                      size_bytes=row["length"], path="", info={})
-        else:
+        elif dataset["status"] == "receiving":
             self.catalog.update_dataset(row["dataset_id"], status="queued", progress=None)
-        self.intake.submit_job("ingest", row["dataset_id"])
+        # one unfinished replay per dataset, however often recovery asks
+        self.intake.submit_job("ingest", row["dataset_id"], dedup_key="replay")
+        return 1
 
 
-class _Later(OriginalBytes):
-    """The upload's bytes as its original, looked up when the pass ends (its row then
-    holds every part)."""
+class TusArrived(ReceivedBytes):
+    """A tus upload's bytes as the bytes as received: kept by copying them into the
+    store (they stay until released), released -- once the dataset is committed -- by
+    dropping them and recording so."""
 
     def __init__(self, uploads: TusUploads, upload_id: str):
-        self.uploads, self.upload_id = uploads, upload_id
+        self.uploads, self.tus_upload_id = uploads, upload_id
 
     def _row(self) -> dict[str, Any] | None:
-        return self.uploads.catalog.get_tus_upload(self.upload_id)
+        return self.uploads.catalog.get_tus_upload(self.tus_upload_id)
 
     def keep(self, store: DataStore, key: str) -> int | None:
         row = self._row()
-        return self.uploads.bytes.original(row).keep(store, key) if row else None
+        return self.uploads.bytes.keep(row, store, key) if row else None
 
-    def discard(self) -> None:
+    def release(self) -> None:
         row = self._row()
-        if row is not None:
-            self.uploads.bytes.drop(row)
+        if row is None or row["released_at"] is not None:
+            return
+        self.uploads.bytes.drop(row)
+        self.uploads.catalog.update_tus_upload(self.tus_upload_id,
+                                               released_at=self.uploads.catalog.now())

@@ -5,7 +5,8 @@ next PATCH). The tus protocol (:mod:`service.tus`) does not know which.
 On S3, as tusd's s3store does it: the upload is one multipart upload; every part but
 the last must be at least 5 MiB, so a PATCH ending inside a part keeps that tail as a
 small object of its own until the next PATCH completes the part. The catalog's row holds
-the multipart upload id, the parts (number, size, ETag) and the tail's key and length;
+the multipart upload id, the parts (number, size, ETag, CRC-32) and the tail's key and
+length;
 the offset is what they add up to. A part is recorded once uploaded, so a PATCH cut off
 by a crash keeps every whole part it sent; the tail object is written under a new key
 and named in the row in one step, so a reader never sees a tail that does not match.
@@ -20,14 +21,13 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .catalog import Catalog
-from .datastore import DataStore, LocalStore, ObjectMissing
-from .ingest_pass import MovedOriginal, OriginalBytes
-from .receiver import FileAppender
-from .storage import file_blocks, read_blocks
+from ..catalog import Catalog
+from ..datastore import DataStore, LocalStore, ObjectMissing
+from ..receiver import FileAppender
+from ..storage import file_blocks, read_blocks
 
 if TYPE_CHECKING:
-    from .datastore.s3 import S3Store
+    from ..datastore.s3 import S3Store
 
 READ_BLOCK = 8 << 20
 
@@ -77,11 +77,14 @@ class TusBytes(ABC):
         """A finished upload's bytes, in order (an ingest job replays them)."""
 
     @abstractmethod
-    def original(self, row: dict[str, Any]) -> OriginalBytes:
-        """A finished upload's bytes as the file as received, kept only if needed."""
+    def keep(self, row: dict[str, Any], store: DataStore, key: str) -> int:
+        """Store a copy of a finished upload's bytes under ``key`` (the file as received,
+        kept only if needed); the upload's own bytes stay until :meth:`drop`."""
 
     @abstractmethod
-    def drop(self, row: dict[str, Any]) -> None: ...
+    def drop(self, row: dict[str, Any]) -> None:
+        """Remove the upload's bytes (idempotent): termination, expiry, or the commit
+        protocol's release step -- never anything else."""
 
 
 # -- a file in the data folder -------------------------------------------------------
@@ -135,19 +138,11 @@ class LocalTusBytes(TusBytes):
     def blocks(self, row: dict[str, Any]) -> Iterator[bytes]:
         return file_blocks(self.path(row["id"]), READ_BLOCK)
 
-    def original(self, row: dict[str, Any]) -> OriginalBytes:
-        path = self.path(row["id"])
-        return MovedOriginal(lambda store, key: store.put_file(key, _synced(path)),
-                             lambda: path.unlink(missing_ok=True))
+    def keep(self, row: dict[str, Any], store: DataStore, key: str) -> int:
+        return store.copy_file(key, self.path(row["id"]))
 
     def drop(self, row: dict[str, Any]) -> None:
         self.path(row["id"]).unlink(missing_ok=True)
-
-
-def _synced(path: Path) -> Path:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    return path
 
 
 # -- an S3 multipart upload ----------------------------------------------------------
@@ -185,8 +180,8 @@ class S3Patch(Patch):
         while len(self.buffer) >= part_bytes:
             number = len(self.parts) + 1
             data = bytes(self.buffer[:part_bytes])
-            etag = self.store.upload_part(self.key, self.row["multipart_id"], number, data)
-            self.parts.append([number, len(data), etag])
+            part = self.store.upload_part(self.key, self.row["multipart_id"], number, data)
+            self.parts.append(list(part))
             del self.buffer[:part_bytes]
             self._tail_obsolete = True  # the old tail's bytes are in this part now
             if self.record_each_part:
@@ -239,9 +234,8 @@ class S3TusBytes(TusBytes):
         parts = [tuple(p) for p in (row["parts"] or [])]
         if row["pending_bytes"]:
             tail = self.store.read_range(row["pending_key"], 0, row["pending_bytes"])
-            number = len(parts) + 1
-            parts.append((number, len(tail),
-                          self.store.upload_part(key, row["multipart_id"], number, tail)))
+            parts.append(tuple(self.store.upload_part(key, row["multipart_id"],
+                                                      len(parts) + 1, tail)))
         if parts:
             self.store.complete_multipart(key, row["multipart_id"], parts)
         else:
@@ -256,9 +250,8 @@ class S3TusBytes(TusBytes):
         return read_blocks(partial(self.store.read_range, key), 0, self.store.size(key) or 0,
                            READ_BLOCK)
 
-    def original(self, row: dict[str, Any]) -> OriginalBytes:
-        return MovedOriginal(lambda store, key: store.move(self._complete(row), key),
-                             lambda: self.drop(row))
+    def keep(self, row: dict[str, Any], store: DataStore, key: str) -> int:
+        return store.copy(self._complete(row), key)
 
     def drop(self, row: dict[str, Any]) -> None:
         key = tus_key(row["id"])
