@@ -81,7 +81,8 @@ def acquisition(sidecar_rows: list[dict[str, Any]], extended: ExtendedHeader | N
     """(summary, findings, parsed sidecars, catalog fields) of a dataset: the summary from
     its sidecars, extended header and MRC ``header`` (per-image lists limited to its
     ``n_frames`` images); the findings of parsing the sidecars and of summarizing
-    (disagreeing pixel sizes, a negative cell); the parsed sidecars for the detail view;
+    (disagreeing pixel sizes, placeholders such as DE's negative cell, pixels that are not
+    square); the parsed sidecars for the detail view;
     the catalog columns voltage_kv, pixel_size, exposure_s, magnification, camera,
     total_dose (None when unknown)."""
     mdoc = de_info = None

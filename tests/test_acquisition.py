@@ -1,7 +1,9 @@
 """Acquisition metadata: .mdoc parsed as mdocfile (the oracle) reads it, compared both ways;
 Direct Electron info.txt as DE-Server writes it (padded keys, units in parentheses, in any
-spelling); FEI/SERI extended headers; one table-driven summary in fixed units where a
-source that lacks a fact never erases another's; bad lines and disagreements are findings.
+spelling; -1 for what it does not know; X and Y pixel sizes that may differ); FEI/SERI
+extended headers; one table-driven summary in fixed units where a source that lacks a fact
+never erases another's and a placeholder (a 1 Å or a negative cell) ranks after every real
+value; bad lines, placeholders, disagreements and non-square pixels are findings.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import numpy as np
 import pytest
 
 from service.mrc import header as hdr
-from service.mrc.acquisition import (AGREE_RTOL, FACT, FACTS, PRECEDENCE, ROWS, ROWS_BY_FACT,
-                                     UNITS, catalog_fields, convert, normalize,
-                                     parse_key_values, parse_mdoc, summarize)
+from service.mrc.acquisition import (AGREE_RTOL, FACT, FACTS, MEANINGS, PLACEHOLDER,
+                                     PRECEDENCE, ROWS, ROWS_BY_FACT, UNITS, catalog_fields,
+                                     convert, normalize, parse_key_values, parse_mdoc,
+                                     summarize)
 from service.mrc.extended import decode
 from tests.reference import raw_header
 
@@ -108,7 +111,7 @@ def test_mdoc_summary():
     summary, findings = summarize(mdoc=parse_mdoc(MDOC))
     assert findings == []
     assert summary == {
-        "voltage_kv": 300, "pixel_size_angstrom": 0.83,
+        "voltage_kv": 300, "pixel_size_angstrom": 0.83, "pixel_size_y_angstrom": 0.83,
         "pixel_size_sources": [{"source": "mdoc", "key": "PixelSpacing", "value": 0.83}],
         "exposure_time_s": 2.5, "subframes": 40, "magnification": 105000,
         "dose_per_image": [1.2, 1.25], "total_dose": pytest.approx(2.45),
@@ -187,7 +190,7 @@ def de_info_text(lines=DE_LINES, **replace: str) -> str:
 
 #: what the DE lines above say, in the summary's units
 DE_SUMMARY = {
-    "voltage_kv": 300, "pixel_size_angstrom": 0.827,
+    "voltage_kv": 300, "pixel_size_angstrom": 0.827, "pixel_size_y_angstrom": 0.827,
     "pixel_size_sources": [{"source": "de_info", "key": "Specimen Pixel Size X",
                             "value": 0.827}],
     "exposure_time_s": 0.045712, "frames_per_second": 700, "frame_count": 32,
@@ -195,6 +198,20 @@ DE_SUMMARY = {
     "camera_length_m": 0.295, "adus_per_electron": 51, "timestamps": [1729539410],
     "binning": [1, 1], "hardware_binning": [2, 2], "hardware_roi_offset": [448, 0],
     "hardware_roi_size": [4096, 2048], "sources": ["de_info"]}
+
+
+#: What DE-Server writes when the TEM channel is disconnected (and in imaging, for the
+#: diffraction keys): -1 for every calibration it does not know. Lines as DE lays them out.
+DE_NOT_KNOWN = {
+    key: f"{key:<64}= -1" for key in (
+        "Instrument Project Magnification", "Instrument Project Camera Length (centimeters)",
+        "Specimen Pixel Size X (nanometers)", "Specimen Pixel Size Y (nanometers)",
+        "Diffraction Pixel Size X", "Diffraction Pixel Size Y")}
+#: A DE detector whose specimen pixel is not square (X and Y calibrated apart).
+DE_NOT_SQUARE = {"Specimen Pixel Size Y (nanometers)":
+                 f"{'Specimen Pixel Size Y (nanometers)':<64}= 0.0835"}
+#: DE's header: CELLA = -10 Å per pixel, whatever the pixel size and the binning
+DE_CELL_PER_PIXEL = -10.0
 
 
 def test_direct_electron_info_as_written():
@@ -250,6 +267,60 @@ def test_direct_electron_unit_we_cannot_read_is_a_finding():
     assert "'Specimen Pixel Size X (furlongs)'" in findings[1].message
 
 
+def test_direct_electron_minus_one_is_unknown_never_a_value():
+    """DE's -1 (magnification, pixel sizes, camera length it does not know) is no value:
+    not in the summary, not in the catalog, not a disagreement, not a finding."""
+    values, findings = parse_key_values(de_info_text(**DE_NOT_KNOWN), "de_info")
+    assert findings == [] and values["Instrument Project Magnification"] == -1
+    summary, findings = summarize(de_info=values)
+    assert findings == []
+    gone = ("magnification", "camera_length_m", "pixel_size_angstrom", "pixel_size_y_angstrom",
+            "pixel_size_sources")
+    assert summary == {k: v for k, v in DE_SUMMARY.items() if k not in gone}
+    assert catalog_fields(summary)["magnification"] is None
+    assert catalog_fields(summary)["pixel_size"] is None
+
+
+@pytest.mark.parametrize("line", ["Binning X = -1", "Binning X = -1.0"])
+def test_direct_electron_minus_one_in_a_pair_makes_the_pair_unknown(line):
+    values, _ = parse_key_values(de_info_text(**{"Binning X": line}), "de_info")
+    summary, _ = summarize(de_info=values)
+    assert "binning" not in summary and summary["hardware_binning"] == [2, 2]
+
+
+def test_direct_electron_minus_one_does_not_erase_another_source():
+    values, _ = parse_key_values(de_info_text(**DE_NOT_KNOWN), "de_info")
+    summary, findings = summarize(mdoc=parse_mdoc(MDOC), de_info=values)
+    assert findings == []
+    assert summary["magnification"] == 105000 and summary["pixel_size_angstrom"] == 0.83
+
+
+def test_direct_electron_pixel_not_square_keeps_both_and_says_so():
+    values, _ = parse_key_values(de_info_text(**DE_NOT_SQUARE), "de_info")
+    summary, findings = summarize(de_info=values)
+    assert summary["pixel_size_angstrom"] == 0.827
+    assert summary["pixel_size_y_angstrom"] == 0.835
+    assert catalog_fields(summary)["pixel_size"] == 0.827  # the catalog column is x
+    assert [(f.severity.value, f.field) for f in findings] == [
+        ("warning", "pixel_size_y_angstrom")]
+    assert findings[0].message == (
+        "the pixels are not square: 0.827 Å in x (de_info Specimen Pixel Size X), 0.835 Å "
+        "in y (de_info Specimen Pixel Size Y); both are kept, the catalog's pixel size is "
+        "the x one")
+
+
+def test_a_placeholder_says_nothing_about_the_pixel_shape():
+    """x real from info.txt, y unknown there (-1): y falls to the header's placeholder,
+    which is no evidence of non-square pixels."""
+    values, _ = parse_key_values(de_info_text(**{
+        "Specimen Pixel Size Y (nanometers)": DE_NOT_KNOWN[
+            "Specimen Pixel Size Y (nanometers)"]}), "de_info")
+    summary, findings = summarize(header=header_record(8, 8 * DE_CELL_PER_PIXEL),
+                                  de_info=values)
+    assert summary["pixel_size_angstrom"] == 0.827
+    assert [f.field for f in findings] == ["pixel_size_angstrom"]  # the placeholder's info
+
+
 def test_direct_electron_exposure_from_frames_and_rate():
     lines = [(k, v) for k, v in DE_LINES if not k.startswith("Exposure Time (")]
     values, _ = parse_key_values(de_info_text(lines), "de_info")
@@ -302,7 +373,7 @@ def test_fei_extended_header_summary():
     summary, findings = summarize(extended=ext)
     assert findings == []
     assert summary == {
-        "voltage_kv": 300, "pixel_size_angstrom": 0.83,
+        "voltage_kv": 300, "pixel_size_angstrom": 0.83, "pixel_size_y_angstrom": 0.83,
         "pixel_size_sources": [{"source": "fei_extended_header", "key": "pixel_size_x",
                                 "value": 0.83}],
         "exposure_time_s": 0.05, "magnification": 105000, "camera": "BM-Falcon",
@@ -361,9 +432,11 @@ def test_serialem_extended_header_summary():
 # --- precedence ------------------------------------------------------------------------
 
 
-def header_record(nx: int = 8, cell_x: float = 0.0, **fields) -> np.record:
+def header_record(nx: int = 8, cell_x: float = 0.0, cell_y: float | None = None,
+                  **fields) -> np.record:
     """A header built by the independent test writer, parsed by our dtype."""
-    return hdr.parse(raw_header(nx=nx, ny=nx, nz=1, mode=1, cella=(cell_x, cell_x, 1.0),
+    cell_y = cell_x if cell_y is None else cell_y
+    return hdr.parse(raw_header(nx=nx, ny=nx, nz=1, mode=1, cella=(cell_x, cell_y, 1.0),
                                 **fields), "<")
 
 
@@ -419,21 +492,80 @@ def test_disagreeing_pixel_sizes_are_a_finding_naming_the_choice():
 
 
 def test_a_one_angstrom_header_is_a_placeholder_ranked_last():
+    """A placeholder that differs from a real value is not a disagreement (it used to be
+    a "sources disagree" warning): an info finding says what it is and what is used."""
     summary, findings = summarize(header=header_record(8, 8.0), mdoc=parse_mdoc(MDOC))
-    assert summary["pixel_size_angstrom"] == 0.83
-    assert summary["pixel_size_sources"][-1] == {
-        "source": "mrc_header", "key": "CELLA/MX = 1 (placeholder)", "value": 1.0}
-    assert "the catalog uses 0.83 Å from mdoc" in findings[0].message
+    assert summary["pixel_size_angstrom"] == summary["pixel_size_y_angstrom"] == 0.83
+    assert summary["pixel_size_sources"] == [
+        {"source": "mdoc", "key": "PixelSpacing", "value": 0.83},
+        {"source": "mrc_header", "key": "CELLA/MX", "value": 1.0, "placeholder": True}]
+    assert summary["sources"] == ["mdoc"]  # the header gave nothing that was used
+    assert [(f.severity.value, f.field) for f in findings] == [("info", "pixel_size_angstrom")]
+    assert findings[0].message == (
+        "mrc_header CELLA/MX: 1 Å is a placeholder (CELLA equal to the grid: what IMOD and "
+        "EMAN write when they know no pixel size); ranked after every real value: the "
+        "catalog uses 0.83 Å from mdoc")
+    # Alone it is still what the file says (RELION reads it too), and said to be one.
     alone, findings = summarize(header=header_record(8, 8.0))
-    assert alone["pixel_size_angstrom"] == 1.0 and findings == []
+    assert alone["pixel_size_angstrom"] == 1.0
+    assert [f.message.endswith("no source has a real value, so the catalog uses 1 Å")
+            for f in findings] == [True]
 
 
-def test_negative_cell_gives_the_magnitude_with_a_finding():
-    summary, findings = summarize(header=header_record(8, -8 * 0.827))
-    assert summary["pixel_size_angstrom"] == 0.827
-    assert [(f.severity.value, f.field) for f in findings] == [("info", "pixel_size")]
-    assert "CELLA x is negative (-6.616 Å)" in findings[0].message
-    assert "its magnitude, 0.827 Å" in findings[0].message
+def test_negative_cell_is_direct_electrons_placeholder_ranked_after_info_txt():
+    """DE writes CELLA as -10 Å per pixel whatever the pixel size and binning. This used
+    to be read as a real pixel size (its magnitude, ranked first, with an info finding),
+    which put 10 Å/px in the catalog over info.txt's Specimen Pixel Size. It is now a
+    placeholder, ranked with the 1 Å one: info.txt wins, and no disagreement is raised."""
+    values, _ = parse_key_values(de_info_text(), "de_info")
+    header = header_record(8, 8 * DE_CELL_PER_PIXEL)
+    summary, findings = summarize(header=header, de_info=values)
+    assert summary["pixel_size_angstrom"] == summary["pixel_size_y_angstrom"] == 0.827
+    assert summary["pixel_size_sources"] == [
+        {"source": "de_info", "key": "Specimen Pixel Size X", "value": 0.827},
+        {"source": "mrc_header", "key": "CELLA/MX", "value": 10.0, "placeholder": True}]
+    assert summary["sources"] == ["de_info"]
+    assert [(f.severity.value, f.field) for f in findings] == [("info", "pixel_size_angstrom")]
+    assert findings[0].message == (
+        "mrc_header CELLA/MX: -10 Å is a placeholder (a negative cell: Direct Electron "
+        "writes CELLA as -10 Å per pixel whatever the pixel size); ranked after every real "
+        "value: the catalog uses 0.827 Å from de_info")
+    assert catalog_fields(summary)["pixel_size"] == 0.827
+
+
+def test_negative_cell_ranks_after_every_real_value_and_never_disagrees():
+    """Any negative cell is the placeholder, not only DE's -10: an .mdoc's 0.83 wins over
+    a -1.06 Å header, silently but for the info finding."""
+    summary, findings = summarize(header=header_record(8, -8 * 1.06), mdoc=parse_mdoc(MDOC))
+    assert summary["pixel_size_angstrom"] == 0.83
+    assert [f.severity.value for f in findings] == ["info"]
+    assert "-1.06 Å is a placeholder" in findings[0].message
+
+
+def test_negative_cell_alone_reads_as_its_magnitude_and_says_so():
+    """DE's info.txt with -1 pixel sizes and a -10 Å/px header: nothing real is known, so
+    (as with the 1 Å placeholder) the header's magnitude is used, and a finding says it is
+    a placeholder."""
+    values, _ = parse_key_values(de_info_text(**DE_NOT_KNOWN), "de_info")
+    summary, findings = summarize(header=header_record(8, 8 * DE_CELL_PER_PIXEL),
+                                  de_info=values)
+    assert summary["pixel_size_angstrom"] == 10.0 and "magnification" not in summary
+    assert summary["pixel_size_sources"] == [
+        {"source": "mrc_header", "key": "CELLA/MX", "value": 10.0, "placeholder": True}]
+    assert [(f.severity.value, f.field) for f in findings] == [("info", "pixel_size_angstrom")]
+    assert findings[0].message.endswith("no source has a real value, so the catalog uses "
+                                        "10 Å")
+
+
+def test_header_pixel_not_square_keeps_both_and_says_so():
+    summary, findings = summarize(header=header_record(8, 8 * 0.83, 8 * 0.86))
+    assert summary["pixel_size_angstrom"] == 0.83 and summary["pixel_size_y_angstrom"] == 0.86
+    assert [(f.severity.value, f.field) for f in findings] == [
+        ("warning", "pixel_size_y_angstrom")]
+    assert "0.83 Å in x (mrc_header CELLA/MX), 0.86 Å in y (mrc_header CELLA/MY)" \
+        in findings[0].message
+    square, findings = summarize(header=header_record(96, 96 * 0.8305))
+    assert square["pixel_size_y_angstrom"] == 0.8305 and findings == []
 
 
 def test_no_header_pixel_size_and_no_sources_is_empty():
@@ -461,11 +593,16 @@ def test_every_row_converts_into_its_facts_unit():
 
 
 def test_rows_follow_the_documented_precedence():
-    """Within each fact, sources in PRECEDENCE order; the 1 Å header placeholder last."""
+    """Within each fact, sources in PRECEDENCE order, without exception: a placeholder is
+    a property of a (source, value) in MEANINGS, not a row of its own."""
     for name, rows in ROWS_BY_FACT.items():
-        ranks = [PRECEDENCE.index(r.source) for r in rows if "placeholder" not in r.key]
+        ranks = [PRECEDENCE.index(r.source) for r in rows]
         assert ranks == sorted(ranks), name
-    assert "placeholder" in ROWS_BY_FACT["pixel_size_angstrom"][-1].key
+    for meaning in MEANINGS:
+        assert meaning.source in PRECEDENCE
+        assert meaning.facts is None or set(meaning.facts) <= set(FACT)
+    placeholders = {m.source for m in MEANINGS if m.meaning == PLACEHOLDER}
+    assert placeholders == {"mrc_header"}
 
 
 @pytest.mark.parametrize("value, unit, to, expected", [

@@ -2,10 +2,12 @@
 chromium-driver, via Selenium) against ``mrc-ingest serve`` with a read token.
 
 The catalog holds a few movies: 4-bit and 16-bit, 300 kV and 200 kV (from .mdoc
-sidecars), three pixel sizes, an 88-frame movie with two blanked frames, and a truncated
-file. The page must show them; keep a dataset's view across a reload; put a filter set in
-the page into the URL (and take it back from a fresh load, and from back/forward); plot
-one marker per frame; and show a real ingest's progress changing before it is ready."""
+sidecars), three pixel sizes, an 88-frame movie with two blanked frames, a Poisson(1)
+movie with one blanked frame, and a truncated file. The page must show them; keep a
+dataset's view across a reload; put a filter set in the page into the URL (and take it
+back from a fresh load, and from back/forward); plot one marker per frame, a frame far
+outside the others at its value past an axis break; say why a dataset has no archive copy;
+and show a real ingest's progress changing before it is ready."""
 
 from __future__ import annotations
 
@@ -61,6 +63,10 @@ class Site:
     ids: dict[str, str]     # movie name -> dataset id
 
 
+#: the frame of sq09_blank.mrc that is all zeros (the rest: Poisson(1), mean about 1)
+BLANKED_FRAME = 7
+
+
 def catalog_movies() -> dict[str, tuple[np.ndarray, int, float, int | None]]:
     """name -> (data, mode, pixel size Å or 0, kV of its .mdoc or None). The 88-frame one
     has the dose falling off over the movie, and frames 30 and 31 blanked."""
@@ -68,12 +74,15 @@ def catalog_movies() -> dict[str, tuple[np.ndarray, int, float, int | None]]:
     long = np.stack([counting_movie((1, 64, 64), lam=lam, seed=k)[0]
                      for k, lam in enumerate(doses)])
     long[30:32] = 0
+    blanked = counting_movie((16, 64, 64), seed=9)
+    blanked[BLANKED_FRAME] = 0
     return {
         "grid3_movie.mrc": (counting_movie((6, 96, 128)), 101, 0.0, None),
         "sq07_mov0012.mrc": (long, 101, 0.83, 300),
         "sq07_mov0013.mrc": (synthetic(1, (10, 64, 64)) // 64, 1, 1.06, 300),
         "sq08_mov0001.mrc": (counting_movie((4, 64, 64), seed=3), 101, 1.06, 200),
         "sq08_mov0002.mrc": (counting_movie((4, 64, 64), seed=4), 101, 0.52, 200),
+        "sq09_blank.mrc": (blanked, 101, 0.0, None),
     }
 
 
@@ -310,6 +319,9 @@ def test_the_frame_plot_has_one_marker_per_frame(site, browser, tmp_path):
         "return [...document.querySelectorAll(arguments[0])].map((c) => +c.getAttribute('cy'))",
         points)
     assert heights[30] == heights[31] == max(heights)
+    # Past the axis break, the two blanked frames' value is labelled once, after the run.
+    assert [(t["frame"], t["text"]) for t in svg_items(browser, "text.point-label")] == [
+        ("31", "0")]
     assert np.mean(heights[:10]) < np.mean(heights[-10:])   # y grows downwards
     # Clicking a marker selects that frame in the slider (and in the URL).
     browser.find_element(By.CSS_SELECTOR, "#plot-svg circle[data-frame='40']").click()
@@ -330,6 +342,72 @@ def test_the_frame_plot_has_one_marker_per_frame(site, browser, tmp_path):
     assert helpers["fine"] == [0.8, 0.9, 1, 1.1, 1.2]
     assert 1 <= len(helpers["huge"]) <= 10
     assert helpers["odd"] == [False, False, False, True, True, False, False, True]
+
+
+def svg_items(driver, selector: str) -> list[dict]:
+    """Each SVG element of the plot that matches: its class, frame, text and y."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map((e) => ({"
+        "  cls: e.getAttribute('class'), frame: e.getAttribute('data-frame'),"
+        "  text: e.textContent, y: +(e.getAttribute('cy') ?? e.getAttribute('y') ??"
+        "                           e.getAttribute('y1'))}))", "#plot-svg " + selector)
+
+
+@needs_browser
+def test_a_blanked_frame_is_drawn_at_its_value_past_an_axis_break(site, browser, tmp_path):
+    """One frame all zeros in a Poisson(1) movie. The axis keeps the range of the usual
+    frames (so their spread stays visible); the blanked frame is drawn past a visible
+    axis break (a dashed line across the plot, a double slash on the axis), at its value
+    on the strip's own tick (0), and labelled with that value: not pinned to the axis
+    edge as if it were just below the others."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{site.base}/?dataset={site.ids['sq09_blank.mrc']}")
+    wait = waiter(browser)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#plot-svg circle.pt")) == 16)
+    browser.save_screenshot(str(tmp_path / "blanked.png"))
+    points = svg_items(browser, "circle.pt")
+    blank = points[BLANKED_FRAME]
+    assert "odd" in blank["cls"] and "outside" in blank["cls"]
+    assert [p["frame"] for p in points if "outside" in p["cls"]] == [str(BLANKED_FRAME)]
+    assert str(BLANKED_FRAME) in browser.find_element(By.ID, "odd").text
+    # The break: one dashed line across, a double slash on the axis, between the usual
+    # frames (above it) and the blanked one (below it).
+    [cut] = svg_items(browser, "line.break")
+    assert len(svg_items(browser, "line.break-mark")) == 2
+    usual = [p["y"] for p in points if "outside" not in p["cls"]]
+    assert max(usual) < cut["y"] < blank["y"]
+    # Its value, on its own tick beside it and as a label next to the marker.
+    [tick] = svg_items(browser, "text.tick.outside")
+    assert tick["text"] == "0" and tick["y"] == pytest.approx(blank["y"])
+    [label] = svg_items(browser, "text.point-label")
+    assert label["frame"] == str(BLANKED_FRAME) and label["text"] == "0"
+    # Above the break, the usual frames' axis: around their mean of about 1, and the
+    # frames spread over it instead of being squashed into a line. Between the break and
+    # the end of the mean panel (then the std panel), only the blanked frame's own tick.
+    ticks = [t for t in svg_items(browser, "text.tick.y") if "outside" not in t["cls"]]
+    above = [float(t["text"]) for t in ticks if t["y"] < cut["y"]]
+    assert len(above) >= 2 and all(0.9 < v < 1.1 for v in above)
+    assert not [t for t in ticks if cut["y"] <= t["y"] <= blank["y"] + 8]
+    assert max(usual) - min(usual) > 30
+
+
+@needs_browser
+def test_a_dataset_kept_as_received_says_why(site, browser):
+    """The truncated file is rejected and kept as received: no archive copy, and the
+    storage table says so with the archiver's reason (not "mode undefined")."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{site.base}/?dataset={site.ids['cut.mrc']}")
+    wait = waiter(browser)
+    wait.until(lambda d: "rejected" in d.find_element(By.ID, "d-status").text
+               and "stored" in d.find_element(By.ID, "d-storage").text)
+    storage = browser.find_element(By.ID, "d-storage").text
+    assert "archive: none — kept as received: the file did not pass validation" in storage
+    assert "undefined" not in storage and "archive copy" not in storage
+    browser.get(f"{site.base}/?dataset={site.ids['grid3_movie.mrc']}")
+    wait.until(lambda d: "archive copy: mode" in d.find_element(By.ID, "d-storage").text)
+    assert "undefined" not in browser.find_element(By.ID, "d-storage").text
 
 
 #: Records the status text of one dataset's row, of the detail and of its jobs each time

@@ -8,7 +8,8 @@ import pytest
 
 from tests.api_helpers import make_client, upload_and_wait, wait_job
 from tests.reference import counting_movie, synthetic, write_raw_mrc
-from tests.test_acquisition import DE_SUMMARY, MDOC, de_info_text, fei_records
+from tests.test_acquisition import (DE_CELL_PER_PIXEL, DE_NOT_KNOWN, DE_NOT_SQUARE, DE_SUMMARY,
+                                   MDOC, de_info_text, fei_records)
 
 
 @pytest.fixture
@@ -74,17 +75,26 @@ def test_sidecars_beside_a_registered_movie(client, tmp_path):
     assert results["tilt.mrc"]["acquisition"]["tilt_angles"] == [-0.002, 3.0]
 
 
-def test_direct_electron_movie_fills_the_catalog(client, tmp_path):
-    """DE writes a negative cell and its facts in info.txt; the header pixel size is the
-    magnitude, the rest comes from info.txt, into the detail and the catalog columns."""
-    shared = tmp_path / "shared"
-    write_raw_mrc(shared / "20241021_00405_movie.mrc", counting_movie((2, 8, 8)), 101,
-                  cella=(-8 * 0.827, -8 * 0.827, -2.0))
-    (shared / "20241021_00405_info.txt").write_text(de_info_text())
+def register_de(client, shared, movie_id: str, info_text: str, frames: int = 2) -> dict:
+    """A DE movie as DE writes it (CELLA -10 Å per pixel, whatever the pixel size) and
+    its info.txt, registered in place; the dataset once its job is done."""
+    nx = 8
+    write_raw_mrc(shared / f"{movie_id}_movie.mrc", counting_movie((frames, nx, nx)), 101,
+                  cella=(nx * DE_CELL_PER_PIXEL, nx * DE_CELL_PER_PIXEL,
+                         frames * DE_CELL_PER_PIXEL))
+    (shared / f"{movie_id}_info.txt").write_text(info_text)
     response = client.post("/v1/registrations",
-                           json={"path": str(shared / "20241021_00405_movie.mrc")})
+                           json={"path": str(shared / f"{movie_id}_movie.mrc")})
     wait_job(client, response.json()["job"]["id"])
-    ds = client.get(response.headers["location"]).json()
+    return client.get(response.headers["location"]).json()
+
+
+def test_direct_electron_movie_fills_the_catalog(client, tmp_path):
+    """DE writes CELLA as -10 Å per pixel and its facts in info.txt. The negative cell is
+    a placeholder ranked after info.txt (it used to be taken as the pixel size, its
+    magnitude first): the pixel size is info.txt's, with no "sources disagree" warning;
+    the rest comes from info.txt too, into the detail and the catalog columns."""
+    ds = register_de(client, tmp_path / "shared", "20241021_00405", de_info_text())
     assert ds["status"] == "ready"
     assert {k: ds[k] for k in ("voltage_kv", "pixel_size_angstrom", "exposure_s",
                                "magnification", "camera", "total_dose")} == {
@@ -92,18 +102,58 @@ def test_direct_electron_movie_fills_the_catalog(client, tmp_path):
         "exposure_s": 0.045712, "magnification": 105000, "camera": "Apollo",
         "total_dose": None}
     acq = ds["acquisition"]
-    assert acq["sources"] == ["mrc_header", "de_info"]
     assert acq["pixel_size_sources"] == [
-        {"source": "mrc_header", "key": "CELLA/MX", "value": 0.827},
-        {"source": "de_info", "key": "Specimen Pixel Size X", "value": 0.827}]
-    assert {k: v for k, v in acq.items() if k not in ("sources", "pixel_size_sources")} \
-        == {k: v for k, v in DE_SUMMARY.items() if k not in ("sources", "pixel_size_sources")}
+        {"source": "de_info", "key": "Specimen Pixel Size X", "value": 0.827},
+        {"source": "mrc_header", "key": "CELLA/MX", "value": 10.0, "placeholder": True}]
+    assert {k: v for k, v in acq.items() if k != "pixel_size_sources"} \
+        == {k: v for k, v in DE_SUMMARY.items() if k != "pixel_size_sources"}
+    assert acq["sources"] == ["de_info"]
     assert [(f["severity"], f["field"]) for f in ds["sidecar_findings"]] == [
-        ("info", "pixel_size")]
+        ("info", "pixel_size_angstrom")]
+    assert "-10 Å is a placeholder" in ds["sidecar_findings"][0]["message"]
     assert "cell length x is negative" in " ".join(f["message"] for f in ds["findings"])
     listed = client.get("/v1/datasets", params={"camera": "Apollo", "min_exposure": 0.04,
                                                 "max_pixel_size": 0.83}).json()["items"]
     assert [d["id"] for d in listed] == [ds["id"]]
+
+
+def test_direct_electron_minus_one_is_unknown_in_the_catalog(client, tmp_path):
+    """TEM channel off: DE writes -1 for magnification, camera length and pixel sizes.
+    None of them is a value: the catalog's magnification is unknown (not -1), and the
+    only pixel size left is the header's placeholder, used as its magnitude and said to
+    be one."""
+    ds = register_de(client, tmp_path / "shared", "20241021_00406",
+                     de_info_text(**DE_NOT_KNOWN))
+    assert ds["status"] == "ready"
+    assert ds["magnification"] is None and ds["voltage_kv"] == 300
+    acq = ds["acquisition"]
+    assert not {"magnification", "camera_length_m"} & set(acq)
+    assert acq["pixel_size_sources"] == [
+        {"source": "mrc_header", "key": "CELLA/MX", "value": 10.0, "placeholder": True}]
+    assert ds["pixel_size_angstrom"] == 10.0
+    assert [(f["severity"], f["field"]) for f in ds["sidecar_findings"]] == [
+        ("info", "pixel_size_angstrom")]
+    assert ds["sidecar_findings"][0]["message"].endswith(
+        "no source has a real value, so the catalog uses 10 Å")
+    ids = [d["id"] for d in client.get("/v1/datasets",
+                                       params={"camera": "Apollo"}).json()["items"]]
+    assert ids == [ds["id"]]
+
+
+def test_direct_electron_pixel_not_square_through_the_api(client, tmp_path):
+    """Specimen Pixel Size Y differs from X: both in the detail, the catalog's pixel size
+    is X, and a warning says the pixels are not square. Sent after its movie."""
+    ds = upload_and_wait(client, write_raw_mrc(tmp_path / "scan9_movie.mrc",
+                                               counting_movie((2, 8, 8), seed=5), 101))
+    response = put_sidecar(client, "scan9_info.txt", de_info_text(**DE_NOT_SQUARE))
+    assert response.json()["sidecar"]["dataset_id"] == ds["id"]
+    detail = client.get(f"/v1/datasets/{ds['id']}").json()
+    assert detail["pixel_size_angstrom"] == pytest.approx(0.827)
+    assert detail["acquisition"]["pixel_size_angstrom"] == 0.827
+    assert detail["acquisition"]["pixel_size_y_angstrom"] == 0.835
+    assert [(f["severity"], f["field"]) for f in detail["sidecar_findings"]] == [
+        ("warning", "pixel_size_y_angstrom")]
+    assert "the pixels are not square" in detail["sidecar_findings"][0]["message"]
 
 
 def test_de_info_pairs_with_its_movie_by_name(client, tmp_path):

@@ -99,7 +99,13 @@ class DatasetDetail(DatasetSummary):
     acquisition: dict[str, Any] | None = Field(None, description="voltage, pixel size, dose, "
                                                "exposure, tilt, magnification, times, from "
                                                ".mdoc / info.txt sidecars and FEI/SERI "
-                                               "extended headers (units kV, Å, e-/Å², s, °)")
+                                               "extended headers (units kV, Å, e-/Å², s, °). "
+                                               "pixel_size_angstrom is x (the catalog's "
+                                               "pixel size), pixel_size_y_angstrom y; "
+                                               "pixel_size_sources lists every source's, "
+                                               "placeholders (a 1 Å or negative cell) "
+                                               "marked and ranked last. Unknown facts are "
+                                               "left out")
     sidecars: dict[str, Any] | None = Field(None, description="the parsed sidecar files")
     sidecar_findings: list[dict[str, str]] = Field(default_factory=list)
     error: dict[str, Any] | None = Field(None, description="why processing failed "

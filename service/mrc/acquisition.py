@@ -18,7 +18,10 @@ carrying its unit in parentheses (``Instrument Accelerating Voltage (V) = 300000
 ``Timestamp (seconds since Epoch)``); some have none (``Frames Per Second``,
 ``Camera Model``, ``Frame Count``). Keys are matched by name and unit with spaces and case
 normalized, and a unit in any spelling of :data:`UNITS` converts (``nm`` or
-``nanometers``, ``kV`` or ``V``). The parsed values are kept as written.
+``nanometers``, ``kV`` or ``V``). The parsed values are kept as written. DE writes ``-1``
+for what it does not know (magnification, pixel sizes, camera length when the TEM channel
+is off): that is no value (:data:`MEANINGS`). ``Specimen Pixel Size Y`` may differ from X:
+both are kept (``pixel_size_angstrom``, ``pixel_size_y_angstrom``).
 
 Nothing here raises for bad content: a line that does not parse is a finding with its
 line number.
@@ -26,15 +29,25 @@ line number.
 Precedence
 ----------
 Every fact of the summary comes from :data:`ROWS`, one row per (fact, source, source key,
-unit in the source). A fact's rows are tried in table order and the first *present* value
-wins: a source that lacks the key, or writes the "unset" value (0 for a voltage, pixel
-size, magnification, exposure or dose; FEI records that were never filled), gives way to
-the next one and never erases it. The order is the same for every fact:
+unit in the source), and what a value means from :data:`MEANINGS`, one row per (source,
+kind of value) that is not what it seems. A fact's rows are tried in table order and the
+first *real* value wins:
+
+- a source that lacks the key, or writes a value that means "not known" (0 for a
+  voltage, pixel size, magnification, exposure or dose; FEI records that were never
+  filled; Direct Electron's ``-1``), gives way to the next one and never erases it;
+- a *placeholder* (a stand-in a writer puts where it knows no value: an MRC-header pixel
+  size of exactly 1 Å, CELLA equal to the grid, as IMOD and EMAN write it; a negative
+  CELLA, Direct Electron's constant -10 Å per pixel whatever the binning) ranks after
+  every real value of every source. It is used, as its magnitude, only when no source
+  has a real value, and it is never a "sources disagree" warning: an info finding says
+  it is a placeholder and what the catalog uses instead.
+
+The order of the sources is the same for every fact:
 
 1. ``mrc_header``: the file's own header, where it has the fact: the pixel size
-   |CELLA|/MX when it is a real value (positive and finite; the magnitude, since Direct
-   Electron writes negative cells) and MRCZ's voltage word (MRCZ files only). It is what
-   RELION, cryoSPARC and IMOD read from the file, so the catalog agrees with them.
+   CELLA/MX (and CELLA/MY) and MRCZ's voltage word (MRCZ files only). It is what RELION,
+   cryoSPARC and IMOD read from the file, so the catalog agrees with them.
 2. ``mdoc``: SerialEM writes it with the image, from its calibrations, at full precision.
 3. ``fei_extended_header`` (EPU/Velox per-image records), then
    ``serialem_extended_header``: bound to the file, but after the .mdoc because the SERI
@@ -42,15 +55,15 @@ the next one and never erases it. The order is the same for every fact:
    hundreds), and an .mdoc sent with an EPU file is a deliberate addition.
 4. ``de_info``: authoritative for the camera (model, frame rate, frame count, exposure),
    but its microscope values (voltage, magnification, camera length) come from the
-   optional TEM channel and are the server's settings when that is disconnected.
-5. One exception: an MRC-header pixel size of exactly 1 Å (CELLA equal to the grid, what
-   IMOD and EMAN write when they know no pixel size) ranks after every other source.
+   optional TEM channel and are the server's settings (or -1) when that is disconnected.
 
 Derived from the chosen values, never kept twice: ``total_dose`` (sum of
 ``dose_per_image``), ``exposure_time_s`` from DE's frame count / frame rate when no source
 gives it, ``pixel_size_sources`` (every source's pixel size), ``sources`` (those that
-contributed) and the catalog columns (:func:`catalog_fields`). Pixel sizes or voltages
-that disagree beyond :data:`AGREE_RTOL` are a finding naming the value the catalog uses.
+contributed) and the catalog columns (:func:`catalog_fields`). Real pixel sizes or
+voltages that disagree beyond :data:`AGREE_RTOL` are a warning naming the value the catalog
+uses; a pixel size in y that differs from x (beyond float32 rounding) is a warning too:
+the catalog's ``pixel_size`` is the x one.
 """
 
 from __future__ import annotations
@@ -59,7 +72,7 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -230,6 +243,7 @@ class Fact(NamedTuple):
 FACTS: tuple[Fact, ...] = (
     Fact("voltage_kv", "one", "kV", True),
     Fact("pixel_size_angstrom", "one", "Å", True),
+    Fact("pixel_size_y_angstrom", "one", "Å", True),
     Fact("exposure_time_s", "same", "s", True),
     Fact("frames_per_second", "one", "fps", True),
     Fact("frame_count", "one", "1", True),
@@ -259,8 +273,9 @@ PRECEDENCE = ("mrc_header", "mdoc", "fei_extended_header", "serialem_extended_he
 #: extended-header type -> source name
 EXTENDED_SOURCES = {"FEI1": "fei_extended_header", "FEI2": "fei_extended_header",
                     "SERI": "serialem_extended_header"}
-#: the MRC header's keys for its pixel size: a real one, and the 1 Å placeholder
-HEADER_PIXEL_SIZE, HEADER_PLACEHOLDER = "CELLA/MX", "CELLA/MX = 1 (placeholder)"
+#: the MRC header's keys for its pixel sizes: CELLA/MX and CELLA/MY, signed as written
+HEADER_PIXEL_SIZE, HEADER_PIXEL_SIZE_Y = "CELLA/MX", "CELLA/MY"
+PIXEL_SIZES = ("pixel_size_angstrom", "pixel_size_y_angstrom")
 
 
 class Row(NamedTuple):
@@ -284,7 +299,10 @@ ROWS: tuple[Row, ...] = (
     Row("pixel_size_angstrom", "mdoc", "PixelSpacing", "Å"),
     Row("pixel_size_angstrom", "fei_extended_header", "pixel_size_x", "m"),
     Row("pixel_size_angstrom", "de_info", "Specimen Pixel Size X", "nm"),
-    Row("pixel_size_angstrom", "mrc_header", HEADER_PLACEHOLDER, "Å"),
+    Row("pixel_size_y_angstrom", "mrc_header", HEADER_PIXEL_SIZE_Y, "Å"),
+    Row("pixel_size_y_angstrom", "mdoc", "PixelSpacing", "Å"),  # SerialEM: one for both
+    Row("pixel_size_y_angstrom", "fei_extended_header", "pixel_size_y", "m"),
+    Row("pixel_size_y_angstrom", "de_info", "Specimen Pixel Size Y", "nm"),
     Row("exposure_time_s", "mdoc", "ExposureTime", "s"),
     Row("exposure_time_s", "fei_extended_header", "integration_time", "s"),
     Row("exposure_time_s", "de_info", "Exposure Time", "s"),
@@ -329,10 +347,47 @@ ROWS: tuple[Row, ...] = (
 #: fact -> its rows, in table order
 ROWS_BY_FACT: dict[str, tuple[Row, ...]] = {
     f.name: tuple(r for r in ROWS if r.fact == f.name) for f in FACTS}
+
+#: what a value means: a real value, a placeholder (ranked after every real value), or
+#: nothing (the source does not know; the next source's value is used)
+VALUE, PLACEHOLDER, UNKNOWN = "value", "placeholder", "unknown"
+RANKS = {VALUE: 0, PLACEHOLDER: 1}
+
+
+class Meaning(NamedTuple):
+    """A value a source writes that is not the value it seems to be. A property of the
+    source and the value (as the source writes it, in its unit), for ``facts`` (None:
+    every numeric fact of the source): ``test(value)`` says whether it applies;
+    ``meaning`` is :data:`UNKNOWN` or :data:`PLACEHOLDER`; a placeholder that is used
+    reads as ``reads_as(value)``."""
+
+    source: str
+    facts: tuple[str, ...] | None
+    test: Callable[[float], bool]
+    meaning: str
+    why: str
+    reads_as: Callable[[float], float] = abs
+
+
+#: Every such value, in one place (module docstring, "Precedence"). The "unset" zeros of
+#: :attr:`Fact.zero_unset` hold for every source and are the fact's.
+MEANINGS: tuple[Meaning, ...] = (
+    Meaning("de_info", None, lambda v: v == -1, UNKNOWN,
+            "Direct Electron writes -1 for what it does not know"),
+    Meaning("mrc_header", PIXEL_SIZES, lambda v: v < 0, PLACEHOLDER,
+            "a negative cell: Direct Electron writes CELLA as -10 Å per pixel whatever "
+            "the pixel size"),
+    Meaning("mrc_header", PIXEL_SIZES, lambda v: v == 1, PLACEHOLDER,
+            "CELLA equal to the grid: what IMOD and EMAN write when they know no pixel "
+            "size"),
+)
 #: facts whose sources must agree; relative tolerance: mdoc values carry 3-4 significant
 #: digits, while a binning, super-resolution or nm/Å mix-up is a factor of 2 or 10
 AGREEMENT_CHECKED = ("voltage_kv", "pixel_size_angstrom")
 AGREE_RTOL = 0.01
+#: pixel sizes in x and y that differ by more than this (float32 rounding of CELLA/M) are
+#: not square pixels
+SQUARE_RTOL = 1e-5
 #: catalog column -> the summary fact it holds (the pipeline writes the columns)
 CATALOG_COLUMNS = (("voltage_kv", "voltage_kv"), ("pixel_size", "pixel_size_angstrom"),
                    ("exposure_s", "exposure_time_s"), ("magnification", "magnification"),
@@ -401,18 +456,16 @@ class _KeyValues:
         return []
 
 
-def _header_values(h: np.record, findings: list[Finding]) -> dict[str, Any]:
-    """The facts an MRC header holds: pixel size |CELLA|/MX, and MRCZ's voltage word."""
+def _header_values(h: np.record) -> dict[str, Any]:
+    """The facts an MRC header holds: the pixel sizes CELLA/MX and CELLA/MY, signed as
+    written (:data:`MEANINGS` says what a negative or 1 Å one is), and MRCZ's voltage
+    word."""
     out: dict[str, Any] = {}
-    # float32 carries 7 significant digits; the rest of CELLA/MX is binary noise
-    spacing = float(f"{hdr.voxel_size(h)[0]:.7g}")
-    cell = float(h["cella"]["x"])
-    if cell < 0 and spacing > 0:
-        findings.append(info("pixel_size", f"CELLA x is negative ({cell:g} Å), as Direct "
-                                           "Electron writes it; the pixel size is its "
-                                           f"magnitude, {spacing:g} Å"))
-    if math.isfinite(spacing) and spacing > 0:
-        out[HEADER_PLACEHOLDER if spacing == 1.0 else HEADER_PIXEL_SIZE] = spacing
+    spacings = hdr.voxel_size(h)
+    for key, axis, spacing in ((HEADER_PIXEL_SIZE, "x", spacings[0]),
+                               (HEADER_PIXEL_SIZE_Y, "y", spacings[1])):
+        # float32 carries 7 significant digits; the rest of CELLA/M is binary noise
+        out[key] = math.copysign(float(f"{spacing:.7g}"), float(h["cella"][axis]))
     labels = hdr.labels(h)
     if split_mode(int(h["mode"]))[1] or (labels and labels[0].startswith("MRCZ")):
         out["mrcz_voltage"] = float(h["mrcz_voltage"])  # kV (python-mrcz writeMRC)
@@ -445,48 +498,118 @@ def _present(fact: Fact, value: Any) -> bool:
             and not (fact.zero_unset and value == 0))
 
 
-def _candidates(fact: Fact, views: dict[str, Any]) -> list[tuple[Row, Any]]:
-    """(row, value in the fact's unit) for every source that has the fact, in order."""
+def _meaning(source: str, fact: Fact, value: Any) -> Meaning | None:
+    """The row of :data:`MEANINGS` that a number (or any number of a list) written by
+    ``source`` falls under; None for a plain value. Unknown before placeholder."""
+    numbers = [v for v in (value if isinstance(value, list) else [value]) if _is_number(v)]
+    found = [m for m in MEANINGS if m.source == source
+             and (m.facts is None or fact.name in m.facts)
+             and any(m.test(v) for v in numbers)]
+    return min(found, key=lambda m: m.meaning != UNKNOWN, default=None)
+
+
+class Candidate(NamedTuple):
+    """One source's value of a fact: in the fact's unit (a placeholder as it reads), as
+    the source wrote it (in the row's unit), and what it means (None: a real value)."""
+
+    row: Row
+    value: Any
+    written: Any
+    meaning: Meaning | None
+
+    @property
+    def placeholder(self) -> bool:
+        return self.meaning is not None
+
+
+def _read(row: Row, fact: Fact, value: Any) -> tuple[Any, Meaning | None] | None:
+    """(value as it reads, its meaning) of a value written by ``row.source``; None when
+    it is no value (absent, unset, unknown)."""
+    if not _present(fact, value):
+        return None
+    meaning = _meaning(row.source, fact, value)
+    if meaning is None:
+        return value, None
+    if meaning.meaning == UNKNOWN:
+        return None
+    reads = [meaning.reads_as(v) for v in value] if isinstance(value, list) \
+        else meaning.reads_as(value)
+    return reads, meaning
+
+
+def _candidates(fact: Fact, views: dict[str, Any]) -> list[Candidate]:
+    """Every source's value of the fact, real values first, each rank in table order."""
     found = []
     for row in ROWS_BY_FACT[fact.name]:
         view = views.get(row.source)
         if view is None:
             continue
         raw = view.values(row.key, row.unit, per_image=fact.shape != "one")
-        values = [convert(v, row.unit, fact.unit) for v in raw if _present(fact, v)]
-        if not values:
+        read = [(v, r) for v in raw if (r := _read(row, fact, v)) is not None]
+        if not read:
             continue
+        values = [convert(value, row.unit, fact.unit) for _, (value, _) in read]
+        meaning = next((m for _, (_, m) in read if m is not None), None)
         single = fact.shape == "one" or (fact.shape == "same"
                                          and all(v == values[0] for v in values))
-        found.append((row, values[0] if single else values))
-    return found
+        found.append(Candidate(row, values[0] if single else values,
+                               read[0][0] if single else [v for v, _ in read], meaning))
+    return sorted(found, key=lambda c: RANKS[c.meaning.meaning if c.meaning else VALUE])
 
 
 def _key_text(key: str | tuple[str, ...]) -> str:
     return key if isinstance(key, str) else "/".join(key)
 
 
-def _disagreement(fact: Fact, found: list[tuple[Row, Any]]) -> list[Finding]:
-    (chosen_row, chosen), others = found[0], found[1:]
-    if all(math.isclose(v, chosen, rel_tol=AGREE_RTOL) for _, v in others):
+def _comparison(fact: Fact, found: list[Candidate]) -> list[Finding]:
+    """A fact's sources compared: each placeholder said to be one (an info, never a
+    disagreement), and real values that disagree beyond :data:`AGREE_RTOL` (a warning)."""
+    chosen, out = found[0], []
+    for c in found:
+        if not c.placeholder:
+            continue
+        written = f"{c.row.source} {_key_text(c.row.key)}: {c.written:g} {c.row.unit}"
+        uses = (f"no source has a real value, so the catalog uses {c.value:g} {fact.unit}"
+                if c is chosen else
+                f"ranked after every real value: the catalog uses {chosen.value:g} "
+                f"{fact.unit} from {chosen.row.source}")
+        out.append(info(fact.name, f"{written} is a placeholder ({c.meaning.why}); {uses}"))
+    real = [c for c in found if not c.placeholder]
+    if not real or all(math.isclose(c.value, real[0].value, rel_tol=AGREE_RTOL)
+                       for c in real[1:]):
+        return out
+    listing = "; ".join(f"{c.row.source} {_key_text(c.row.key)}: {c.value:g} {fact.unit}"
+                        for c in real)
+    return out + [warning(fact.name, f"the sources disagree ({listing}); the catalog uses "
+                                     f"{chosen.value:g} {fact.unit} from {chosen.row.source}")]
+
+
+def _not_square(chosen: dict[str, Candidate]) -> list[Finding]:
+    """A warning when the real pixel sizes in x and y differ (the catalog keeps x); a
+    placeholder says nothing about the pixel's shape."""
+    x, y = (chosen.get(name) for name in PIXEL_SIZES)
+    if x is None or y is None or x.placeholder or y.placeholder \
+            or math.isclose(x.value, y.value, rel_tol=SQUARE_RTOL):
         return []
-    listing = "; ".join(f"{r.source} {_key_text(r.key)}: {v:g} {fact.unit}" for r, v in found)
-    return [warning(fact.name, f"the sources disagree ({listing}); the catalog uses "
-                               f"{chosen:g} {fact.unit} from {chosen_row.source}")]
+    return [warning("pixel_size_y_angstrom",
+                    f"the pixels are not square: {x.value:g} Å in x ({x.row.source} "
+                    f"{_key_text(x.row.key)}), {y.value:g} Å in y ({y.row.source} "
+                    f"{_key_text(y.row.key)}); both are kept, the catalog's pixel size is "
+                    "the x one")]
 
 
 def summarize(*, mdoc: Mdoc | None = None, de_info: dict[str, Any] | None = None,
               extended: ExtendedHeader | None = None, header: np.record | None = None,
               n_frames: int | None = None) -> tuple[dict[str, Any], list[Finding]]:
     """The facts a dashboard shows, in the units of :data:`FACTS`, each from the first
-    source that has it (module docstring, "Precedence"), and the findings: pixel sizes
-    or voltages that disagree, a negative cell, DE units we cannot read. Per-image lists
-    keep the source's order and cover the images the file holds (``n_frames``, NZ).
-    Missing facts are left out, never null."""
+    source that has a real value (module docstring, "Precedence"), and the findings:
+    pixel sizes or voltages that disagree, placeholders, pixels that are not square, DE
+    units we cannot read. Per-image lists keep the source's order and cover the images
+    the file holds (``n_frames``, NZ). Missing facts are left out, never null."""
     findings: list[Finding] = []
     views: dict[str, Any] = {}
     if header is not None:
-        views["mrc_header"] = _Dicts([_header_values(header, findings)])
+        views["mrc_header"] = _Dicts([_header_values(header)])
     if mdoc is not None:
         views["mdoc"] = _Dicts(_mdoc_images(mdoc, n_frames, findings), [mdoc.globals])
     if extended is not None and extended.kind in EXTENDED_SOURCES:
@@ -495,18 +618,21 @@ def summarize(*, mdoc: Mdoc | None = None, de_info: dict[str, Any] | None = None
         views["de_info"] = _KeyValues(de_info, "de_info", findings)
 
     summary: dict[str, Any] = {}
-    used: set[str] = set()
+    chosen: dict[str, Candidate] = {}
     for fact in FACTS:
         found = _candidates(fact, views)
         if not found:
             continue
-        summary[fact.name] = found[0][1]
-        used.add(found[0][0].source)
+        chosen[fact.name] = found[0]
+        summary[fact.name] = found[0].value
         if fact.name in AGREEMENT_CHECKED:
-            findings += _disagreement(fact, found)
+            findings += _comparison(fact, found)
         if fact.name == "pixel_size_angstrom":
             summary["pixel_size_sources"] = [
-                {"source": r.source, "key": _key_text(r.key), "value": v} for r, v in found]
+                {"source": c.row.source, "key": _key_text(c.row.key), "value": c.value,
+                 **({"placeholder": True} if c.placeholder else {})} for c in found]
+    findings += _not_square(chosen)
+    used = {c.row.source for c in chosen.values()}
     if "dose_per_image" in summary:
         summary["total_dose"] = sum(summary["dose_per_image"])
     if "exposure_time_s" not in summary and {"frame_count", "frames_per_second"} <= set(summary):

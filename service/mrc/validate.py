@@ -44,9 +44,9 @@ def check_header_fields(h: np.record, layout: hdr.Layout | None) -> list[Finding
     for axis in ("x", "y", "z"):
         if float(h["cella"][axis]) < 0:
             found.append(warning("cella", f"cell length {axis} is negative: "
-                                          f"{float(h['cella'][axis])}; the pixel size is "
-                                          "its magnitude (Direct Electron writes negative "
-                                          "cells)"))
+                                          f"{float(h['cella'][axis])}; Direct Electron writes "
+                                          "a negative cell as a placeholder, so any real "
+                                          "pixel size (info.txt, .mdoc) wins over it"))
     axes = {int(h["mapc"]), int(h["mapr"]), int(h["maps"])}
     if axes != {1, 2, 3}:
         found.append(warning("mapc", "MAPC/MAPR/MAPS (words 17-19) are "

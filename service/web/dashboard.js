@@ -480,12 +480,19 @@ async function loadDetail(reset) {
   schedule();
 }
 
+/** The pixel size; x × y when the pixels are not square (the catalog's is x). */
+function pixelSize(x, y) {
+  if (!x) return "";
+  if (!y || Math.abs(y - x) <= 1e-5 * x) return `${x.toFixed(3)} Å/px`;
+  return `${x.toFixed(3)} × ${y.toFixed(3)} Å/px (x × y: not square)`;
+}
+
 function facts(d) {
   const a = d.acquisition || {};
   return [
     `status ${d.status}`, d.nx && `${d.nx}×${d.ny}, ${d.frames} frames`,
     d.dtype && `mode ${d.mode} (${d.dtype})`,
-    d.pixel_size_angstrom && `${d.pixel_size_angstrom.toFixed(3)} Å/px`,
+    pixelSize(d.pixel_size_angstrom, a.pixel_size_y_angstrom),
     d.voltage_kv && `${number(d.voltage_kv)} kV`,
     d.total_dose && `${d.total_dose.toFixed(2)} e⁻/Å²`,
     !blank(d.exposure_s) && `exposure ${number(d.exposure_s)} s`, d.camera && `camera ${d.camera}`,
@@ -508,11 +515,24 @@ function factRows(table, pairs) {
   }));
 }
 
-function storageRows(d) {
+/** What is kept besides the file as received: the archive copy, or why there is none. */
+function keptCopy(d) {
   const archive = d.archive;
-  const kept = archive ? `archive copy: mode ${archive.mode}, ${archive.codec}` +
-    `${archive.codec !== "none" ? ` level ${archive.clevel}` : ""}`
-    : d.status === "ready" ? "no separate copy: the file as received is kept" : "";
+  if (archive && !blank(archive.mode)) {
+    return `archive copy: mode ${archive.mode}, ${archive.codec}` +
+      `${archive.codec !== "none" && !blank(archive.clevel) ? ` level ${archive.clevel}` : ""}`;
+  }
+  const kept = d.storage && d.storage.form === "registered"
+    ? "the registered file stays in place" : "kept as received";
+  // The archiver's reasons may end by saying so themselves: say it once.
+  const why = archive && archive.reason
+    ? archive.reason.replace(/[;,]?\s*it is kept as received\.?$/, "") : "";
+  if (why) return `archive: none — ${kept}: ${why}`;
+  return archive || d.status === "ready" ? `archive: none — ${kept}` : "";
+}
+
+function storageRows(d) {
+  const kept = keptCopy(d);
   return [
     ["received", bytes(received(d)),
      d.source === "registration" ? "registered in place" : "the file as received"],
@@ -611,10 +631,13 @@ $("dl").onclick = async () => {
     report("download refused", new Error(`${body.error}: ${JSON.stringify(body.detail)}`));
     return;
   }
-  const name = (response.headers.get("content-disposition") || "").match(/filename="([^"]+)"/);
+  // RFC 6266: filename* (UTF-8, percent-encoded) wins over the ASCII filename fallback
+  const disposition = response.headers.get("content-disposition") || "";
+  const utf8 = disposition.match(/filename\*=UTF-8''([^;]+)/i);
+  const plain = disposition.match(/filename="([^"]+)"/);
   const link = element("a");
   link.href = URL.createObjectURL(await response.blob());
-  link.download = name ? name[1] : "download.mrc";
+  link.download = utf8 ? decodeURIComponent(utf8[1]) : plain ? plain[1] : "download.mrc";
   link.click();
 };
 

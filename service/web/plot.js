@@ -1,12 +1,17 @@
 // The per-frame trace of a movie as plain SVG, drawn here (no plotting library, nothing
 // fetched from a network): the mean of every frame with one marker per frame, the std of
 // every frame below it, a cursor on the selected frame. Frames whose mean stands apart from
-// the rest of the movie (blanked, dropped, a shutter glitch) get a red marker.
+// the rest of the movie (blanked, dropped, a shutter glitch) get a red marker; one whose
+// value lies outside the axis of the usual frames is drawn at its value past a visible
+// axis break, labelled with that value.
 
 const SVG = "http://www.w3.org/2000/svg";
 const MARGIN = {left: 56, right: 12, top: 6, bottom: 28};
 const PANELS = [{key: "mean", height: 120, ticks: 4}, {key: "std", height: 44, ticks: 2}];
 const GAP = 10;
+// An axis break: a strip of STRIP px past a gap of BREAK px holds the values beyond the
+// usual range, on a scale of their own, labelled.
+const STRIP = 16, BREAK = 10, STRIP_PAD = 3, MAX_LABELS = 12;
 
 const defined = (v) => v !== null && v !== undefined && Number.isFinite(v);
 
@@ -86,11 +91,57 @@ function range(values, odd) {
   return [lo - pad, hi + pad];
 }
 
+/** The panel's vertical scale: the usual range [lo, hi] in the middle band, and for
+ * values below lo (above hi) a strip under (over) it past a gap, on a linear scale of
+ * those values alone (taller when they differ, so that both ends can be labelled).
+ * Returns {y(v), band: [top, bottom] of the usual range, strips}. */
+function scale(panel, [lo, hi], outside) {
+  const extent = (values) => (values.length ? [values.reduce((a, b) => Math.min(a, b)),
+                                               values.reduce((a, b) => Math.max(a, b))] : null);
+  const below = extent(outside.filter((v) => v < lo));
+  const above = extent(outside.filter((v) => v > hi));
+  const height = (ends) => (!ends ? 0 : ends[1] > ends[0] ? 2 * STRIP : STRIP);
+  const top = panel.top + (above ? height(above) + BREAK : 0);
+  const bottom = panel.top + panel.height - (below ? height(below) + BREAK : 0);
+  const usual = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - top);
+  const strips = [];
+  const strip = ([min, max], stripTop, gap) => {
+    const inner = height([min, max]) - 2 * STRIP_PAD;
+    const at = (v) => (max > min ? stripTop + STRIP_PAD + (1 - (v - min) / (max - min)) * inner
+                                 : stripTop + STRIP / 2);
+    strips.push({min, max, at, gap});
+    return at;
+  };
+  const under = below && strip(below, panel.top + panel.height - height(below),
+                               bottom + BREAK / 2);
+  const over = above && strip(above, panel.top, top - BREAK / 2);
+  const y = (v) => (v < lo && under ? under(v) : v > hi && over ? over(v)
+    : usual(Math.min(hi, Math.max(lo, v))));
+  return {y, band: [top, bottom], strips};
+}
+
+/** The break between the usual range and a strip: a dashed line across the plot and a
+ * double slash on the value axis, and the strip's values as ticks. */
+function drawBreak(svg, strip, left, width) {
+  node("line", {x1: left, x2: left + width, y1: strip.gap, y2: strip.gap, class: "break"}, svg);
+  for (const dx of [-3, 3]) {
+    node("line", {x1: left + dx - 4, x2: left + dx + 4, y1: strip.gap + 4, y2: strip.gap - 4,
+                  class: "break-mark"}, svg);
+  }
+  for (const v of strip.max > strip.min ? [strip.min, strip.max] : [strip.min]) {
+    node("text", {x: left - 6, y: strip.at(v), class: "tick y outside"}, svg).textContent =
+      number(v);
+  }
+}
+
 /**
  * The plot of `series` ({mean, std, min, max}, one value per frame, null where undefined):
  * the mean of each frame with a marker per frame (the main panel), and the std of each frame
  * below it, both scaled to the frames that do not stand out, so that a dose fall-off of a
- * few percent stays visible beside a blanked frame (drawn red on the panel's edge).
+ * few percent stays visible beside a blanked frame. A marker whose value is outside that
+ * range sits at its value in a strip past an axis break (dashed line, a double slash on
+ * the axis, the strip's own ticks), labelled with its value; an undefined one, hollow, at
+ * the bottom.
  * `onPick(k)` is called when a frame is clicked, `onHover(k | null)` as the pointer moves.
  * Returns {svg, select(k), odd}: `select` moves the cursor, `odd` lists the flagged frames.
  */
@@ -103,6 +154,9 @@ export function framePlot(series, {width = 560, onPick, onHover} = {}) {
     const top = MARGIN.top + PANELS.slice(0, i).reduce((sum, p) => sum + p.height + GAP, 0);
     return {...panel, top, values: series[panel.key], span: range(series[panel.key], odd)};
   });
+  // What each panel draws: a marker per frame on the main panel, lines of the frames that
+  // do not stand out on the others.
+  const drawn = (panel, k) => defined(panel.values[k]) && (panel === panels[0] || !odd[k]);
   const bottom = panels[panels.length - 1].top + panels[panels.length - 1].height;
   const height = bottom + MARGIN.bottom;
   const svg = node("svg", {viewBox: `0 0 ${width} ${height}`, class: "frame-plot", role: "img",
@@ -112,9 +166,9 @@ export function framePlot(series, {width = 560, onPick, onHover} = {}) {
                 class: "hit"}, svg);
   for (const panel of panels) {
     const [lo, hi] = panel.span;
-    // A value outside the range (a frame that stands out) sits on the panel's edge.
-    panel.y = (v) => panel.top + (1 - Math.min(1, Math.max(0, (v - lo) / (hi - lo)))) *
-      panel.height;
+    const outside = panel.values.filter((v, k) => drawn(panel, k) && (v < lo || v > hi));
+    Object.assign(panel, scale(panel, panel.span, outside));
+    for (const strip of panel.strips) drawBreak(svg, strip, MARGIN.left, w);
     for (const v of ticks(lo, hi, panel.ticks)) {
       node("line", {x1: MARGIN.left, x2: MARGIN.left + w, y1: panel.y(v), y2: panel.y(v),
                     class: "grid"}, svg);
@@ -137,8 +191,22 @@ export function framePlot(series, {width = 560, onPick, onHover} = {}) {
   const cursor = node("line", {y1: MARGIN.top, y2: bottom, class: "cursor"}, svg);
   const main = panels[0];
   const radius = Math.max(1.5, Math.min(4, w / Math.max(1, n) / 2.5));
+  const [lo, hi] = main.span;
+  const beyond = (v) => defined(v) && (v < lo || v > hi);
+  // Each value beyond the break is labelled, once per run of frames that read the same
+  // (beside the run's last frame, clear of its markers).
+  const labels = series.mean.flatMap((v, k) => (beyond(v) &&
+    !(k + 1 < n && beyond(series.mean[k + 1]) && number(series.mean[k + 1]) === number(v))
+    ? [k] : []));
+  for (const k of labels.length <= MAX_LABELS ? labels : []) {
+    const right = x(k) + radius + 3 + 40 <= MARGIN.left + w;
+    node("text", {x: right ? x(k) + radius + 3 : x(k) - radius - 3, y: main.y(series.mean[k]),
+                  class: `point-label${right ? "" : " left"}`, "data-frame": k}, svg)
+      .textContent = number(series.mean[k]);
+  }
   const points = series.mean.map((v, k) => {
-    const classes = ["pt", odd[k] && "odd", !defined(v) && "missing"].filter(Boolean);
+    const classes = ["pt", odd[k] && "odd", !defined(v) && "missing",
+                     beyond(v) && "outside"].filter(Boolean);
     const point = node("circle", {cx: x(k), cy: defined(v) ? main.y(v) : main.top + main.height,
                                   r: radius, class: classes.join(" "), "data-frame": k}, svg);
     node("title", {}, point).textContent = describe(series, k);
