@@ -133,7 +133,14 @@ class Intake:
             raise
         self.queue.release(fence)
         scratch.receiver.close()
-        received = ingest.received
+        # the catalog may be slow (a busy SQLite, a PostgreSQL failing over): never on
+        # the event loop, which answers every other request meanwhile
+        return await anyio.to_thread.run_sync(self._answer, result, job_id, dataset_id,
+                                              ingest.received)
+
+    def _answer(self, result: dict[str, Any], job_id: str, dataset_id: str,
+                received: int) -> dict[str, Any]:
+        """What an upload answers once its pass ended (on a worker thread)."""
         if result["duplicate"]:
             self.metrics.uploads.labels("duplicate").inc()
             jobs = self.catalog.jobs_in_states(("queued", "running"), result["dataset"]["id"])

@@ -61,3 +61,22 @@ def client(tmp_path, shared):
 
     with make_client(tmp_path / "data", allowed_roots=[shared]) as c:
         yield c
+
+
+@pytest.fixture
+def memory_folder(tmp_path):
+    """A fresh folder on a tmpfs (/dev/shm) where there is one, else under tmp_path:
+    for tests whose subject is not durability, where fsync would be most of the time."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="mrc-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

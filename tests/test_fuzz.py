@@ -107,11 +107,13 @@ def test_core_survives_10000_mutations(tmp_path):
     assert time.monotonic() - started < 240
 
 
-def test_upload_endpoint_survives_10000_mutations(tmp_path):
+def test_upload_endpoint_survives_10000_mutations(tmp_path, memory_folder):
+    """The data folder in memory (tmpfs): this test is about what the parser and the
+    pass do with hostile bytes, and 10,000 fsyncs on a disk would be most of its time."""
     bases = corpus(tmp_path)
     rng = np.random.default_rng(777)
     statuses: dict[int, int] = {}
-    with make_client(tmp_path / "data", workers=2) as c:
+    with make_client(memory_folder / "data", workers=2) as c:
         jobs = []
         for case in range(CASES):
             raw, what = mutate(bases[case % len(bases)], rng)

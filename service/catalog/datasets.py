@@ -126,7 +126,7 @@ class DatasetRows(CatalogBase):
         not: "lease_lost" (the fence no longer holds), "gone" (deleted, or being
         deleted), "already" (committed before: a dataset is committed once)."""
         fields = {**fields, "updated_at": self.now()}
-        with self.engine.begin() as conn:
+        with self.durable_commit() as conn:
             if fence is not None and not self._fence_holds(conn, fence):
                 return "lease_lost"
             status = conn.execute(sa.select(datasets.c.status)

@@ -318,7 +318,8 @@ class TusUploads:
                        checksum: tuple[str, bytes] | None,
                        chunks: AsyncIterator[bytes]) -> dict[str, Any]:
         upload_id, length = row["id"], row["length"]
-        stream = self._stream(row, start)
+        # may drop an earlier attempt (catalog and store calls): off the event loop
+        stream = await anyio.to_thread.run_sync(self._stream, row, start)
         digest = CHECKSUMS[checksum[0]]() if checksum else None
         patch = await anyio.to_thread.run_sync(self.bytes.open_patch, row, start,
                                                checksum is not None)
@@ -352,7 +353,9 @@ class TusUploads:
                           "findings": findings}) from None
         except BaseException:
             if stream.ingest is not None and checksum is not None:
-                self._lose_stream(upload_id)  # its bytes are about to be discarded
+                # its bytes are about to be discarded; dropping the stream may wait for
+                # an S3 abort: off the event loop
+                await anyio.to_thread.run_sync(self._lose_stream, upload_id)
             raise
         finally:
             receiver.side_digest = None
@@ -360,7 +363,7 @@ class TusUploads:
             keep = offset if (complete_body or checksum is None) else start
             if complete_body and digest is not None and digest.digest() != checksum[1]:
                 keep = start
-                self._lose_stream(upload_id)
+                await anyio.to_thread.run_sync(self._lose_stream, upload_id)
             if refused:
                 patch.close()
                 await anyio.to_thread.run_sync(self._drop, row)
