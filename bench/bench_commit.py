@@ -46,6 +46,13 @@ MiB = 1 << 20
 LAST_PATCH = 48 * MiB
 
 
+#: runs ``service.cli`` from the tree on PYTHONPATH, whatever is installed: an editable
+#: install's import hook would otherwise map ``service.*`` back to this checkout
+BOOT = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path "
+        "if 'editable' not in repr(f).lower()]; sys.argv[0] = 'mrc-ingest'; "
+        "runpy.run_module('service.cli', run_name='__main__', alter_sys=True)")
+
+
 class Server:
     """``mrc-ingest serve`` of the tree at ``tree`` (this one, or the baseline's)."""
 
@@ -56,7 +63,7 @@ class Server:
                                  for k, v in settings.items()})
         env["PYTHONPATH"] = str(tree)  # the tree's own service package, not the installed
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
+            [sys.executable, "-c", BOOT, "serve", "--port", str(self.port),
              "--data-dir", str(data_dir), "--log-level", "warning"], cwd=tree, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
@@ -209,6 +216,7 @@ def bench_kills(work: Path, frames: int, kills: int) -> None:
 # -- no regression against the code before the commit protocol ----------------------------
 
 def baseline_tree(work: Path, revision: str) -> Path:
+    """A worktree of ``revision`` (its own checkout, removed afterwards)."""
     tree = work / "baseline"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force",
                     str(tree), revision], check=True, capture_output=True)
@@ -231,6 +239,8 @@ def put_once(server: Server, movie: Path, name: str) -> tuple[float, float]:
 
 
 def bench_regression(work: Path, frames: int, rounds: int, revision: str) -> None:
+    revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", revision],
+                              capture_output=True, text=True, check=True).stdout.strip()
     movie = work / "k3-put.mrc"
     size = write_movie(movie, K3, frames, 101)
     tree = baseline_tree(work, revision)
@@ -265,10 +275,9 @@ def bench_regression(work: Path, frames: int, rounds: int, revision: str) -> Non
 
 def default_baseline() -> str:
     """The commit before the commit protocol came in (the parent of the first commit
-    that added service/arrival/protocol.py), else HEAD."""
-    first = subprocess.run(["git", "-C", str(ROOT), "log", "--diff-filter=A", "--format=%H",
-                            "--", "service/arrival/protocol.py"],
-                           capture_output=True, text=True).stdout.split()
+    that touched service/arrival/), else HEAD."""
+    first = subprocess.run(["git", "-C", str(ROOT), "log", "--format=%H", "--",
+                            "service/arrival/"], capture_output=True, text=True).stdout.split()
     return f"{first[-1]}^" if first else "HEAD"
 
 
