@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
-from .datastore import StoreUnavailable
+from .datastore import ObjectCorrupt, StoreUnavailable
 from .mrc import ConversionError, FormatError, FrameIndexError, LossyConversionError, MrcError
 from .mrc.particles import ParticleSetError
 
@@ -155,6 +155,9 @@ def to_service_error(exc: BaseException) -> ServiceError | None:
                                    "nothing stored before was touched")
     if isinstance(exc, StoreUnavailable):
         return ServiceUnavailable(f"the object store is unavailable: {exc}")
+    if isinstance(exc, ObjectCorrupt):
+        return ServiceUnavailable(f"what was stored did not read back as written ({exc}); "
+                                  "nothing was committed: try again")
     if _catalog_unreachable(exc):
         return ServiceUnavailable("the catalog database is unavailable; try again shortly")
     return None

@@ -35,6 +35,7 @@ ENVIRONMENT = "MRC_INGEST_FAULT"
 POINTS = (
     "commit.before_store",   # the last byte is in and proven; nothing stored yet
     "commit.after_store",    # objects durable and read back; the catalog not written
+    "commit.answer_lost",    # the catalog transaction landed but its answer is lost
     "commit.after_commit",   # the catalog transaction committed; bytes not released
     "commit.after_release",  # received bytes released; the answer not sent
     "tus.after_settle",      # a PATCH's bytes durable and its offset recorded

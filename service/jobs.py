@@ -331,6 +331,10 @@ class JobQueue:
                                          error=error, attempt=fence.attempt)
                 return
             state = "failed"
+            if isinstance(exc, JobGaveUp) and hasattr(self.runner, "gave_up"):
+                # its worker died in every attempt: the runner never saw it fail, so it
+                # is told now (an ingest marks its dataset failed, which recovery leaves)
+                self.runner.gave_up(job, fence, error)
         written = ctx.finished or self.catalog.complete_job(
             job_id, self.owner, state=state, result=result, error=error,
             attempt=fence.attempt)

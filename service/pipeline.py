@@ -76,6 +76,16 @@ class Pipeline:
             return self.verify(job["dataset_id"], ctx)
         raise ValueError(f"unknown job kind {job['kind']!r}")
 
+    def gave_up(self, job: dict[str, Any], fence, error: dict[str, Any]) -> None:
+        """A job whose worker died in every attempt: an ingest's dataset is failed with
+        that error (recovery never replays a dataset failed for good)."""
+        if job["kind"] != "ingest":
+            return
+        dataset = self.catalog.get_dataset(job["dataset_id"])
+        if dataset is not None and dataset["status"] in ("queued", "processing"):
+            self.catalog.update_dataset(job["dataset_id"], fence=fence, status="failed",
+                                        progress=None, info={**dataset["info"], "error": error})
+
     # -- uploads cut off ----------------------------------------------------------
 
     def drop_upload(self, job: dict[str, Any]) -> dict[str, Any]:

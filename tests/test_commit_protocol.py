@@ -116,3 +116,67 @@ def test_tus_bytes_stay_until_the_dataset_is_committed_then_go(tmp_path):
         ds = c.get(done.headers["mrc-ingest-dataset"]).json()
         assert ds["status"] == "ready"
         assert c.get(f"/v1/datasets/{ds['id']}/download").content == raw
+
+
+def test_a_commit_whose_answer_is_lost_keeps_everything_it_stored(tmp_path, failpoint):
+    """The commit transaction lands but its answer never arrives (the connection broke
+    after COMMIT): the pass cannot know, so it removes nothing. The client gets a 503
+    and sends again; that is answered as the same, whole dataset."""
+    movie = write_raw_mrc(tmp_path / "m.mrc", counting_movie((4, 64, 96)), 101)
+    raw = movie.read_bytes()
+    failpoint("commit.answer_lost", "unavailable@once")
+    with make_client(tmp_path / "data") as c:
+        lost = c.put("/v1/uploads/m.mrc", content=raw)
+        assert lost.status_code == 503, lost.text
+        again = c.put("/v1/uploads/m.mrc", content=raw)
+        assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
+        ds = again.json()["dataset"]
+        assert ds["status"] == "ready"
+        assert c.get(f"/v1/datasets/{ds['id']}/download").content == raw
+    data_dir = tmp_path / "data"
+    run_recover(data_dir)
+    place = Place(f"sqlite:///{data_dir.resolve() / 'catalog.sqlite3'}", data_dir=data_dir)
+    from tests.invariants import Sent, sha256_of
+    assert check(place, [Sent("m.mrc", sha256_of(raw), told_complete=True)]) == []
+
+
+def test_delete_during_the_last_tus_patch_never_brings_the_dataset_back(tmp_path,
+                                                                      failpoint):
+    """DELETE while the last PATCH's pass is between its proof and the store: the pass
+    finds the dataset gone (409), the upload is detached from it, and recovery never
+    replays it into a new dataset."""
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    movie = write_raw_mrc(tmp_path / "m.mrc", counting_movie((4, 64, 96)), 101)
+    raw = movie.read_bytes()
+    failpoint("commit.before_store", f"pause={pause}")
+    with make_client(tmp_path / "data") as c:
+        url = c.post("/v1/tus/", headers={**TUS, "Upload-Length": str(len(raw))}) \
+            .headers["location"]
+        answer: dict = {}
+
+        def last_patch() -> None:
+            try:
+                answer["response"] = c.patch(url, content=raw, headers={
+                    **TUS, "Upload-Offset": "0",
+                    "Content-Type": "application/offset+octet-stream"})
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                answer["error"] = exc
+        patching = threading.Thread(target=last_patch)
+        patching.start()
+        deadline = time.monotonic() + 30
+        while not (pause / "commit.before_store.reached").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        (dataset,) = c.get("/v1/datasets").json()["items"]
+        assert c.delete(f"/v1/datasets/{dataset['id']}").status_code == 200
+        (pause / "commit.before_store.go").touch()
+        patching.join(30)
+        assert "error" not in answer, answer
+        assert answer["response"].status_code == 409, answer["response"].text
+        service = c.app.state.service
+        for _ in range(2):
+            service.recovery.tick()
+        assert c.get(f"/v1/datasets/{dataset['id']}").status_code == 404
+        assert c.get("/v1/datasets").json()["items"] == []
+        assert service.catalog.get_dataset(dataset["id"]) is None

@@ -32,12 +32,12 @@ TUS = {"Tus-Resumable": "1.0.0"}
 COMMIT_POINTS = ("commit.before_store", "commit.after_store", "commit.after_commit",
                  "commit.after_release")
 CASES = [(path, point) for path in ("put", "tus", "registration") for point in COMMIT_POINTS] \
-    + [("tus", "tus.after_settle")]
+    + [("tus", "tus.after_settle"), ("put", "commit.answer_lost")]
 #: on PostgreSQL + SeaweedFS every point once, each arrival at least once (the whole
 #: table there would double the suite's time for the same code paths)
 REMOTE_CASES = [("tus", "commit.before_store"), ("put", "commit.after_store"),
                 ("tus", "commit.after_commit"), ("registration", "commit.after_release"),
-                ("tus", "tus.after_settle")]
+                ("tus", "tus.after_settle"), ("tus", "commit.answer_lost")]
 MATRIX = [("sqlite+folder", *case) for case in CASES] + \
     [("postgres+s3", *case) for case in REMOTE_CASES]
 SHAPE = (6, 256, 384)  # 4-bit: 6 frames of 48 KiB, 288 KiB in all
@@ -164,7 +164,7 @@ def dataset_of(place: Place, sha: str) -> dict | None:
 @pytest.mark.parametrize("deployment,path_kind,point", MATRIX, indirect=["deployment"],
                          ids=[f"{d}-{p}-{q}" for d, p, q in MATRIX])
 def test_kill_at_a_step_boundary_loses_nothing(deployment, path_kind, point):
-    seed = CASES.index((path_kind, point))
+    seed = [(p, q) for _, p, q in MATRIX].index((path_kind, point))  # its own bytes
     movie, sent = a_movie(deployment.shared if path_kind == "registration"
                           else deployment.root, seed)
     raw = movie.read_bytes()

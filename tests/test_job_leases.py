@@ -144,3 +144,20 @@ def test_concurrent_claimers_never_share_a_job(catalog):
         assert len(everything) == jobs
     if catalog.is_postgres:  # SKIP LOCKED lets claimers proceed side by side
         assert sum(1 for ids in claimed.values() if ids) >= 2
+
+
+def test_a_commit_never_lands_on_a_tombstone_or_twice(catalog):
+    """The guards are in the writes themselves: a DELETE's tombstone between a pass's
+    look and its commit makes the commit write nothing; a receiving row that was
+    committed meanwhile is not dropped."""
+    for dataset_id, status in (("d-t", "processing"), ("d-r", "receiving")):
+        catalog.add_dataset(id=dataset_id, name="m.mrc", source="upload", status=status,
+                            size_bytes=1, path="", info={})
+    assert catalog.mark_deleting("d-t")
+    assert catalog.commit_ingest("d-t", {"status": "ready"}, fence=None, job_result={},
+                                 tus_upload_id=None) == "gone"
+    assert catalog.get_dataset("d-t")["status"] == "deleting"
+    assert catalog.commit_ingest("d-r", {"status": "ready"}, fence=None, job_result={},
+                                 tus_upload_id=None) == "committed"
+    assert not catalog.delete_receiving("d-r")  # committed: not a cut-off upload
+    assert catalog.get_dataset("d-r")["status"] == "ready"

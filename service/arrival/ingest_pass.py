@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from sqlalchemy import exc as sa_exc
 
-from ..catalog import Catalog, Fence
+from ..catalog import TOMBSTONE, Catalog, Fence
 from ..datastore import ObjectWriter
 from ..errors import Conflict
 from ..failpoints import hit
@@ -45,15 +45,14 @@ PROGRESS_INTERVAL = 0.25
 
 
 def drop_receiving(catalog: Catalog, storage: Storage, dataset_id: str) -> bool:
-    """Drop a dataset whose upload was cut off while it was still ``receiving``: its
-    objects, then its row (its jobs go with it). Objects first: should the store be
-    away, the row stays for a later attempt and nothing is orphaned. A dataset in any
-    other state is left alone; True when one was dropped."""
-    dataset = catalog.get_dataset(dataset_id)
-    if dataset is None or dataset["status"] != "receiving":
+    """Drop a dataset whose upload was cut off while it was still ``receiving``: its row
+    (with its jobs), in one guarded step -- a pass committing at the same moment wins,
+    or this does, never both -- then its objects (should the store be away, the sweep
+    removes them: no row names them). A dataset in any other state is left alone; True
+    when one was dropped."""
+    if not catalog.delete_receiving(dataset_id):
         return False
     storage.remove_dataset(dataset_id)
-    catalog.delete_dataset(dataset_id)
     return True
 
 
@@ -81,6 +80,9 @@ class IngestPass:
         self.generation = new_generation()
         #: the catalog row names this pass's objects: from here on nothing is removed
         self.committed = False
+        #: the commit transaction was sent and its outcome is not known (the connection
+        #: broke): it may have landed, so nothing of this pass may be removed either
+        self.commit_unknown = False
         #: called (on the feeding thread) once the dataset row exists
         self.on_row: Callable[[], None] | None = None
         #: merged into the dataset's info at the end (a registration's fingerprint)
@@ -174,8 +176,11 @@ class IngestPass:
             read_back(deps.store, stored)
             hit("commit.after_store")
             info, fields = self._row(outcome, stored, sha256)
-        except BaseException:
+        except BaseException as exc:
             self._remove_objects()  # nothing names them: the commit never began
+            if isinstance(exc, Exception) and self._deleted():
+                raise Conflict(f"dataset {self.dataset_id} was deleted while it was being "
+                               "ingested") from None
             raise
         source = self.archiver.source
         summary = (source.extended, source.header, source.layout.nz) if source is not None \
@@ -184,11 +189,14 @@ class IngestPass:
             with deps.commit_lock:  # the dedup check and the catalog commit, nothing else
                 existing = self._twin(sha256)
                 if existing is None:
+                    self.commit_unknown = True
                     verdict = commit(deps, self.dataset_id, stored, info, fields,
                                      fence=self.fence, job_result=self.job_result,
                                      tus_upload_id=self.arrived.tus_upload_id,
                                      summary=summary)
+                    self.commit_unknown = False
         except sa_exc.IntegrityError:
+            self.commit_unknown = False  # refused by the unique index: rolled back
             # The same bytes became a dataset an instant ago, on another replica (the
             # unique index keeps one live upload per content); the transaction rolled back.
             self._remove_objects()
@@ -197,7 +205,8 @@ class IngestPass:
                 raise
             return self._duplicate(existing)
         # Any other error of the commit itself: it may have landed before the connection
-        # broke, so nothing is removed here; the sweep removes what no committed row names.
+        # broke, so nothing is removed (commit_unknown makes abort() leave everything);
+        # the sweep removes what no committed row names, drop_upload a receiving row.
         if existing is not None:
             self._remove_objects()
             return self._duplicate(existing)
@@ -219,6 +228,15 @@ class IngestPass:
             raise Conflict(f"dataset {self.dataset_id} was deleted as it was committed")
         return {"dataset": dataset, "duplicate": False}
 
+    def _deleted(self) -> bool:
+        """Whether the dataset went (or is going) meanwhile: a DELETE removes the
+        objects of a pass that is still storing them."""
+        try:
+            row = self.deps.catalog.get_dataset(self.dataset_id)
+        except Exception:  # noqa: BLE001 - the catalog is away: the first error stands
+            return False
+        return row is None or row["status"] == TOMBSTONE
+
     def _twin(self, sha256: str) -> dict[str, Any] | None:
         """A live dataset of the same bytes (registrations are never deduplicated)."""
         if self.source == "registration":
@@ -232,8 +250,7 @@ class IngestPass:
         self.abort(delete_row=True, release_arrived=False)
         upload_id = self.arrived.tus_upload_id
         if upload_id is not None:
-            self.deps.catalog.update_tus_upload(upload_id, dataset_id=existing["id"],
-                                                completed_at=self.deps.catalog.now())
+            self.deps.catalog.complete_as(upload_id, existing["id"])
         release(self.arrived, existing["id"])
         return {"dataset": existing, "duplicate": True}
 
@@ -328,8 +345,15 @@ class IngestPass:
         (:meth:`Pipeline.drop_upload`). ``release_arrived=False``: the bytes as received
         stay where they wait (a tus upload's are never dropped here: only termination,
         expiry or the protocol's release step drops them). A committed pass removes
-        nothing: the objects are the dataset's."""
+        nothing: the objects are the dataset's; nor does one whose commit may have landed
+        (:attr:`commit_unknown`)."""
         if self.committed:
+            return
+        if self.commit_unknown:
+            log.warning("the commit's outcome is unknown: no object or row removed (the "
+                        "sweep and recovery settle it)", extra={"dataset_id": self.dataset_id})
+            if release_arrived:  # a one-request upload: its client is told it failed
+                self.arrived.release()
             return
         try:
             self.archiver.abort()

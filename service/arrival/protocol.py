@@ -128,8 +128,10 @@ def commit(deps: PassDeps, dataset_id: str, stored: Stored, info: dict[str, Any]
                                           fence=fence, job_result=job_result,
                                           tus_upload_id=tus_upload_id)
     extended, header, n_frames = summary
-    return deps.finalize(dataset_id, info, fields, extended, header, n_frames,
-                         commit=transaction)
+    verdict = deps.finalize(dataset_id, info, fields, extended, header, n_frames,
+                            commit=transaction)
+    hit("commit.answer_lost")  # as if the connection broke after COMMIT was sent
+    return verdict
 
 
 def release(received: ReceivedBytes, dataset_id: str) -> None:

@@ -13,6 +13,7 @@ row names.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from ..tus import TusUploads
 
 log = logging.getLogger("mrc_ingest.recovery")
+#: the folder name of one pass's objects (protocol.new_generation)
+GENERATION = re.compile(r"[0-9a-f]{8}")
 
 #: an object younger than this is never swept: a pass stores its objects a moment
 #: before it commits them
@@ -50,10 +53,13 @@ class Recovery:
         """Tombstones whose jobs no longer run: their objects, then their rows."""
         done = 0
         for dataset_id in self.catalog.tombstones():
-            if self.catalog.has_live_lease(dataset_id):
-                continue  # its job stops at its next lease renewal; the next tick
-            self.delete_now(dataset_id)
-            done += 1
+            try:
+                if self.catalog.has_live_lease(dataset_id):
+                    continue  # its job stops at its next lease renewal; the next tick
+                self.delete_now(dataset_id)
+                done += 1
+            except Exception as exc:  # noqa: BLE001 - one stuck item never stops the rest
+                log.warning("deletion of %s postponed: %s", dataset_id, first_line(exc))
         return done
 
     def delete_now(self, dataset_id: str) -> None:
@@ -79,6 +85,12 @@ class Recovery:
             row = self.catalog.get_dataset(dataset_id)
             if row is not None and row["status"] not in ("ready", "rejected", "failed"):
                 continue
+            if row is not None:
+                if "storage" not in row["info"]:
+                    continue  # stored before generations (its keys derive from paths)
+                # only what a pass wrote under its own generation's folder
+                objects = [o for o in objects if GENERATION.fullmatch(o.key.split("/")[2])
+                           and o.key.count("/") >= 3]
             named = set(stored_form(row, self.storage.root).keys) if row is not None \
                 else set()
             stale = [o for o in objects if o.key not in named and o.modified <= cutoff]

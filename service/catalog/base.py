@@ -62,6 +62,8 @@ class CatalogBase:
         its commit); PostgreSQL's commits are durable as configured (fsync on)."""
         if self.is_postgres:
             with self.engine.begin() as conn:
+                # whatever the server's default, this commit waits for its WAL flush
+                conn.exec_driver_sql("SET LOCAL synchronous_commit = on")
                 yield conn
             return
         with self.engine.connect() as conn:

@@ -26,8 +26,13 @@ def db_now(dialect: str, plus_seconds: float | sa.ColumnElement | None = None
                                                     sa.cast(plus_seconds, sa.Float))
         return sa.func.to_char(sa.func.timezone("UTC", moment), _PG_FORMAT)
     if dialect == "sqlite":
-        modifier = sa.literal("+0 seconds") if plus_seconds is None else \
-            sa.literal("+").concat(sa.cast(plus_seconds, sa.Text)).concat(" seconds")
+        if plus_seconds is None:
+            modifier = sa.literal("+0 seconds")
+        elif isinstance(plus_seconds, (int, float)):  # signed: "+-1 seconds" is no time
+            modifier = sa.literal(f"{float(plus_seconds):+.6f} seconds")
+        else:
+            modifier = sa.literal("+").concat(sa.cast(plus_seconds, sa.Text)).concat(
+                " seconds")
         # SQLite keeps milliseconds; pad to the microsecond width of the other rows.
         return sa.func.strftime(_SQLITE_FORMAT, "now", modifier).concat("000+00:00")
     raise ValueError(f"no clock for the {dialect} dialect")

@@ -100,19 +100,24 @@ class DatasetRows(CatalogBase):
         only while that claim still holds its job's lease (a worker that lost it writes
         nothing). False when no row was written."""
         fields["updated_at"] = self.now()
+        guard = [datasets.c.id == dataset_id, datasets.c.status != TOMBSTONE]
         with self.engine.begin() as conn:
-            if fence is not None and not self._fence_holds(conn, fence):
-                return False
-            result = conn.execute(datasets.update().where(datasets.c.id == dataset_id,
-                                                          datasets.c.status != TOMBSTONE)
-                                  .values(**fields))
+            if fence is not None:
+                if not self._fence_holds(conn, fence):
+                    return False
+                guard.append(_held(fence))
+            result = conn.execute(datasets.update().where(*guard).values(**fields))
         return result.rowcount > 0
 
-    @staticmethod
-    def _fence_holds(conn: sa.Connection, fence: Fence) -> bool:
-        # The job row stays share-locked until the caller's transaction commits, so a
-        # worker claiming the lapsed lease meanwhile (FOR UPDATE SKIP LOCKED) waits for
-        # the next poll instead of running beside a write that is landing.
+    def _fence_holds(self, conn: sa.Connection, fence: Fence) -> bool:
+        """PostgreSQL: the job row stays share-locked until the caller's transaction
+        commits, so a worker claiming the lapsed lease meanwhile (FOR UPDATE SKIP LOCKED)
+        waits for the next poll instead of running beside a write that is landing. Every
+        fenced write also carries the check in its own WHERE (:func:`_held`): on SQLite,
+        whose transactions take the write lock only at their first write, that is what
+        makes the check and the write one step."""
+        if not self.is_postgres:
+            return True
         return conn.execute(sa.select(jobs.c.id).where(lease_held(fence))
                             .with_for_update(read=True)).first() is not None
 
@@ -126,24 +131,55 @@ class DatasetRows(CatalogBase):
         not: "lease_lost" (the fence no longer holds), "gone" (deleted, or being
         deleted), "already" (committed before: a dataset is committed once)."""
         fields = {**fields, "updated_at": self.now()}
-        with self.durable_commit() as conn:
-            if fence is not None and not self._fence_holds(conn, fence):
-                return "lease_lost"
-            status = conn.execute(sa.select(datasets.c.status)
-                                  .where(datasets.c.id == dataset_id)).scalar()
-            if status is None or status == TOMBSTONE:
-                return "gone"
-            if status in ("ready", "rejected"):
-                return "already"
-            conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(**fields))
-            if fence is not None:
-                conn.execute(jobs.update().where(lease_held(fence)).values(
-                    state="done", result=job_result, error=None, finished_at=self.now(),
-                    lease_owner=None, lease_expires_at=None))
-            if tus_upload_id is not None:
-                conn.execute(tus_uploads.update().where(tus_uploads.c.id == tus_upload_id)
-                             .values(completed_at=self.now(), dataset_id=dataset_id))
+        # Each write carries its own guard, so a check and its write are one statement
+        # (a DELETE's tombstone, a new claim or another commit landing in between makes
+        # it write nothing, and the transaction is rolled back whole).
+        guard = [datasets.c.id == dataset_id,
+                 datasets.c.status.notin_((TOMBSTONE, "ready", "rejected"))]
+        if fence is not None:
+            guard.append(_held(fence))
+        try:
+            with self.durable_commit() as conn:
+                if fence is not None and not self._fence_holds(conn, fence):
+                    return "lease_lost"
+                if not conn.execute(datasets.update().where(*guard).values(**fields)).rowcount:
+                    return self._why_not_committed(conn, dataset_id, fence)
+                if fence is not None and not conn.execute(
+                        jobs.update().where(lease_held(fence)).values(
+                            state="done", result=job_result, error=None,
+                            finished_at=self.now(), lease_owner=None,
+                            lease_expires_at=None)).rowcount:
+                    raise _NotCommitted("lease_lost")  # claimed again since: roll back
+                if tus_upload_id is not None:
+                    conn.execute(tus_uploads.update()
+                                 .where(tus_uploads.c.id == tus_upload_id)
+                                 .values(completed_at=self.now(), dataset_id=dataset_id))
+        except _NotCommitted as refused:
+            return refused.verdict
         return "committed"
+
+    def _why_not_committed(self, conn: sa.Connection, dataset_id: str,
+                           fence: Fence | None) -> str:
+        if fence is not None and conn.execute(sa.select(jobs.c.id)
+                                              .where(lease_held(fence))).first() is None:
+            return "lease_lost"
+        status = conn.execute(sa.select(datasets.c.status)
+                              .where(datasets.c.id == dataset_id)).scalar()
+        return "gone" if status is None or status == TOMBSTONE else "already"
+
+    def delete_receiving(self, dataset_id: str) -> bool:
+        """Delete a dataset (and its jobs, sidecars, cached conversions) only while it is
+        still ``receiving``, in one step: a pass committing at the same moment wins, or
+        this does, never both."""
+        with self.engine.begin() as conn:
+            gone = conn.execute(datasets.delete().where(
+                datasets.c.id == dataset_id, datasets.c.status == "receiving")).rowcount
+            if gone:
+                conn.execute(jobs.delete().where(jobs.c.dataset_id == dataset_id))
+                conn.execute(sidecars.delete().where(sidecars.c.dataset_id == dataset_id))
+                conn.execute(conversions.delete().where(
+                    conversions.c.dataset_id == dataset_id))
+        return gone > 0
 
     def mark_deleting(self, dataset_id: str) -> bool:
         """Make the dataset a tombstone (hidden; its objects are removed next, then its
@@ -365,3 +401,17 @@ class DatasetRows(CatalogBase):
 
     def delete_particle_set(self, set_id: str) -> bool:
         return self._delete(particle_sets, set_id)
+
+
+class _NotCommitted(Exception):
+    """Rolls a commit transaction back; carries the verdict."""
+
+    def __init__(self, verdict: str):
+        super().__init__(verdict)
+        self.verdict = verdict
+
+
+def _held(fence: Fence) -> sa.ColumnElement[bool]:
+    """The claim ``fence`` holds its lease, as a condition another table's write can
+    carry."""
+    return sa.exists(sa.select(jobs.c.id).where(lease_held(fence)))

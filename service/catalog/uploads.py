@@ -33,7 +33,17 @@ class UploadRows(CatalogBase):
     def expired_tus_uploads(self) -> list[dict[str, Any]]:
         """Unfinished uploads past their expiry (by the database's clock)."""
         return self._rows(sa.select(tus_uploads).where(
-            tus_uploads.c.expires_at < self.now(), tus_uploads.c.completed_at.is_(None)))
+            tus_uploads.c.expires_at < self.now(), tus_uploads.c.completed_at.is_(None),
+            # complete (the client was told so) and still owed a dataset: never expires
+            sa.or_(tus_uploads.c.offset < tus_uploads.c.length,
+                   tus_uploads.c.dataset_id.is_(None))))
+
+    def complete_as(self, upload_id: str, dataset_id: str) -> None:
+        """The upload's bytes are already the dataset ``dataset_id`` (a duplicate):
+        completed, durably, before its bytes are released."""
+        with self.durable_commit() as conn:
+            conn.execute(tus_uploads.update().where(tus_uploads.c.id == upload_id)
+                         .values(dataset_id=dataset_id, completed_at=self.now()))
 
     def committed_unreleased_tus_uploads(self) -> list[dict[str, Any]]:
         """Uploads whose dataset is committed but whose bytes are still kept (the
@@ -46,7 +56,7 @@ class UploadRows(CatalogBase):
         their last PATCH failed: the catalog or store went away as it ended)."""
         return self._rows(sa.select(tus_uploads).where(
             tus_uploads.c.offset == tus_uploads.c.length,
-            tus_uploads.c.completed_at.is_(None)))
+            tus_uploads.c.completed_at.is_(None), tus_uploads.c.dataset_id.isnot(None)))
 
     def tus_expired(self, row: dict[str, Any]) -> bool:
         with self.engine.connect() as conn:

@@ -167,6 +167,7 @@ class S3Store(DataStore):
         self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._warned_no_checksums = False
 
     # -- naming and errors ------------------------------------------------------------
 
@@ -232,7 +233,14 @@ class S3Store(DataStore):
                                                 ChecksumMode="ENABLED")
         except ObjectMissing:
             raise
-        found = f"crc32:{head.get('ChecksumCRC32')}"
+        if head.get("ChecksumCRC32") is None:  # a store that keeps no checksums
+            if not self._warned_no_checksums:
+                self._warned_no_checksums = True
+                log.warning("the S3 store reports no object checksums: read-back checks "
+                            "sizes only")
+            found = receipt.checksum
+        else:
+            found = f"crc32:{head['ChecksumCRC32']}"
         if head["ContentLength"] != receipt.size or found != receipt.checksum:
             raise ObjectCorrupt(f"{receipt.key}: the store holds {head['ContentLength']} "
                                 f"bytes ({found}), {receipt.size} ({receipt.checksum}) "

@@ -149,36 +149,35 @@ class TusUploads:
     # -- recovery steps (service.arrival.recovery runs them, on any replica) ------------
 
     def expire(self) -> int:
-        """Expired unfinished uploads go (their bytes, their receiving dataset)."""
-        dropped = 0
-        for row in self.catalog.expired_tus_uploads():
+        """Expired unfinished uploads go (their bytes, their receiving dataset). One a
+        client was told is complete never expires while it belongs to a dataset."""
+        def drop(row: dict[str, Any]) -> int:
             with self.locks.hold(row["id"]) as taken:
                 if taken:
                     self._drop(row)
-                    dropped += 1
-        return dropped
+            return int(taken)
+        return each(self.catalog.expired_tus_uploads(), drop, "expire")
 
     def finish_complete(self) -> int:
         """Uploads that hold every byte (the client was told so) but whose dataset was
         never committed -- the end of the last PATCH failed, or the process died in it --
         are ingested after all; returns how many were (re)queued."""
-        queued = 0
-        for row in self.catalog.complete_unfinished_tus_uploads():
+        def replay(row: dict[str, Any]) -> int:
             with self.locks.hold(row["id"]) as taken:
                 row = self.catalog.get_tus_upload(row["id"]) if taken else None
                 if row is not None and row["completed_at"] is None and \
                         row["offset"] == row["length"] and row["id"] not in self._streams:
-                    queued += self._replay_later(row)
-        return queued
+                    return self._replay_later(row)
+            return 0
+        return each(self.catalog.complete_unfinished_tus_uploads(), replay, "replay")
 
     def release_committed(self) -> int:
         """Uploads whose dataset is committed but whose bytes are still kept (the
         process died between the commit and the release): release them now."""
-        released = 0
-        for row in self.catalog.committed_unreleased_tus_uploads():
+        def release(row: dict[str, Any]) -> int:
             TusArrived(self, row["id"]).release()
-            released += 1
-        return released
+            return 1
+        return each(self.catalog.committed_unreleased_tus_uploads(), release, "release")
 
     def forget_streams(self) -> None:
         """Streams of uploads finished (or dropped) elsewhere release what they hold."""
@@ -198,8 +197,10 @@ class TusUploads:
         with self.locks.hold(row["id"]) as taken:
             if taken:
                 self._drop(row)
-            else:  # a PATCH is streaming: it stops at the tombstone, then this is dropped
-                self.catalog.update_tus_upload(row["id"], expires_at=self.catalog.now(-1))
+            else:  # a PATCH is streaming: it stops at the tombstone; the upload, detached
+                # from the dataset (never replayed into it), expires at the next tick
+                self.catalog.update_tus_upload(row["id"], dataset_id=None,
+                                               expires_at=self.catalog.now(-1))
 
     def blocks_of(self, dataset: dict[str, Any]) -> Iterator[bytes] | None:
         """The bytes of the finished upload behind ``dataset`` (for its ingest job)."""
@@ -241,8 +242,11 @@ class TusUploads:
         row = self.catalog.get_tus_upload(upload_id)
         if row is None:
             raise UnknownUpload(f"no upload {upload_id!r}")
-        if row["completed_at"] is None and self.catalog.tus_expired(row):
-            self._drop(row)
+        owed = row["offset"] == row["length"] and row["dataset_id"] is not None
+        if row["completed_at"] is None and not owed and self.catalog.tus_expired(row):
+            with self.locks.hold(upload_id) as taken:
+                if taken:  # never under a PATCH that is streaming: expiry drops it later
+                    self._drop(row)
             raise UploadGone(f"upload {upload_id} expired at {row['expires_at']}")
         return row
 
@@ -454,16 +458,22 @@ class TusUploads:
     def _replay_later(self, row: dict[str, Any]) -> int:
         """The bytes are all in but were not committed on the way: an ingest job reads
         them once (on any replica). A committed dataset is never queued again; one
-        that failed for good stays failed (its error says why). Returns 1 when a job
-        was queued."""
+        that failed for good stays failed (its error says why), one that failed while
+        the catalog or store was away is tried again; an upload detached from a deleted
+        dataset is not replayed. Returns 1 when a job was queued."""
+        row = self.catalog.get_tus_upload(row["id"]) or {"dataset_id": None}
+        if row["dataset_id"] is None:
+            return 0
         dataset = self.catalog.get_dataset(row["dataset_id"])
-        if dataset is not None and dataset["status"] in ("ready", "rejected", "failed"):
+        if dataset is not None and (dataset["status"] in ("ready", "rejected", TOMBSTONE) or (
+                dataset["status"] == "failed"
+                and (dataset["info"].get("error") or {}).get("error") != "unavailable")):
             return 0
         if dataset is None:
             self.catalog.add_dataset(id=row["dataset_id"], name=row["filename"],
                                      source="upload", status="queued",
                                      size_bytes=row["length"], path="", info={})
-        elif dataset["status"] == "receiving":
+        elif dataset["status"] in ("receiving", "failed"):
             self.catalog.update_dataset(row["dataset_id"], status="queued", progress=None)
         # one unfinished replay per dataset, however often recovery asks
         self.intake.submit_job("ingest", row["dataset_id"], dedup_key="replay")
@@ -492,3 +502,16 @@ class TusArrived(ReceivedBytes):
         self.uploads.bytes.drop(row)
         self.uploads.catalog.update_tus_upload(self.tus_upload_id,
                                                released_at=self.uploads.catalog.now())
+
+
+def each(rows: list[dict[str, Any]], action, what: str) -> int:
+    """``action(row)`` for every row, summed; one row that fails (a permanent store
+    error, say) is logged and skipped, so it never stops recovery of the others."""
+    done = 0
+    for row in rows:
+        try:
+            done += action(row)
+        except Exception:  # noqa: BLE001 - the next tick tries it again
+            log.warning("recovery step %s failed for upload %s", what, row.get("id"),
+                        exc_info=True)
+    return done

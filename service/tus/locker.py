@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from ..catalog import Catalog
 
@@ -27,6 +28,13 @@ class Locker:
         self.catalog = catalog
         self._local: set[str] = set()
         self._guard = threading.Lock()
+        #: PostgreSQL: each held lock keeps a session open for a whole PATCH; they get
+        #: connections of their own, never the catalog pool's (which the PATCH's own
+        #: settles, leases and commits need)
+        self._engine = sa.create_engine(catalog.engine.url, poolclass=NullPool,
+                                        connect_args={"connect_timeout": 5,
+                                                      "application_name": "mrc-ingest-tus"}) \
+            if catalog.is_postgres else None
 
     def take(self, upload_id: str) -> Any | None:
         """Take the lock of one upload; None when another PATCH has it, on this replica
@@ -38,7 +46,8 @@ class Locker:
                 self._local.add(upload_id)
             return upload_id
         key = lock_key(upload_id)
-        conn = self.catalog.engine.connect()
+        assert self._engine is not None
+        conn = self._engine.connect()
         try:
             taken = bool(conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar())
             conn.commit()

@@ -257,8 +257,8 @@ class S3TusBytes(TusBytes):
         key = tus_key(row["id"])
         if row.get("multipart_id"):
             self.store.abort_multipart(key, row["multipart_id"])
-        for info in self.store.list(f"{key}."):
-            self.store.delete(info.key)
+        if row.get("pending_key"):
+            self.store.delete(row["pending_key"])  # the tail the row names
         self.store.delete(key)
 
 
