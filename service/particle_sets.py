@@ -18,7 +18,7 @@ import numpy as np
 from .catalog import Catalog
 from .config import Settings
 from .datastore import ObjectMissing
-from .errors import BadRequest, Conflict, NotFound, PathNotAllowed, from_core
+from .errors import BadRequest, NotFound, PathNotAllowed, from_core
 from .mrc import MrcError
 from .mrc.header import HEADER_SIZE
 from .mrc.particles import (ParticleSet, export_stack, jsonable, load_cs, open_particle_set,
@@ -193,14 +193,9 @@ class StackOpener:
         except PathNotAllowed as exc:
             raise RefusedFile(str(exc.detail)) from None
         opened = self.roots.open_file(real)
-        recorded = self.identities.get(str(path))
-        if self.check and recorded:
-            changed = opened.identity.changes_from(recorded)
-            if changed:
-                opened.close()
-                said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-                raise Conflict(f"the stack {str(path)!r} changed after the set was "
-                                   f"registered ({said}); register the set again")
-        elif not self.check:
+        if self.check:
+            opened.require_unchanged(self.identities.get(str(path)), f"the stack {str(path)!r}",
+                                     "the set was registered", "register the set again")
+        else:
             self.identities[str(path)] = opened.identity.to_dict()
         return opened.source()

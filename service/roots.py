@@ -86,6 +86,17 @@ class SharedFile:
             raise RefusedFile(f"it grew past the {limit} bytes a sidecar may while read")
         return data
 
+    def require_unchanged(self, recorded: dict[str, int] | None, what: str,
+                          since: str = "it was registered",
+                          again: str = "register it again") -> None:
+        """Conflict (and the file closed) when its identity is not the ``recorded`` one:
+        "<what> changed after <since> (<fact a -> b>, ...); <again>"."""
+        changed = self.identity.changes_from(recorded or {})
+        if changed:
+            self.close()
+            said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            raise Conflict(f"{what} changed after {since} ({said}); {again}")
+
     def blocks(self, block: int = 8 << 20) -> Iterator[bytes]:
         offset = 0
         while piece := os.pread(self.fd, block, offset):
@@ -186,14 +197,6 @@ class Roots:
             raise
         return SharedFile(fd, real, Identity.of(st))
 
-    def open_folder_fd(self, real: Path) -> int:
-        """A directory descriptor for ``real`` (resolved, inside a root), walked as
-        :meth:`open_file` walks."""
-        root = self._root_of(real)
-        if root is None:
-            raise RefusedFile(f"{str(real)!r} is outside the allowed roots")
-        return self._walk(root, real.relative_to(root).parts)
-
     def _walk(self, root: Path, folders: tuple[str, ...]) -> int:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -222,13 +225,7 @@ class Roots:
             raise Conflict(f"{what} {path!r} is gone") from None
         except RefusedFile as exc:
             raise Conflict(f"{what} {path!r} can no longer be read safely: {exc}") from None
-        if recorded:
-            changed = opened.identity.changes_from(recorded)
-            if changed:
-                opened.close()
-                said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-                raise Conflict(f"{what} {path!r} changed after it was registered ({said}); "
-                               "register it again")
+        opened.require_unchanged(recorded, f"{what} {path!r}")
         return opened
 
     def open_registration(self, path: str) -> SharedFile:

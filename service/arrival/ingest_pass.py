@@ -356,10 +356,9 @@ class IngestPass:
                 self.arrived.release()
             return
         try:
-            self.archiver.abort()
             if release_arrived:
                 self.arrived.release()
-            self._remove_objects()
+            self._remove_objects()  # the archiver's writers too
             if self.row_created if delete_row is None else delete_row:
                 self.deps.catalog.delete_dataset(self.dataset_id)
         except Exception:  # noqa: BLE001 - the request's own error is the one to report
