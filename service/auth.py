@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 from enum import IntEnum
+from typing import ClassVar
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -33,11 +35,19 @@ class Role(IntEnum):
 
 
 class TokenSpec(BaseModel):
-    """One configured token: who it is, what it may do, the SHA-256 of the secret."""
+    """One configured token: who it is, what it may do, the SHA-256 of the secret, and
+    the projects it is limited to (none: every project)."""
 
     name: str = Field(min_length=1, max_length=100)
     role: Role
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    projects: list[str] | None = Field(default=None, min_length=1)
+
+    @property
+    def scope(self) -> "Scope":
+        if self.role is Role.ADMIN or self.projects is None:
+            return Scope.ALL
+        return Scope(frozenset(self.projects))
 
     @field_validator("role", mode="before")
     @classmethod
@@ -48,6 +58,29 @@ class TokenSpec(BaseModel):
             except KeyError:
                 raise ValueError(f"role must be read, write or admin, got {value!r}") from None
         return value
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The projects a caller may see and write: ``projects`` None is every project (no
+    token configured, a token without projects, admin). Anything outside is answered as
+    if it did not exist (404), so a project's names never leak to another's token."""
+
+    projects: frozenset[str] | None = None
+
+    ALL: ClassVar["Scope"]
+
+    @property
+    def limited(self) -> bool:
+        return self.projects is not None
+
+    def sees(self, project: str | None) -> bool:
+        return self.projects is None or (project or DEFAULT_PROJECT) in self.projects
+
+
+Scope.ALL = Scope(None)
+#: the project of whatever arrives without one
+DEFAULT_PROJECT = "default"
 
 
 def hash_token(token: str) -> str:

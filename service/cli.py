@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_push.add_argument("--interval", type=float, default=5.0,
                         help="seconds between scans with --watch (default 5)")
     p_push.add_argument("--chunk-mib", type=int, default=64, help="PATCH size (default 64)")
+    p_push.add_argument("--session", default=None,
+                        help="the session the movies belong to (default: the name of the "
+                             "folder each file is in)")
+    p_push.add_argument("--project", default=None,
+                        help="the session's project (default: 'default', or the token's "
+                             "only project)")
     p_push.add_argument("--timeout", type=float, default=900.0,
                         help="seconds to wait for each movie's dataset to become ready, "
                              "rejected or failed once sent (default 900)")
@@ -116,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "entry (its hash) for MRC_INGEST_TOKENS")
     p_token.add_argument("--name", required=True, help="who uses it, e.g. scope1-pc")
     p_token.add_argument("--role", required=True, choices=["read", "write", "admin"])
+    p_token.add_argument("--project", action="append", dest="projects", metavar="NAME",
+                         help="limit the token to this project (repeatable); without: "
+                              "every project. Admin tokens always see every project")
     return parser
 
 
@@ -126,7 +135,11 @@ def _token(args: argparse.Namespace) -> int:
     from .auth import hash_token, new_token
 
     token = new_token()
-    entry = {"name": args.name, "role": args.role, "sha256": hash_token(token)}
+    if args.projects and args.role == "admin":
+        return _fail("an admin token sees every project: --project applies to read and "
+                     "write tokens")
+    entry = {"name": args.name, "role": args.role, "sha256": hash_token(token),
+             **({"projects": sorted(set(args.projects))} if args.projects else {})}
     print(f"token (give it to {args.name}; it is not stored anywhere): {token}")
     print(f"settings entry (add it to the MRC_INGEST_TOKENS JSON list): {json.dumps(entry)}")
     return 0
@@ -277,7 +290,7 @@ def _push(args: argparse.Namespace) -> int:
     from .client import Pusher, Server, collect
 
     pusher = Pusher(Server(args.server, args.token), chunk=args.chunk_mib << 20,
-                    timeout=args.timeout)
+                    timeout=args.timeout, session=args.session, project=args.project)
     if args.watch:
         try:
             pusher.watch(args.paths, args.interval, stop=lambda: False)

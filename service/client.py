@@ -192,8 +192,12 @@ def summary(outcomes: Iterable[Outcome]) -> str:
 
 class Pusher:
     def __init__(self, server: Server, chunk: int = CHUNK, out=sys.stderr,
-                 bars: bool | None = None, timeout: float = TIMEOUT):
+                 bars: bool | None = None, timeout: float = TIMEOUT,
+                 session: str | None = None, project: str | None = None):
         self.server, self.chunk, self.out, self.timeout = server, chunk, out, timeout
+        #: where the movies go: the session (default: each file's folder name) and its
+        #: project (default: the server's: 'default', or the token's only project)
+        self.session, self.project = session, project
         self.bars = out.isatty() if bars is None else bars
         self.urls = self._load_urls()
         #: every file's final outcome, in the order they were known
@@ -364,6 +368,12 @@ class Pusher:
         self.outcomes.append(outcome)
         self.say(outcome.line())
 
+    def placement(self, path: Path) -> dict[str, str]:
+        """The tus metadata that places a movie: its session (the --session given, else
+        the name of the folder it is in) and its project (only when given)."""
+        session = self.session or path.resolve().parent.name
+        return {"session": session, **({"project": self.project} if self.project else {})}
+
     def _upload(self, path: Path, size: int, sha: str) -> dict[str, Any]:
         from tqdm import tqdm
         from tusclient import client as tus_client
@@ -372,12 +382,13 @@ class Pusher:
         tus = tus_client.TusClient(f"{self.server.url}/v1/tus/",
                                    headers=dict(self.server.http.headers.items()))
         url = self.urls.get(sha)
+        metadata = {"filename": path.name, **self.placement(path)}
         try:  # (with no URL, tuspy creates the upload at the first chunk)
             uploader = tus.uploader(str(path), chunk_size=self.chunk, url=url,
-                                    metadata={"filename": path.name}, upload_checksum=True)
+                                    metadata=metadata, upload_checksum=True)
         except TusCommunicationError:  # the remembered upload expired or was removed
             uploader = tus.uploader(str(path), chunk_size=self.chunk,
-                                    metadata={"filename": path.name}, upload_checksum=True)
+                                    metadata=metadata, upload_checksum=True)
         bar = tqdm(total=size, initial=uploader.offset, unit="B", unit_scale=True,
                    unit_divisor=1024, desc=path.name, file=self.out, disable=not self.bars)
         try:

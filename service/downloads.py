@@ -18,6 +18,7 @@ from pathlib import Path, PurePath
 from typing import Any, Callable, Iterator
 
 from . import mrc
+from .auth import Scope
 from .catalog import Catalog
 from .errors import BadRequest, Conflict, RangeNotSatisfiable, from_body
 from .jobs import JobQueue
@@ -139,8 +140,8 @@ class Downloads:
 
     # -- as received --------------------------------------------------------------
 
-    def as_received(self, dataset_id: str) -> Download:
-        dataset = self.queries.dataset(dataset_id)
+    def as_received(self, dataset_id: str, scope: Scope = Scope.ALL) -> Download:
+        dataset = self.queries.dataset(dataset_id, scope)
         if dataset["status"] not in ("ready", "rejected"):
             raise Conflict(f"dataset {dataset_id} is {dataset['status']}; try again when it "
                            "is ready")
@@ -172,19 +173,21 @@ class Downloads:
             return key
         return None
 
-    def request_conversion(self, dataset_id: str, target: mrc.Target) -> dict[str, Any]:
+    def request_conversion(self, dataset_id: str, target: mrc.Target,
+                           scope: Scope = Scope.ALL) -> dict[str, Any]:
         """Queue a conversion job (it waits for the dataset's ingest if that is running).
         The same conversion asked for again while one is queued or running, on any
         replica, is that job."""
-        dataset = self.queries.dataset(dataset_id)
+        dataset = self.queries.dataset(dataset_id, scope)
         if dataset["status"] in ("rejected", "failed"):
             raise Conflict(f"dataset {dataset_id} is {dataset['status']}; nothing to convert")
         return self.submit_job("convert", dataset_id, target_to_dict(target),
                                dedup_key=PurePath(conversion_key(dataset_id, target)).name)
 
-    async def converted(self, dataset_id: str, target: mrc.Target) -> Download:
+    async def converted(self, dataset_id: str, target: mrc.Target,
+                        scope: Scope = Scope.ALL) -> Download:
         """``target``, converting now (by a worker) if it is not stored yet."""
-        dataset = await asyncio.to_thread(self.queries.ready_dataset, dataset_id)
+        dataset = await asyncio.to_thread(self.queries.ready_dataset, dataset_id, scope)
         key = await asyncio.to_thread(self.stored_conversion, dataset, target)
         if key is None:
             job = await asyncio.to_thread(self.request_conversion, dataset_id, target)
@@ -209,9 +212,9 @@ class Downloads:
                                                  "detail": f"job {job_id} was cancelled"})
             await asyncio.to_thread(finished_here.wait, poll_seconds)
 
-    def job_result(self, job_id: str) -> Download:
+    def job_result(self, job_id: str, scope: Scope = Scope.ALL) -> Download:
         """The converted file of a finished conversion job."""
-        job = self.queries.job(job_id)
+        job = self.queries.job(job_id, scope)
         if job["kind"] != "convert":
             raise BadRequest(f"job {job_id} is an {job['kind']} job; it has no file to "
                              "download (see its dataset)")

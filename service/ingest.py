@@ -209,6 +209,33 @@ class IngestService:
             log.warning("dataset %s: deletion finishes once the store is back", dataset_id)
 
 
+    def delete_session(self, session_id: str) -> int:
+        """A session with its datasets: each becomes a tombstone at once (as for
+        :meth:`delete`), the session row goes, and the datasets' objects and rows are
+        removed right after, on a thread (recovery finishes what that leaves). Returns
+        how many datasets were deleted."""
+        assert self.catalog is not None
+        self.queries.session(session_id)
+        dataset_ids = self.catalog.delete_session(session_id)
+        threading.Thread(target=self._stop_and_remove, args=(dataset_ids,),
+                         name="session-delete", daemon=True).start()
+        return len(dataset_ids)
+
+    def _stop_and_remove(self, dataset_ids: list[str]) -> None:
+        """After a session's deletion: its jobs stopped, its uploads terminated, its
+        datasets' objects and rows removed (what fails here, recovery finishes)."""
+        assert self.queue is not None
+        try:
+            for dataset_id in dataset_ids:
+                self.queue.cancel_dataset(dataset_id, timeout=0)
+                self.tus.terminate_for_dataset(dataset_id)
+                self.previews.cache.drop(dataset_id)
+                self.readers.forget(dataset_id)
+            self.recovery.finish_deletions()
+        except Exception:  # noqa: BLE001 - the recovery thread finishes them later
+            log.warning("session deletion left for recovery", exc_info=True)
+
+
 class EmbeddedLock:
     """An exclusive ``flock`` on ``<catalog>.lock`` beside the SQLite catalog, held for
     the life of the process: a second process on the same data folder (a second

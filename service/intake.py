@@ -25,7 +25,9 @@ from .metrics import Metrics
 from .mrc.stream import HeaderOverLimit
 from .mrc.validate import FrameLimits, check_frame_limits, check_header_bytes
 from .receiver import Receiver, ScratchCopy, pump
+from .auth import Scope
 from .roots import Roots
+from .sessions import Placement, place, project_for
 from .sidecars import (SIDECAR_MAX_BYTES, belongs_to, decode_text, name_prefix, sidecar_kind,
                        sidecar_names)
 from .storage import Storage
@@ -66,35 +68,41 @@ class Intake:
 
     async def accept_upload(self, filename: str | None, chunks: AsyncIterator[bytes],
                             expected_sha256: str | None, normalize: bool | None,
-                            declared_size: int | None = None) -> dict[str, Any]:
+                            declared_size: int | None = None,
+                            placement: Placement = Placement(),
+                            scope: Scope = Scope.ALL) -> dict[str, Any]:
         """Receive a movie and ingest it while it streams; the dataset is ready (or
         rejected, with findings) when this returns. The same bytes uploaded again
         return the existing dataset (``duplicate``: true). ``filename`` None: ``chunks``
-        is a :class:`~service.uploads.MultipartFile`, which names (and checks) it."""
+        is a :class:`~service.uploads.MultipartFile`, which names (and checks) it.
+        ``placement``: its session and project, reachable by ``scope`` (else 404)."""
         if filename is not None:
             filename = check_filename(filename)
             if sidecar_kind(filename):
-                return await self._accept_sidecar(filename, chunks)
+                return await self._accept_sidecar(filename, chunks,
+                                                  project_for(placement, scope))
+        columns = await asyncio.to_thread(place, self.catalog, placement, scope, "upload")
         if declared_size is not None and declared_size > self.settings.max_upload_bytes:
             self.metrics.uploads.labels("too_large").inc()
             raise TooLarge(f"Content-Length {declared_size} exceeds the limit of "
                            f"{self.settings.max_upload_bytes} bytes")
         try:
             result = await self._stream(filename, chunks, expected_sha256, normalize,
-                                        declared_size)
+                                        declared_size, columns)
         except ServiceError as exc:
             self.metrics.uploads.labels(exc.code).inc()
             raise
         for extra_name, raw in getattr(chunks, "extras", {}).items():  # -F mdoc=@movie.mdoc
             sidecar = await asyncio.to_thread(self.store_sidecar, extra_name,
                                               sidecar_text(extra_name, raw),
-                                              result["dataset"]["id"])
+                                              columns["project"], result["dataset"]["id"])
             result.setdefault("sidecars", []).append(sidecar["sidecar"])
         return result
 
     async def _stream(self, filename: str | None, chunks: AsyncIterator[bytes],
                       expected_sha256: str | None, normalize: bool | None,
-                      declared_size: int | None) -> dict[str, Any]:
+                      declared_size: int | None,
+                      columns: dict[str, str]) -> dict[str, Any]:
         scratch: ScratchCopy | None = None
         ingest: IngestPass | None = None
         dataset_id = new_id()
@@ -111,7 +119,8 @@ class Intake:
                 ingest = IngestPass(
                     self.deps, dataset_id=dataset_id, name=name, source="upload",
                     normalize=normalize, declared_size=declared_size, create_row=True,
-                    arrived=ScratchBytes(scratch), fence=fence)  # a lapsed one: drop_upload
+                    arrived=ScratchBytes(scratch), fence=fence,  # lapsed: drop_upload
+                    placement=columns)
                 ingest.on_row = lambda: self._start_upload_job(fence, dataset_id)
             scratch.receiver.write_beside(batch, ingest.feed)
 
@@ -151,7 +160,8 @@ class Intake:
         seconds = result["dataset"]["info"]["timings"]["total_s"]
         job_log.info("job done", extra={"job_id": job_id, "dataset_id": dataset_id,
                                         "kind": "upload", "seconds": seconds})
-        self.attach_pending_sidecars(dataset_id, result["dataset"]["name"])
+        self.attach_pending_sidecars(dataset_id, result["dataset"]["name"],
+                                     result["dataset"].get("project"))
         self.metrics.uploads.labels("accepted").inc()
         self.metrics.upload_bytes.inc(received)
         if job is not None:
@@ -174,8 +184,8 @@ class Intake:
 
     # -- sidecars -----------------------------------------------------------------
 
-    async def _accept_sidecar(self, filename: str,
-                              chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+    async def _accept_sidecar(self, filename: str, chunks: AsyncIterator[bytes],
+                              project: str) -> dict[str, Any]:
         """A SerialEM .mdoc or Direct Electron info.txt: small text, kept in the catalog,
         attached to its movie's dataset now or when the movie arrives."""
         parts, size = [], 0
@@ -186,20 +196,22 @@ class Intake:
                                "bytes")
             parts.append(chunk)
         return await asyncio.to_thread(self.store_sidecar, filename,
-                                       sidecar_text(filename, b"".join(parts)))
+                                       sidecar_text(filename, b"".join(parts)), project)
 
-    def store_sidecar(self, filename: str, text: str,
+    def store_sidecar(self, filename: str, text: str, project: str,
                       dataset_id: str | None = None) -> dict[str, Any]:
         """Keep a sidecar; attach it to ``dataset_id`` (sent together with its movie) or
-        to the newest live dataset its name belongs to, if any."""
+        to the newest live dataset of ``project`` its name belongs to, if any (else it
+        waits there for its movie)."""
         kind = sidecar_kind(filename)
         if dataset_id is not None:
             movie = self.catalog.get_dataset(dataset_id)
         else:
-            movie = next((d for d in self.catalog.datasets_named_like(name_prefix(filename))
+            movie = next((d for d in self.catalog.datasets_named_like(name_prefix(filename),
+                                                                      project)
                           if belongs_to(filename, d["name"])), None)
         self.catalog.add_sidecar(id=new_id(), name=filename, kind=kind, text=text,
-                                 dataset_id=movie["id"] if movie else None)
+                                 dataset_id=movie["id"] if movie else None, project=project)
         if movie is not None:
             movie = self.acquisition.refresh(movie["id"])
         self.metrics.uploads.labels("sidecar").inc()
@@ -207,9 +219,10 @@ class Intake:
                             "dataset_id": movie["id"] if movie else None},
                 "dataset": movie}
 
-    def attach_pending_sidecars(self, dataset_id: str, name: str) -> None:
+    def attach_pending_sidecars(self, dataset_id: str, name: str,
+                                project: str | None) -> None:
         attached = False
-        for row in self.catalog.pending_sidecars():
+        for row in self.catalog.pending_sidecars(project):
             if belongs_to(row["name"], name):
                 self.catalog.attach_sidecar(row["id"], dataset_id)
                 attached = True
@@ -218,13 +231,20 @@ class Intake:
 
     # -- registrations ------------------------------------------------------------
 
-    def register(self, path: str, normalize: bool | None) -> dict[str, Any]:
+    def register(self, path: str, normalize: bool | None,
+                 placement: Placement = Placement(),
+                 scope: Scope = Scope.ALL) -> dict[str, Any]:
         """A file on shared storage, opened inside the roots (:mod:`service.roots`); its
         identity is recorded and checked at every later open, and its sidecars are read
-        the same way (one refused is a finding on the dataset, never its content)."""
+        the same way (one refused is a finding on the dataset, never its content). Its
+        session is the one named, else the folder under its root."""
         with self.roots.open_registration(path) as opened:
             real, current = opened.path, opened.identity
+        columns = place(self.catalog, placement.with_default_session(
+            self.roots.session_folder(real)), scope, "registration")
         for existing in self.catalog.find_registration(str(real), LIVE_STATUSES):
+            if not scope.sees(existing.get("project")):
+                continue  # another project's: this one gets a dataset of its own
             # The same file, unchanged since (or still queued): that dataset, not a twin.
             if not current.changes_from(existing["info"].get("source_fingerprint") or {}):
                 jobs = self.catalog.jobs_in_states(("queued", "running"), existing["id"])
@@ -241,11 +261,12 @@ class Intake:
         dataset_id = new_id()
         dataset = self.catalog.add_dataset(
             id=dataset_id, name=real.name, source="registration", status="queued",
-            size_bytes=current.size, path=str(real), info=info)
+            size_bytes=current.size, path=str(real), info=info, **columns)
         for name, raw in sidecars:
             self.catalog.add_sidecar(id=new_id(), name=name, kind=sidecar_kind(name),
-                                     text=decode_text(raw), dataset_id=dataset_id)
-        self.attach_pending_sidecars(dataset_id, real.name)
+                                     text=decode_text(raw), dataset_id=dataset_id,
+                                     project=columns["project"])
+        self.attach_pending_sidecars(dataset_id, real.name, columns["project"])
         return {"dataset": dataset, "job": self.submit_job("ingest", dataset_id),
                 "duplicate": False}
 

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 import anyio
 import numpy as np
 
+from .auth import DEFAULT_PROJECT, Scope
 from .catalog import Catalog
 from .config import Settings
 from .datastore import ObjectMissing
@@ -44,8 +45,8 @@ class ParticleSets:
         self._loaded: OrderedDict[str, ParticleSet] = OrderedDict()
         self._lock = threading.Lock()
 
-    async def create(self, name: str, chunks: AsyncIterator[bytes], folder: str
-                     ) -> dict[str, Any]:
+    async def create(self, name: str, chunks: AsyncIterator[bytes], folder: str,
+                     project: str = DEFAULT_PROJECT) -> dict[str, Any]:
         name = check_filename(name)
         real_folder = await anyio.to_thread.run_sync(self.roots.resolve, folder)
         if not real_folder.is_dir():
@@ -56,11 +57,12 @@ class ParticleSets:
             await pump(chunks, scratch.receiver, scratch.receiver.write)
             scratch.receiver.digest()
             return await anyio.to_thread.run_sync(self._register, set_id, name, scratch,
-                                                  real_folder)
+                                                  real_folder, project)
         finally:
             scratch.discard()
 
-    async def create_from_part(self, part, folder: str) -> dict[str, Any]:
+    async def create_from_part(self, part, folder: str,
+                               project: str = DEFAULT_PROJECT) -> dict[str, Any]:
         """The first file part of a multipart body; its name is known once it starts."""
         chunks = part.__aiter__()
         first = await anext(chunks, b"")
@@ -69,10 +71,10 @@ class ParticleSets:
             yield first
             async for chunk in chunks:
                 yield chunk
-        return await self.create(part.filename or "particles.cs", rest(), folder)
+        return await self.create(part.filename or "particles.cs", rest(), folder, project)
 
     def _register(self, set_id: str, name: str, scratch: ScratchCopy,
-                  folder: Path) -> dict[str, Any]:
+                  folder: Path, project: str) -> dict[str, Any]:
         identities: dict[str, dict[str, int]] = {}
         try:
             rows = load_cs(scratch.path)
@@ -86,13 +88,14 @@ class ParticleSets:
                 "fields": [{"name": n, "dtype": str(rows.dtype[n])} for n in rows.dtype.names],
                 "usable_rows": int(pset.valid_rows.sum())}
         row = self.catalog.add_particle_set(id=set_id, name=name, folder=str(folder),
-                                            rows=len(rows), info=info)
+                                            rows=len(rows), info=info, project=project)
         self._remember(set_id, pset)
         return row
 
-    def get(self, set_id: str) -> dict[str, Any]:
+    def get(self, set_id: str, scope: Scope = Scope.ALL) -> dict[str, Any]:
+        """The set, if the caller's ``scope`` reaches its project (else 404)."""
         row = self.catalog.get_particle_set(set_id)
-        if row is None:
+        if row is None or not scope.sees(row.get("project")):
             raise NotFound(f"no particle set {set_id!r}")
         return row
 

@@ -63,7 +63,8 @@ class Pipeline:
         self.tus_arrived: Callable[[dict[str, Any]], ReceivedBytes] = \
             lambda dataset: ReceivedBytes()
         #: set by the service: attach sidecars that arrived before the movie
-        self.on_ingested: Callable[[str, str], None] = lambda dataset_id, name: None
+        self.on_ingested: Callable[[str, str, str | None], None] = \
+            lambda dataset_id, name, project: None
 
     def __call__(self, job: dict[str, Any], ctx: JobContext) -> dict[str, Any] | None:
         if job["kind"] == "upload":
@@ -172,7 +173,7 @@ class Pipeline:
         if result["duplicate"]:
             return {"status": row["status"], "duplicate": True, "dataset_id": row["id"]}
         ctx.finished = ingest.committed  # the commit transaction finished this job
-        self.on_ingested(dataset_id, row["name"])
+        self.on_ingested(dataset_id, row["name"], row.get("project"))
         return ingest.job_result or {"status": row["status"], "dataset_id": row["id"]}
 
     def _release_conversions(self, dataset_id: str) -> None:

@@ -12,6 +12,7 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 
+from .auth import Scope
 from . import mrc
 from .datastore import ObjectMissing
 from .errors import Conflict, from_core
@@ -58,9 +59,10 @@ class Previews:
         self.queries, self.readers, self.metrics = queries, readers, metrics
         self.cache = PreviewCache(capacity)
 
-    def frame_png(self, dataset_id: str, k: int, size: int, clip: float) -> bytes:
+    def frame_png(self, dataset_id: str, k: int, size: int, clip: float,
+                  scope: Scope = Scope.ALL) -> bytes:
         started = time.perf_counter()
-        dataset = self.queries.ready_dataset(dataset_id)
+        dataset = self.queries.ready_dataset(dataset_id, scope)
         key = (dataset_id, "frame", k, size, clip)
         png = self.cache.get(key)
         cached = png is not None
@@ -75,9 +77,10 @@ class Previews:
         self._observe("frame", cached, started)
         return png
 
-    def sum_png(self, dataset_id: str, size: int, clip: float) -> bytes:
+    def sum_png(self, dataset_id: str, size: int, clip: float,
+                scope: Scope = Scope.ALL) -> bytes:
         started = time.perf_counter()
-        dataset = self.queries.ready_dataset(dataset_id)
+        dataset = self.queries.ready_dataset(dataset_id, scope)
         key = (dataset_id, "sum", size, clip)
         png = self.cache.get(key)
         cached = png is not None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .catalog import JOB_STATES, TOMBSTONE, Catalog, CursorError, DatasetQuery
+from .auth import Scope
+from .catalog import (JOB_STATES, TOMBSTONE, Catalog, CursorError, DatasetQuery,
+                      SessionQuery)
 from .errors import BadRequest, Conflict, NotFound
 
 
@@ -18,22 +20,24 @@ class Queries:
         except CursorError as exc:
             raise BadRequest(str(exc)) from None
 
-    def dataset(self, dataset_id: str) -> dict[str, Any]:
+    def dataset(self, dataset_id: str, scope: Scope = Scope.ALL) -> dict[str, Any]:
+        """The dataset, if the caller's ``scope`` reaches its project (else 404, as for
+        one that does not exist)."""
         row = self.catalog.get_dataset(dataset_id)
-        if row is None or row["status"] == TOMBSTONE:
+        if row is None or row["status"] == TOMBSTONE or not scope.sees(row.get("project")):
             raise NotFound(f"no dataset {dataset_id!r}")
         return row
 
-    def ready_dataset(self, dataset_id: str) -> dict[str, Any]:
-        row = self.dataset(dataset_id)
+    def ready_dataset(self, dataset_id: str, scope: Scope = Scope.ALL) -> dict[str, Any]:
+        row = self.dataset(dataset_id, scope)
         if row["status"] != "ready":
             raise Conflict(f"dataset {dataset_id} is {row['status']}, not ready"
                            + ("; its findings say why" if row["status"] == "rejected" else ""))
         return row
 
-    def frame_stats(self, dataset_id: str) -> dict[str, Any]:
+    def frame_stats(self, dataset_id: str, scope: Scope = Scope.ALL) -> dict[str, Any]:
         """Per-frame mean, standard deviation, minimum and maximum, taken at ingest."""
-        exists, series = self.catalog.frame_stats(dataset_id)
+        exists, series = self.catalog.frame_stats(dataset_id, scope.projects)
         if not exists:
             raise NotFound(f"no dataset {dataset_id!r}")
         if series is None:
@@ -41,14 +45,33 @@ class Queries:
                            "taken while it is ingested")
         return {"dataset_id": dataset_id, "frames": len(series["mean"]), **series}
 
-    def job(self, job_id: str) -> dict[str, Any]:
+    def job(self, job_id: str, scope: Scope = Scope.ALL) -> dict[str, Any]:
+        """The job, if the caller's ``scope`` reaches its dataset's project."""
         row = self.catalog.get_job(job_id)
-        if row is None:
+        if row is None or (scope.limited and not scope.sees(
+                self.catalog.project_of(row["dataset_id"]))):
             raise NotFound(f"no job {job_id!r}")
         return row
 
     def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
         return self.catalog.list_jobs(state, limit)
+
+    def list_sessions(self, query: SessionQuery) -> tuple[list[dict[str, Any]], str | None]:
+        try:
+            return self.catalog.list_sessions(query)
+        except CursorError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def session(self, session_id: str, scope: Scope = Scope.ALL) -> dict[str, Any]:
+        """The session, if the caller's ``scope`` reaches its project (else 404)."""
+        row = self.catalog.get_session(session_id)
+        if row is None or not scope.sees(row["project"]):
+            raise NotFound(f"no session {session_id!r}")
+        return row
+
+    def projects(self, scope: Scope = Scope.ALL) -> list[str]:
+        """The projects the caller sees that hold a session."""
+        return [p for p in self.catalog.projects() if scope.sees(p)]
 
     def jobs_of(self, dataset_id: str) -> list[dict[str, Any]]:
         return self.catalog.jobs_in_states(JOB_STATES, dataset_id=dataset_id)

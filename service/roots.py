@@ -164,6 +164,15 @@ class Roots:
 
     # -- opening -----------------------------------------------------------------------
 
+    def session_folder(self, real: Path) -> str | None:
+        """The folder right under the root that holds ``real`` (EPU and SerialEM write
+        one folder per session), or None for a file at the root itself."""
+        root = self._root_of(real)
+        if root is None:
+            return None
+        parts = real.relative_to(root).parts
+        return parts[0] if len(parts) > 1 else None
+
     def open_file(self, real: Path, *, hard_links: bool | None = None) -> SharedFile:
         """Open ``real`` (a resolved path inside a root) by walking it from its root with
         ``O_NOFOLLOW`` on every component; RefusedFile says why it cannot be read.

@@ -80,7 +80,7 @@ def test_new_catalogs_reach_the_same_head_on_sqlite_and_postgres(tmp_path, pg_ur
                                                          "datasets_name_docsize",
                                                          "datasets_name_idx"}
             assert tables == {"datasets", "sidecars", "particle_sets", "tus_uploads",
-                              "conversions", "jobs"}
+                              "conversions", "jobs", "sessions"}
             columns = {c["name"] for c in inspector.get_columns("jobs")}
             assert {"lease_owner", "lease_expires_at", "attempts", "max_attempts",
                     "run_after", "cancel_requested", "dedup_key"} <= columns

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 
 from ..catalog import DatasetQuery
-from .deps import ADMIN, READ, WRITE, Service
+from .deps import ADMIN, READ, WRITE, Caller, Service
 from .schemas import (DatasetDetail, DatasetPage, ErrorBody, FrameStatsSeries, Job,
                       dataset_detail, dataset_summary, job_view)
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 NOT_FOUND = {404: {"model": ErrorBody}}
 
 
-def _utc_text(moment: datetime | None) -> str | None:
+def utc_text(moment: datetime | None) -> str | None:
     """Catalog timestamps are UTC ISO text; a naive time is taken as UTC."""
     if moment is None:
         return None
@@ -31,6 +31,9 @@ def _utc_text(moment: datetime | None) -> str | None:
 def list_datasets(
         service: Service,
         request: Request,
+        caller: Caller,
+        session: Annotated[str | None, Query(max_length=32, description="a session's id "
+                                             "(GET /v1/sessions)")] = None,
         status: Annotated[Literal["receiving", "queued", "processing", "ready", "rejected",
                                   "failed"] | None,
                           Query()] = None,
@@ -70,8 +73,9 @@ def list_datasets(
                          max_pixel_size=max_pixel_size, min_exposure=min_exposure,
                          max_exposure=max_exposure, min_frames=min_frames,
                          max_frames=max_frames,
-                         created_after=_utc_text(created_after),
-                         created_before=_utc_text(created_before), sort=sort,
+                         created_after=utc_text(created_after),
+                         created_before=utc_text(created_before), sort=sort,
+                         session_id=session, projects=caller.projects,
                          descending=order == "desc", limit=limit, cursor=cursor)
     rows, next_cursor = service.queries.list_datasets(query)
     links = {}
@@ -85,28 +89,29 @@ def list_datasets(
 @router.get("/{dataset_id}", response_model=DatasetDetail, responses=NOT_FOUND,
             summary="Metadata, statistics, findings and jobs of one dataset",
             dependencies=[READ])
-def get_dataset(dataset_id: str, service: Service) -> dict[str, Any]:
-    return dataset_detail(service.queries.dataset(dataset_id), service.queries.jobs_of(dataset_id))
+def get_dataset(dataset_id: str, service: Service, caller: Caller) -> dict[str, Any]:
+    return dataset_detail(service.queries.dataset(dataset_id, caller),
+                          service.queries.jobs_of(dataset_id))
 
 
 @router.get("/{dataset_id}/frames/stats", response_model=FrameStatsSeries,
             responses={**NOT_FOUND, 409: {"model": ErrorBody}},
             summary="Exact per-frame mean, standard deviation, minimum and maximum",
             dependencies=[READ])
-def frame_stats(dataset_id: str, service: Service) -> dict[str, Any]:
+def frame_stats(dataset_id: str, service: Service, caller: Caller) -> dict[str, Any]:
     """Taken at ingest from every pixel of every frame (no sampling). Plotted over the
     movie, the mean shows dose fall-off and blanked or dropped frames at a glance."""
-    return service.queries.frame_stats(dataset_id)
+    return service.queries.frame_stats(dataset_id, caller)
 
 
 @router.post("/{dataset_id}/verify", status_code=202, response_model=Job,
              responses=NOT_FOUND, dependencies=[WRITE],
              summary="Rebuild the file as received from what is stored and check its SHA-256")
-def verify(dataset_id: str, service: Service) -> dict[str, Any]:
+def verify(dataset_id: str, service: Service, caller: Caller) -> dict[str, Any]:
     """A job: the bytes as received are rebuilt from the archive and restore record (or
     read from the kept original) and their SHA-256 compared with the digest taken on
     receipt; the job's result says whether they match."""
-    service.queries.dataset(dataset_id)
+    service.queries.dataset(dataset_id, caller)
     return job_view(service.submit_job("verify", dataset_id, dedup_key="verify"))
 
 

@@ -11,11 +11,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from ..auth import Role
+from ..auth import Role, Scope
 from ..config import Settings
 from ..errors import BadRequest, ClientGone, TooLarge
 from ..ingest import IngestService
 from ..mrc import Codec, Target
+from ..sessions import PROJECT_NAME_MAX, SESSION_NAME_MAX, Placement
 from ..uploads import MultipartFile
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -33,12 +34,42 @@ _bearer = HTTPBearer(auto_error=False, description="an API token (mrc-ingest tok
 def _allow(role: Role):
     async def check(request: Request, _credentials: Annotated[
             HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        request.app.state.service.auth.check(request.headers.get("authorization"), role)
+        spec = request.app.state.service.auth.check(request.headers.get("authorization"),
+                                                    role)
+        request.state.scope = spec.scope if spec is not None else Scope.ALL
     return Depends(check)
 
 
 #: Route dependencies: the least role a route needs (read < write < admin).
 READ, WRITE, ADMIN = _allow(Role.READ), _allow(Role.WRITE), _allow(Role.ADMIN)
+
+
+def caller_scope(request: Request) -> Scope:
+    """The projects the caller's token reaches (set by the route's role check, which
+    runs first). A route without one reaches nothing: failing closed."""
+    scope = getattr(request.state, "scope", None)
+    if scope is None:
+        raise RuntimeError(f"route {request.url.path} reads the caller's scope without a "
+                           "role check")
+    return scope
+
+
+#: the caller's projects (:class:`~service.auth.Scope`), for routes that look rows up
+Caller = Annotated[Scope, Depends(caller_scope)]
+
+
+class PlacementQuery:
+    """``?session=NAME&project=NAME``: where an arriving movie goes
+    (:mod:`service.sessions`)."""
+
+    def __init__(self,
+                 session: Annotated[str | None, Query(
+                     max_length=SESSION_NAME_MAX, description="the session the movie "
+                     "belongs to (default: <source>-<UTC date>)")] = None,
+                 project: Annotated[str | None, Query(
+                     max_length=PROJECT_NAME_MAX, description="the session's project "
+                     "(default: 'default', or the token's only project)")] = None):
+        self.placement = Placement.given(session, project)
 
 
 async def body_chunks(request: Request) -> AsyncIterator[bytes]:

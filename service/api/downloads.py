@@ -18,8 +18,8 @@ from starlette.concurrency import iterate_in_threadpool
 
 from ..downloads import Download, parse_range
 from ..uploads import parse_digest
-from .deps import (READ, WRITE, Service, TargetQuery, declared_length, json_bytes,
-                   multipart_body)
+from .deps import (READ, WRITE, Caller, PlacementQuery, Service, TargetQuery,
+                   declared_length, json_bytes, multipart_body)
 from .schemas import ConversionAccepted, ConversionIn, ErrorBody, dataset_summary, job_view
 
 router = APIRouter(prefix="/v1", tags=["downloads"])
@@ -102,7 +102,7 @@ def download_response(request: Request, download: Download) -> Response:
 @router.get("/datasets/{dataset_id}/download", response_class=Response, responses=FILE,
             summary="The file as received, or converted (?format=&mode=&codec=&clevel=)",
             dependencies=[READ])
-async def download(dataset_id: str, request: Request, service: Service,
+async def download(dataset_id: str, request: Request, service: Service, caller: Caller,
                    target: Annotated[TargetQuery, Depends()]) -> Response:
     """No parameters: the bytes exactly as received (same SHA-256 and length), rebuilt
     from the archive as they stream; ``Range`` is supported and decodes only the frames
@@ -110,10 +110,11 @@ async def download(dataset_id: str, request: Request, service: Service,
     request and kept in a cache; a conversion that would change any value is refused
     with 422 and the safe modes."""
     if not target.given:
-        found = await anyio.to_thread.run_sync(service.downloads.as_received, dataset_id)
+        found = await anyio.to_thread.run_sync(service.downloads.as_received, dataset_id,
+                                               caller)
     else:
         wanted = target.target(service.settings.archive)
-        found = await service.downloads.converted(dataset_id, wanted)
+        found = await service.downloads.converted(dataset_id, wanted, caller)
     return download_response(request, found)
 
 
@@ -123,10 +124,11 @@ async def download(dataset_id: str, request: Request, service: Service,
                      "{dataset_id, format, mode, ...} for a stored dataset",
              dependencies=[WRITE])
 async def create_conversion(request: Request, response: Response, service: Service,
-                            target: Annotated[TargetQuery, Depends()]) -> dict[str, Any]:
+                            caller: Caller, target: Annotated[TargetQuery, Depends()],
+                            where: Annotated[PlacementQuery, Depends()]) -> dict[str, Any]:
     """``curl -F file=@movie.mrc 'http://host/v1/conversions?mode=1'`` uploads (ingesting
-    while it streams) and queues the conversion; poll ``links.self`` of the job and
-    fetch ``links.result``."""
+    while it streams; ``?session=&project=`` place it, as for an upload) and queues the
+    conversion; poll ``links.self`` of the job and fetch ``links.result``."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
         try:
@@ -137,12 +139,14 @@ async def create_conversion(request: Request, response: Response, service: Servi
         query = TargetQuery(format=body.format, mode=body.mode, codec=body.codec,
                             clevel=body.clevel if body.format == "mrcz" else None,
                             endian=body.endian)
-        dataset = await anyio.to_thread.run_sync(service.queries.dataset, body.dataset_id)
+        dataset = await anyio.to_thread.run_sync(service.queries.dataset, body.dataset_id,
+                                                 caller)
         duplicate = True
     else:
         upload = await service.intake.accept_upload(
             None, multipart_body(request, service.settings),
-            parse_digest(request.headers), None, declared_length(request))
+            parse_digest(request.headers), None, declared_length(request),
+            where.placement, caller)
         dataset, duplicate, query = upload["dataset"], upload["duplicate"], target
     wanted = query.target(service.settings.archive)
     job = await anyio.to_thread.run_sync(service.downloads.request_conversion,

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 
-from .deps import ADMIN, READ, Service
+from .deps import ADMIN, READ, Caller, Service
 from .downloads import FILE, download_response
 from .schemas import ErrorBody, Job, JobPage, job_view
 
@@ -25,12 +25,13 @@ def list_jobs(service: Service,
 
 @router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorBody}},
             summary="State and progress of a job", dependencies=[READ])
-def get_job(job_id: str, service: Service) -> dict[str, Any]:
-    return job_view(service.queries.job(job_id))
+def get_job(job_id: str, service: Service, caller: Caller) -> dict[str, Any]:
+    return job_view(service.queries.job(job_id, caller))
 
 
 @router.get("/{job_id}/result", response_class=Response, responses=FILE,
             summary="The file a finished conversion job produced", dependencies=[READ])
-async def job_result(job_id: str, request: Request, service: Service) -> Response:
-    found = await anyio.to_thread.run_sync(service.downloads.job_result, job_id)
+async def job_result(job_id: str, request: Request, service: Service,
+                     caller: Caller) -> Response:
+    found = await anyio.to_thread.run_sync(service.downloads.job_result, job_id, caller)
     return download_response(request, found)

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from ..metrics import CONTENT_TYPE
-from .deps import READ, Service
+from ..errors import NotFound
+from .deps import READ, Caller, Service
 from .schemas import Health
 
 router = APIRouter(tags=["operations"])
@@ -28,6 +29,10 @@ def healthz(service: Service) -> Any:
 
 @router.get("/metrics", response_class=Response, summary="Prometheus text format",
             dependencies=[READ])
-async def metrics(service: Service) -> Response:
+async def metrics(service: Service, caller: Caller) -> Response:
+    """Facility-wide figures: a token limited to projects has none of its own (404)."""
+    if caller.limited:
+        raise NotFound("no metrics for a token limited to projects: they are "
+                       "facility-wide")
     body = await anyio.to_thread.run_sync(service.metrics.render)
     return Response(body, media_type=CONTENT_TYPE)

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Query, Request, Response
 
 from ..particle_sets import ParticleSets
 from ..previews import encode_png
-from .deps import ADMIN, READ, WRITE, Service, body_chunks, multipart_body
+from ..sessions import PROJECT_NAME_MAX, Placement, project_for
+from .deps import ADMIN, READ, WRITE, Caller, Service, body_chunks, multipart_body
 from .downloads import FILE, download_response
 from .previews import PNG, Clip, Size, png_response
 from .schemas import ErrorBody
@@ -37,48 +38,57 @@ def view(row: dict[str, Any]) -> dict[str, Any]:
 async def create(request: Request, response: Response, service: Service,
                  folder: Annotated[str, Query(description="absolute folder inside an "
                                                           "allowed root holding the stacks")],
+                 caller: Caller,
                  name: Annotated[str | None, Query(description="file name for a raw body "
                                                                "(multipart: the part's)")]
-                 = None) -> dict[str, Any]:
+                 = None,
+                 project: Annotated[str | None, Query(
+                     max_length=PROJECT_NAME_MAX, description="the set's project (default: "
+                     "'default', or the token's only project)")] = None) -> dict[str, Any]:
     """``curl -F file=@P3_J12_particles.cs '$S/v1/particle-sets?folder=/shared/P3/J12'``.
     Every stack and index is checked now; bad rows are findings (with row numbers)."""
+    owner = project_for(Placement.given(None, project), caller)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/"):
         body = multipart_body(request, service.settings)
-        row = await sets(service).create_from_part(body, folder)
+        row = await sets(service).create_from_part(body, folder, owner)
     else:
-        row = await sets(service).create(name or "particles.cs", body_chunks(request), folder)
+        row = await sets(service).create(name or "particles.cs", body_chunks(request), folder,
+                                         owner)
     response.headers["Location"] = f"/v1/particle-sets/{row['id']}"
     return view(row)
 
 
 @router.get("/{set_id}", responses=ERRORS, dependencies=[READ],
             summary="A particle set: rows, stacks, fields, findings")
-def get(set_id: str, service: Service) -> dict[str, Any]:
-    return view(sets(service).get(set_id))
+def get(set_id: str, service: Service, caller: Caller) -> dict[str, Any]:
+    return view(sets(service).get(set_id, caller))
 
 
 @router.get("/{set_id}/particles", responses=ERRORS, dependencies=[READ],
             summary="Particles with their per-row fields, in row order")
-def particles(set_id: str, service: Service,
+def particles(set_id: str, service: Service, caller: Caller,
               offset: Annotated[int, Query(ge=0)] = 0,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    sets(service).get(set_id, caller)
     return sets(service).particles(set_id, offset, limit)
 
 
 @router.get("/{set_id}/particles/{n}.png", responses=PNG, response_class=Response,
             dependencies=[READ], summary="Particle n (row order) as PNG")
-def particle_png(set_id: str, n: int, request: Request, service: Service, size: Size = 256,
-                 clip: Clip = 0.5) -> Response:
+def particle_png(set_id: str, n: int, request: Request, service: Service, caller: Caller,
+                 size: Size = 256, clip: Clip = 0.5) -> Response:
+    sets(service).get(set_id, caller)
     png = sets(service).image_png(set_id, n, size, clip, encode_png)
     return png_response(request, png, f'"{set_id}-p{n}-{size}-{clip}"')
 
 
 @router.get("/{set_id}/export", response_class=Response, responses=FILE,
             dependencies=[READ], summary="Rows a:b (default all) as one MRC stack")
-async def export(set_id: str, request: Request, service: Service,
+async def export(set_id: str, request: Request, service: Service, caller: Caller,
                  rows: Annotated[str | None, Query(description="a:b, 0-based, b exclusive")]
                  = None) -> Response:
+    await anyio.to_thread.run_sync(sets(service).get, set_id, caller)
     key, filename = await anyio.to_thread.run_sync(sets(service).export, set_id, rows)
     found = await anyio.to_thread.run_sync(service.downloads.object_download, key, filename,
                                            f'"{set_id}-{rows or "all"}"')

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from .deps import READ, Service
+from .deps import READ, Caller, Service
 from .schemas import ErrorBody
 
 router = APIRouter(prefix="/v1/datasets", tags=["previews"])
@@ -29,16 +29,16 @@ def png_response(request: Request, png: bytes, etag: str) -> Response:
 @router.get("/{dataset_id}/frames/{k}.png", responses=PNG, response_class=Response,
             summary="Frame k (0-based; negative counts from the end) as PNG",
             dependencies=[READ])
-def frame_png(dataset_id: str, k: int, request: Request, service: Service, size: Size = 512,
-              clip: Clip = 0.5) -> Response:
-    png = service.previews.frame_png(dataset_id, k, size, clip)
+def frame_png(dataset_id: str, k: int, request: Request, service: Service, caller: Caller,
+              size: Size = 512, clip: Clip = 0.5) -> Response:
+    png = service.previews.frame_png(dataset_id, k, size, clip, caller)
     return png_response(request, png, f'"{dataset_id}-f{k}-{size}-{clip}"')
 
 
 @router.get("/{dataset_id}/sum.png", responses=PNG, response_class=Response,
             summary="Sum of all frames as PNG",
             dependencies=[READ])
-def sum_png(dataset_id: str, request: Request, service: Service, size: Size = 512,
-            clip: Clip = 0.5) -> Response:
-    png = service.previews.sum_png(dataset_id, size, clip)
+def sum_png(dataset_id: str, request: Request, service: Service, caller: Caller,
+            size: Size = 512, clip: Clip = 0.5) -> Response:
+    png = service.previews.sum_png(dataset_id, size, clip, caller)
     return png_response(request, png, f'"{dataset_id}-sum-{size}-{clip}"')

@@ -79,6 +79,10 @@ class DatasetSummary(BaseModel):
                                                  "extended header")
     progress: DatasetProgress | None = Field(None, description="while the dataset is being "
                                       "received or processed; null once it is done")
+    session_id: str | None = Field(None, description="its session (GET /v1/sessions/{id})")
+    project: str | None = Field(None, description="its session's project")
+    standout_frames: int | None = Field(None, description="frames whose mean stands far "
+                                        "from the others' (a blanked or dropped frame)")
     links: dict[str, str]
 
 
@@ -160,6 +164,10 @@ class RegistrationIn(BaseModel):
     path: str = Field(description="absolute path inside one of the allowed roots")
     normalize: bool | None = Field(None, description="override the default normalization "
                                                       "policy for this dataset")
+    session: str | None = Field(None, max_length=200, description="the session it belongs "
+                                "to (default: the folder under its allowed root)")
+    project: str | None = Field(None, max_length=100, description="the session's project "
+                                "(default: 'default', or the token's only project)")
 
 
 class ConversionIn(BaseModel):
@@ -208,6 +216,8 @@ def dataset_summary(row: dict[str, Any]) -> dict[str, Any]:
         "total_dose": row["total_dose"], "exposure_s": row["exposure_s"],
         "magnification": row["magnification"], "camera": row["camera"],
         "progress": row["progress"] if row["status"] in IN_FLIGHT else None,
+        "session_id": row.get("session_id"), "project": row.get("project"),
+        "standout_frames": row.get("standout_frames"),
         "links": dataset_links(row["id"]),
     }
 
@@ -255,3 +265,96 @@ def job_view(row: dict[str, Any]) -> dict[str, Any]:
         "worker": row.get("lease_owner") if row["state"] == "running" else None,
         "links": links,
     }
+
+
+class Range(BaseModel):
+    min: float
+    max: float
+
+
+class SessionFigures(BaseModel):
+    """Counts and bytes of a session's movies (tombstones not counted)."""
+
+    movies: int
+    ready: int
+    rejected: int
+    failed: int
+    in_flight: int = Field(description="receiving, queued or processing")
+    bytes_received: int
+    bytes_stored: int
+
+
+class SessionSummary(BaseModel):
+    id: str
+    name: str
+    project: str
+    source: str = Field(description="how its first movie came: upload or registration")
+    microscope: str | None = Field(None, description="camera model of most of its movies")
+    created_at: str
+    first_movie_at: str | None
+    last_movie_at: str | None
+    counts: SessionFigures
+    acquisition: dict[str, Range | None] = Field(description="each figure's range over the "
+                                                 "session's movies (min = max when they "
+                                                 "agree; null: unknown for all)")
+    rate_per_10_minutes: float | None = Field(None, description="movies per 10 minutes, "
+                                              "first to last movie")
+    problems: dict[str, int] = Field(description="rejected, failed, standing_out: how many")
+    links: dict[str, str]
+
+
+class SessionDetail(SessionSummary):
+    cameras: list[dict[str, Any]]
+    rate: dict[str, Any] = Field(description="movies per 10-minute bucket (UTC; empty "
+                                 "buckets left out)")
+    problem_movies: dict[str, Any] = Field(description="the first rejected movies with their "
+                                           "first finding, the movies with frames that "
+                                           "stand out, the failed ones")
+
+
+class SessionPage(BaseModel):
+    items: list[SessionSummary]
+    next_cursor: str | None = None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class SessionChange(BaseModel):
+    """Admin: rename a session and/or move it (with its datasets) to another project."""
+
+    name: str | None = Field(None, max_length=200)
+    project: str | None = Field(None, max_length=100)
+
+
+def session_links(session_id: str) -> dict[str, str]:
+    base = f"/v1/sessions/{session_id}"
+    return {"self": base, "datasets": f"/v1/datasets?session={session_id}",
+            "movies.star": f"{base}/movies.star", "movies.csv": f"{base}/movies.csv",
+            "dashboard": f"/#/sessions/{session_id}"}
+
+
+def session_summary(row: dict[str, Any]) -> dict[str, Any]:
+    summary = row["summary"] or {}
+    problems = summary.get("problems") or {}
+    return {
+        "id": row["id"], "name": row["name"], "project": row["project"],
+        "source": row["source"], "microscope": row["microscope"],
+        "created_at": row["created_at"], "first_movie_at": row["first_movie_at"],
+        "last_movie_at": row["last_movie_at"],
+        "counts": {k: row[k] for k in ("movies", "ready", "rejected", "failed", "in_flight",
+                                       "bytes_received", "bytes_stored")},
+        "acquisition": summary.get("acquisition") or {},
+        "rate_per_10_minutes": (summary.get("rate") or {}).get("per_bucket"),
+        "problems": {"rejected": row["rejected"], "failed": row["failed"],
+                     "standing_out": problems.get("standing_out_count", 0)},
+        "links": session_links(row["id"]),
+    }
+
+
+def session_detail(row: dict[str, Any]) -> dict[str, Any]:
+    summary = row["summary"] or {}
+    problems = summary.get("problems") or {}
+    return {**session_summary(row), "cameras": summary.get("cameras", []),
+            "rate": summary.get("rate") or {"bucket_minutes": 10, "per_bucket": None,
+                                             "timeline": []},
+            "problem_movies": {k: problems.get(k, []) for k in ("rejected", "standing_out",
+                                                                 "failed")}}

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..tus import CHECKSUMS, EXTENSIONS, VERSION, TusUploads, WrongContentType, check_version
-from .deps import WRITE, Service, body_chunks
+from .deps import WRITE, Caller, Service, body_chunks
 
 router = APIRouter(prefix="/v1/tus", tags=["resumable uploads (tus)"])
 PREFIX = "/v1/tus"
@@ -78,30 +78,34 @@ def discover(service: Service, upload_id: str | None = None) -> Response:
 
 @router.post("/", status_code=201, dependencies=[WRITE],
              summary="Create an upload (Upload-Length, Upload-Metadata: filename <base64>)")
-def create(request: Request, service: Service) -> Response:
+def create(request: Request, service: Service, caller: Caller) -> Response:
+    """``Upload-Metadata`` keys: ``filename``, and where the movie goes: ``session``,
+    ``project`` (as ``?session=&project=`` on PUT)."""
     check_version(request.headers.get("tus-resumable"))
     row = uploads(service).create(request.headers.get("upload-length"),
-                                  request.headers.get("upload-metadata"))
+                                  request.headers.get("upload-metadata"), caller)
     return Response(status_code=201, headers={"Location": f"{PREFIX}/{row['id']}",
                                               "Upload-Offset": "0", **expires_header(row)})
 
 
 @router.head("/{upload_id}", dependencies=[WRITE], summary="Where to resume")
-def head(upload_id: str, request: Request, service: Service) -> Response:
+def head(upload_id: str, request: Request, service: Service, caller: Caller) -> Response:
     check_version(request.headers.get("tus-resumable"))
     tus = uploads(service)
-    return Response(status_code=200, headers=offset_headers(tus, tus.get(upload_id)))
+    return Response(status_code=200, headers=offset_headers(tus, tus.get(upload_id, caller)))
 
 
 @router.patch("/{upload_id}", status_code=204, dependencies=[WRITE],
               summary="Append bytes at Upload-Offset (application/offset+octet-stream)")
-async def patch(upload_id: str, request: Request, service: Service) -> Response:
+async def patch(upload_id: str, request: Request, service: Service,
+                caller: Caller) -> Response:
     check_version(request.headers.get("tus-resumable"))
     if request.headers.get("content-type") != "application/offset+octet-stream":
         raise WrongContentType("PATCH needs Content-Type: application/offset+octet-stream")
     tus = uploads(service)
     row = await tus.patch(upload_id, request.headers.get("upload-offset"),
-                          request.headers.get("upload-checksum"), body_chunks(request))
+                          request.headers.get("upload-checksum"), body_chunks(request),
+                          caller)
     row = await anyio.to_thread.run_sync(tus.get, upload_id)  # as committed, with expiry
     return Response(status_code=204, headers=await anyio.to_thread.run_sync(
         offset_headers, tus, row))
@@ -109,7 +113,8 @@ async def patch(upload_id: str, request: Request, service: Service) -> Response:
 
 @router.delete("/{upload_id}", status_code=204, dependencies=[WRITE],
                summary="Terminate an upload")
-async def terminate(upload_id: str, request: Request, service: Service) -> Response:
+async def terminate(upload_id: str, request: Request, service: Service,
+                    caller: Caller) -> Response:
     check_version(request.headers.get("tus-resumable"))
-    await anyio.to_thread.run_sync(uploads(service).terminate, upload_id)
+    await anyio.to_thread.run_sync(uploads(service).terminate, upload_id, caller)
     return Response(status_code=204)

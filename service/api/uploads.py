@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
+from ..sessions import Placement
 from ..sidecars import SIDECAR_MAX_BYTES, SIDECAR_SUFFIXES
 from ..uploads import parse_digest
-from .deps import WRITE, Service, body_chunks, declared_length, json_body, multipart_body
+from .deps import WRITE, Caller, PlacementQuery, Service, body_chunks, declared_length, json_body, multipart_body
 from .schemas import (Accepted, ErrorBody, RegistrationIn, SidecarAccepted, dataset_summary,
                       job_view)
 
@@ -52,6 +53,7 @@ def accepted_response(result: dict[str, Any], response: Response) -> dict[str, A
             responses=UPLOAD_ERRORS, summary="Upload a movie as the raw body (curl -T)",
             dependencies=[WRITE])
 async def put_upload(filename: str, request: Request, response: Response, service: Service,
+                     caller: Caller, where: Annotated[PlacementQuery, Depends()],
                      normalize: Normalize = None) -> dict[str, Any]:
     """Ingested while it streams: the header is checked as soon as its 1024 bytes arrive,
     every frame is validated, measured and compressed into the archive as it comes, and
@@ -60,8 +62,9 @@ async def put_upload(filename: str, request: Request, response: Response, servic
     ready (or rejected, with its findings). A name ending ``.mdoc`` (SerialEM) or ``_info.txt`` (Direct Electron)
     is a sidecar: attached to its movie (``movie.mrc.mdoc``, ``movie.mdoc``,
     ``<id>_info.txt`` for ``<id>_movie.mrc``), now or when the movie arrives (201)."""
-    result = await service.intake.accept_upload(filename, body_chunks(request), parse_digest(
-        request.headers), normalize, declared_length(request))
+    result = await service.intake.accept_upload(
+        filename, body_chunks(request), parse_digest(request.headers), normalize,
+        declared_length(request), where.placement, caller)
     return accepted_response(result, response)
 
 
@@ -70,11 +73,13 @@ async def put_upload(filename: str, request: Request, response: Response, servic
                      "optionally with its sidecars (-F mdoc=@movie.mrc.mdoc)",
             dependencies=[WRITE])
 async def post_upload(request: Request, response: Response, service: Service,
+                      caller: Caller, where: Annotated[PlacementQuery, Depends()],
                       normalize: Normalize = None) -> dict[str, Any]:
     body = multipart_body(request, service.settings, extra_suffixes=SIDECAR_SUFFIXES,
                           extra_max_bytes=SIDECAR_MAX_BYTES)
     result = await service.intake.accept_upload(None, body, parse_digest(request.headers),
-                                         normalize, declared_length(request))
+                                                normalize, declared_length(request),
+                                                where.placement, caller)
     return accepted_response(result, response)
 
 
@@ -87,11 +92,13 @@ REGISTRATION_BODY = {"requestBody": {"required": True, "content": {
              responses={code: {"model": ErrorBody} for code in (403, 404, 413, 422)},
              summary="Register a file already on allowed shared storage",
              dependencies=[WRITE], openapi_extra=REGISTRATION_BODY)
-async def register(request: Request, response: Response, service: Service) -> dict[str, Any]:
+async def register(request: Request, response: Response, service: Service,
+                   caller: Caller) -> dict[str, Any]:
     """Body: :class:`RegistrationIn` as JSON, at most ``MRC_INGEST_MAX_JSON_BYTES``. It is
     read here, after the token check (a body parameter would be read and parsed by
     FastAPI before the route's dependencies run)."""
     body = await json_body(request, RegistrationIn, service.settings.max_json_bytes)
-    result = await anyio.to_thread.run_sync(service.intake.register, body.path,
-                                            body.normalize)
+    result = await anyio.to_thread.run_sync(
+        service.intake.register, body.path, body.normalize,
+        Placement.given(body.session, body.project), caller)
     return accepted_response(result, response)

@@ -67,7 +67,7 @@ class IngestPass:
                  normalize: bool | None, arrived: ReceivedBytes,
                  declared_size: int | None = None, create_row: bool = False,
                  phase: str = "receiving", registered_path: str = "",
-                 fence: Fence | None = None):
+                 fence: Fence | None = None, placement: dict[str, Any] | None = None):
         self.deps = deps
         self.dataset_id, self.name, self.source = dataset_id, name, source
         self.normalize = deps.settings.normalize if normalize is None else normalize
@@ -76,6 +76,8 @@ class IngestPass:
         self.create_row, self.phase = create_row, phase
         self.registered_path = registered_path
         self.fence = fence
+        #: the row's session_id and project (service.sessions.place), for create_row
+        self.placement = placement or {}
         #: this pass's own folder of keys (protocol.new_generation)
         self.generation = new_generation()
         #: the catalog row names this pass's objects: from here on nothing is removed
@@ -132,7 +134,7 @@ class IngestPass:
             id=self.dataset_id, name=self.name, source=self.source, status="receiving",
             size_bytes=self.declared_size or 0, path=self.registered_path, info=info,
             mode=layout.mode, nx=layout.nx, ny=layout.ny, nz=layout.nz,
-            dtype=str(layout.dtype), progress=self._progress())
+            dtype=str(layout.dtype), progress=self._progress(), **self.placement)
         self.row_created = True
         if self.on_row is not None:
             self.on_row()

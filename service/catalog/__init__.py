@@ -14,20 +14,22 @@ from .base import make_engine
 from .clock import text_now as now
 from .datasets import RARE_NAME_ROWS, CursorError, DatasetQuery, DatasetRows, escape_like
 from .jobs import JobRows
+from .sessions import SessionQuery, SessionRows, standout_frames
 from .migrate import upgrade
 from .schema import (DATASET_STATES, JOB_STATES, LIVE_STATUSES, SORT_KEYS, TOMBSTONE,
                      UNFINISHED_JOB_STATES, Fence, conversions, datasets, jobs, metadata,
-                     particle_sets, sidecars, tus_uploads)
+                     particle_sets, sessions, sidecars, tus_uploads)
 from .uploads import UploadRows
 
 __all__ = ["Catalog", "CursorError", "DATASET_STATES", "DatasetQuery", "Fence", "JOB_STATES",
            "TOMBSTONE",
            "LIVE_STATUSES", "RARE_NAME_ROWS", "SORT_KEYS", "UNFINISHED_JOB_STATES",
            "conversions", "datasets", "escape_like", "jobs", "metadata", "now",
-           "particle_sets", "sidecars", "tus_uploads"]
+           "particle_sets", "sessions", "sidecars", "tus_uploads", "SessionQuery",
+           "standout_frames"]
 
 
-class Catalog(DatasetRows, JobRows, UploadRows):
+class Catalog(SessionRows, DatasetRows, JobRows, UploadRows):
     """Thread-safe: every call takes its own connection from the engine's pool, so
     routes (thread pool) and workers can call it concurrently."""
 
@@ -35,7 +37,10 @@ class Catalog(DatasetRows, JobRows, UploadRows):
         super().__init__(make_engine(url, pool_size))
         self.url = url
         if migrate:
-            upgrade(self.engine)
+            before, now = upgrade(self.engine)
+            if before is not None and before < "0004" <= now:
+                # sessions were made for the datasets before them: their figures now
+                self.refresh_all_sessions()
         if self.dialect == "sqlite":
             with self.engine.connect() as conn:
                 self.name_index = conn.exec_driver_sql(

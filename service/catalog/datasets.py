@@ -3,18 +3,20 @@ paged, filtered listing and the name search."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import sqlalchemy as sa
 
 from .base import CatalogBase
-from .schema import (DATASET_STATES, DETAIL_COLUMNS, LIVE_STATUSES, SORT_KEYS,
-                     SUMMARY_COLUMNS, TOMBSTONE, Fence, conversions, datasets, jobs,
+from .paging import CursorError, decode_cursor, encode_cursor
+from .sessions import standout_frames
+from .schema import (DATASET_STATES, DETAIL_COLUMNS, LIVE_STATUSES, SESSION_FIGURE_COLUMNS,
+                     SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, Fence, conversions, datasets, jobs,
                      lease_held, particle_sets, sidecars, tus_uploads)
+
+log = logging.getLogger("mrc_ingest.catalog")
 
 #: (column, DatasetQuery field of the inclusive lower bound, ... of the upper bound)
 RANGE_FILTERS = (("total_dose", "min_dose", "max_dose"),
@@ -26,10 +28,6 @@ RANGE_FILTERS = (("total_dose", "min_dose", "max_dose"),
 RARE_NAME_ROWS = 2000
 #: ... and a page of a common one is looked for first among this many rows in sort order.
 NAME_WINDOW = 5000
-
-
-class CursorError(ValueError):
-    """A pagination cursor that this catalog did not issue (or for another sort)."""
 
 
 @dataclass(frozen=True)
@@ -51,26 +49,12 @@ class DatasetQuery:
     name: str | None = None            # substring, case-insensitive
     created_after: str | None = None   # ISO text, exclusive
     created_before: str | None = None  # ISO text, exclusive
+    session_id: str | None = None
+    projects: frozenset[str] | None = None  # None: every project (the caller's scope)
     sort: str = "created_at"
     descending: bool = True
     limit: int = 50
     cursor: str | None = None
-
-
-def _encode_cursor(sort: str, value: Any, row_id: str) -> str:
-    raw = json.dumps([sort, value, row_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str, sort: str) -> tuple[Any, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        cursor_sort, value, row_id = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise CursorError(f"cursor {cursor!r} is not one this service issued") from exc
-    if cursor_sort != sort or not isinstance(row_id, str):
-        raise CursorError(f"cursor was issued for sort={cursor_sort!r}, not sort={sort!r}")
-    return value, row_id
 
 
 def escape_like(text: str) -> str:
@@ -91,8 +75,22 @@ class DatasetRows(CatalogBase):
 
     def add_dataset(self, **row: Any) -> dict[str, Any] | None:
         stamp = self.now()
-        return self._insert(datasets, {"created_at": stamp, "updated_at": stamp, "info": {},
-                                       **row})
+        added = self._insert(datasets, {"created_at": stamp, "updated_at": stamp, "info": {},
+                                        **row})
+        self._session_changed(row.get("session_id"))
+        return added
+
+    def _session_changed(self, session_id: str | None) -> None:
+        """A dataset of ``session_id`` changed what its session's figures are made of:
+        recompute them (after the change committed; a failure here loses no data, and
+        the session's next change recomputes them whole)."""
+        if session_id is None:
+            return
+        try:
+            self.refresh_session(session_id)  # type: ignore[attr-defined]
+        except sa.exc.SQLAlchemyError:
+            log.warning("session figures not refreshed", exc_info=True,
+                        extra={"session_id": session_id})
 
     def update_dataset(self, dataset_id: str, *, fence: Fence | None = None,
                        **fields: Any) -> bool:
@@ -106,8 +104,11 @@ class DatasetRows(CatalogBase):
                 if not self._fence_holds(conn, fence):
                     return False
                 guard.append(_held(fence))
-            result = conn.execute(datasets.update().where(*guard).values(**fields))
-        return result.rowcount > 0
+            written = conn.execute(datasets.update().where(*guard).values(**fields)
+                                   .returning(datasets.c.session_id)).all()
+        if written and SESSION_FIGURE_COLUMNS.intersection(fields):
+            self._session_changed(written[0][0])
+        return bool(written)
 
     def _fence_holds(self, conn: sa.Connection, fence: Fence) -> bool:
         """PostgreSQL: the job row stays share-locked until the caller's transaction
@@ -131,6 +132,8 @@ class DatasetRows(CatalogBase):
         not: "lease_lost" (the fence no longer holds), "gone" (deleted, or being
         deleted), "already" (committed before: a dataset is committed once)."""
         fields = {**fields, "updated_at": self.now()}
+        if fields.get("frame_stats"):
+            fields["standout_frames"] = len(standout_frames(fields["frame_stats"].get("mean")))
         # Each write carries its own guard, so a check and its write are one statement
         # (a DELETE's tombstone, a new claim or another commit landing in between makes
         # it write nothing, and the transaction is rolled back whole).
@@ -156,7 +159,13 @@ class DatasetRows(CatalogBase):
                                  .values(completed_at=self.now(), dataset_id=dataset_id))
         except _NotCommitted as refused:
             return refused.verdict
+        self._session_changed(self._session_of(dataset_id))
         return "committed"
+
+    def _session_of(self, dataset_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(datasets.c.session_id)
+                                .where(datasets.c.id == dataset_id)).scalar()
 
     def _why_not_committed(self, conn: sa.Connection, dataset_id: str,
                            fence: Fence | None) -> str:
@@ -173,21 +182,28 @@ class DatasetRows(CatalogBase):
         this does, never both."""
         with self.engine.begin() as conn:
             gone = conn.execute(datasets.delete().where(
-                datasets.c.id == dataset_id, datasets.c.status == "receiving")).rowcount
+                datasets.c.id == dataset_id, datasets.c.status == "receiving")
+                .returning(datasets.c.session_id)).all()
             if gone:
                 conn.execute(jobs.delete().where(jobs.c.dataset_id == dataset_id))
                 conn.execute(sidecars.delete().where(sidecars.c.dataset_id == dataset_id))
                 conn.execute(conversions.delete().where(
                     conversions.c.dataset_id == dataset_id))
-        return gone > 0
+        if gone:
+            self._session_changed(gone[0][0])
+        return bool(gone)
 
     def mark_deleting(self, dataset_id: str) -> bool:
         """Make the dataset a tombstone (hidden; its objects are removed next, then its
         row); False when there is no such dataset."""
         with self.engine.begin() as conn:
-            return conn.execute(datasets.update().where(datasets.c.id == dataset_id)
-                                .values(status=TOMBSTONE, progress=None,
-                                        updated_at=self.now())).rowcount > 0
+            marked = conn.execute(datasets.update().where(datasets.c.id == dataset_id)
+                                  .values(status=TOMBSTONE, progress=None,
+                                          updated_at=self.now())
+                                  .returning(datasets.c.session_id)).all()
+        if marked:
+            self._session_changed(marked[0][0])
+        return bool(marked)
 
     def tombstones(self) -> list[str]:
         """Datasets whose deletion was cut off (the sweep finishes them)."""
@@ -198,13 +214,22 @@ class DatasetRows(CatalogBase):
     def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
         return self._by_id(datasets, dataset_id, DETAIL_COLUMNS)
 
-    def frame_stats(self, dataset_id: str) -> tuple[bool, Any]:
-        """(whether the dataset exists, its per-frame statistics or None)."""
+    def frame_stats(self, dataset_id: str,
+                    projects: frozenset[str] | None = None) -> tuple[bool, Any]:
+        """(whether the dataset exists (in ``projects``, when given), its per-frame
+        statistics or None)."""
+        query = sa.select(datasets.c.frame_stats).where(datasets.c.id == dataset_id,
+                                                        datasets.c.status != TOMBSTONE)
+        if projects is not None:
+            query = query.where(datasets.c.project.in_(sorted(projects)))
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(datasets.c.frame_stats)
-                               .where(datasets.c.id == dataset_id,
-                                      datasets.c.status != TOMBSTONE)).first()
+            row = conn.execute(query).first()
         return (row is not None, row[0] if row is not None else None)
+
+    def project_of(self, dataset_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(datasets.c.project)
+                                .where(datasets.c.id == dataset_id)).scalar()
 
     def find_by_sha256(self, sha256: str, statuses: Iterable[str] = LIVE_STATUSES,
                        exclude_id: str | None = None) -> dict[str, Any] | None:
@@ -226,8 +251,11 @@ class DatasetRows(CatalogBase):
             conn.execute(jobs.delete().where(jobs.c.dataset_id == dataset_id))
             conn.execute(sidecars.delete().where(sidecars.c.dataset_id == dataset_id))
             conn.execute(conversions.delete().where(conversions.c.dataset_id == dataset_id))
-            result = conn.execute(datasets.delete().where(datasets.c.id == dataset_id))
-        return result.rowcount > 0
+            gone = conn.execute(datasets.delete().where(datasets.c.id == dataset_id)
+                                .returning(datasets.c.session_id, datasets.c.status)).all()
+        if gone and gone[0][1] != TOMBSTONE:  # a tombstone counts in no figure already
+            self._session_changed(gone[0][0])
+        return bool(gone)
 
     def list_datasets(self, q: DatasetQuery) -> tuple[list[dict[str, Any]], str | None]:
         """One page of dataset summaries, and the cursor of the next page (None at the
@@ -238,9 +266,11 @@ class DatasetRows(CatalogBase):
         query = sa.select(*SUMMARY_COLUMNS).where(datasets.c.status != TOMBSTONE)
         for column, value in (("status", q.status), ("mode", q.mode), ("source", q.source),
                               ("sha256", q.sha256), ("voltage_kv", q.voltage_kv),
-                              ("camera", q.camera)):
+                              ("camera", q.camera), ("session_id", q.session_id)):
             if value is not None:
                 query = query.where(datasets.c[column] == value)
+        if q.projects is not None:
+            query = query.where(datasets.c.project.in_(sorted(q.projects)))
         for column, low, high in RANGE_FILTERS:
             if getattr(q, low) is not None:
                 query = query.where(datasets.c[column] >= getattr(q, low))
@@ -251,7 +281,7 @@ class DatasetRows(CatalogBase):
         if q.created_before:
             query = query.where(datasets.c.created_at < q.created_before)
         if q.cursor:
-            value, row_id = _decode_cursor(q.cursor, q.sort)
+            value, row_id = decode_cursor(q.cursor, q.sort)
             if q.descending:
                 query = query.where(sa.or_(key < value, sa.and_(key == value, tie < row_id)))
             else:
@@ -267,7 +297,7 @@ class DatasetRows(CatalogBase):
         if len(rows) <= q.limit:
             return rows, None
         rows = rows[:q.limit]
-        return rows, _encode_cursor(q.sort, rows[-1][q.sort], rows[-1]["id"])
+        return rows, encode_cursor(q.sort, rows[-1][q.sort], rows[-1]["id"])
 
     def _common_name_page(self, ordered: sa.Select, q: DatasetQuery) -> list[dict] | None:
         """A full page for a common name substring, found among the next NAME_WINDOW rows
@@ -322,20 +352,29 @@ class DatasetRows(CatalogBase):
         return self._rows(sa.select(sidecars).where(sidecars.c.dataset_id == dataset_id)
                           .order_by(sidecars.c.created_at, sidecars.c.id))
 
-    def pending_sidecars(self) -> list[dict[str, Any]]:
-        return self._rows(sa.select(sidecars).where(sidecars.c.dataset_id.is_(None))
-                          .order_by(sidecars.c.created_at, sidecars.c.id))
+    def pending_sidecars(self, project: str | None = None) -> list[dict[str, Any]]:
+        """Sidecars waiting for their movie (of ``project``: a sidecar sent for one
+        project never joins another's movie)."""
+        query = sa.select(sidecars).where(sidecars.c.dataset_id.is_(None))
+        if project is not None:
+            query = query.where(sidecars.c.project == project)
+        return self._rows(query.order_by(sidecars.c.created_at, sidecars.c.id))
 
     def attach_sidecar(self, sidecar_id: str, dataset_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(sidecars.update().where(sidecars.c.id == sidecar_id)
                          .values(dataset_id=dataset_id))
 
-    def datasets_named_like(self, prefix: str) -> list[dict[str, Any]]:
-        """Live datasets whose name starts with ``prefix`` (sidecar matching)."""
-        return self._rows(sa.select(*DETAIL_COLUMNS).where(
+    def datasets_named_like(self, prefix: str,
+                            project: str | None = None) -> list[dict[str, Any]]:
+        """Live datasets whose name starts with ``prefix`` (sidecar matching), of
+        ``project`` when given."""
+        query = sa.select(*DETAIL_COLUMNS).where(
             datasets.c.name.like(f"{escape_like(prefix)}%", escape="\\"),
-            datasets.c.status.in_(LIVE_STATUSES)).order_by(datasets.c.created_at.desc()))
+            datasets.c.status.in_(LIVE_STATUSES))
+        if project is not None:
+            query = query.where(datasets.c.project == project)
+        return self._rows(query.order_by(datasets.c.created_at.desc()))
 
     # -- converted downloads ----------------------------------------------------------
 
@@ -358,6 +397,7 @@ class DatasetRows(CatalogBase):
                 return
             conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(
                 stored_bytes=sa.func.coalesce(datasets.c.stored_bytes, 0) + size))
+        self._session_changed(self._session_of(dataset_id))
 
     def forget_conversion(self, dataset_id: str, key: str) -> None:
         with self.engine.begin() as conn:
@@ -367,6 +407,8 @@ class DatasetRows(CatalogBase):
             if gone is not None:
                 conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(
                     stored_bytes=datasets.c.stored_bytes - gone[0]))
+        if gone is not None:
+            self._session_changed(self._session_of(dataset_id))
 
     def conversion_exists(self, dataset_id: str, key: str) -> bool:
         return bool(self._count(conversions, conversions.c.dataset_id == dataset_id,

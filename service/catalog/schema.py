@@ -52,6 +52,9 @@ datasets = sa.Table(
     sa.Column("frame_stats", sa.JSON),                        # per frame mean/std/min/max
     sa.Column("progress", sa.JSON),                           # while in flight, else null
     sa.Column("info", sa.JSON, nullable=False, default=dict),
+    sa.Column("session_id", sa.String(32)),                   # sessions.id
+    sa.Column("project", sa.String(100)),                     # its session's project
+    sa.Column("standout_frames", sa.Integer),                 # frames whose mean stands out
 )
 # Newest-first listing under any one or two equality filters walks one index in order.
 DATASET_INDEXES = (
@@ -60,7 +63,7 @@ DATASET_INDEXES = (
     ("status", "source", "created_at", "id"), ("mode", "source", "created_at", "id"),
     ("name", "id"), ("size_bytes", "id"), ("sha256",), ("voltage_kv", "created_at", "id"),
     ("total_dose",), ("camera", "created_at", "id"), ("pixel_size",), ("exposure_s",),
-    ("nz",))
+    ("nz",), ("session_id", "created_at", "id"), ("project", "created_at", "id"))
 for _cols in DATASET_INDEXES:
     sa.Index(f"ix_datasets_{'_'.join(_cols)}", *(datasets.c[c] for c in _cols))
 #: One live upload per content: two uploads of the same bytes committing at the same
@@ -69,6 +72,38 @@ LIVE_UPLOAD_SHA256 = sa.and_(datasets.c.sha256.isnot(None), datasets.c.source ==
                              datasets.c.status.in_(LIVE_STATUSES))
 sa.Index("uq_datasets_live_upload_sha256", datasets.c.sha256, unique=True,
          sqlite_where=LIVE_UPLOAD_SHA256, postgresql_where=LIVE_UPLOAD_SHA256)
+
+#: A facility's microscope session (one grid, one user's project, hours to days) and its
+#: figures, kept up to date as its movies land (:meth:`SessionRows.refresh_session`), so
+#: lists never aggregate datasets per request. A dataset belongs to one session, a
+#: session to one project (its name; unique within the project).
+sessions = sa.Table(
+    "sessions", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("project", sa.String(100), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),       # how its first movie came
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("updated_at", sa.String(32), nullable=False),
+    sa.Column("microscope", sa.String(64)),                   # camera model of its movies
+    sa.Column("first_movie_at", sa.String(32)),
+    sa.Column("last_movie_at", sa.String(32)),
+    sa.Column("movies", sa.Integer, nullable=False, default=0),
+    sa.Column("ready", sa.Integer, nullable=False, default=0),
+    sa.Column("rejected", sa.Integer, nullable=False, default=0),
+    sa.Column("failed", sa.Integer, nullable=False, default=0),
+    sa.Column("in_flight", sa.Integer, nullable=False, default=0),
+    sa.Column("bytes_received", sa.BigInteger, nullable=False, default=0),
+    sa.Column("bytes_stored", sa.BigInteger, nullable=False, default=0),
+    sa.Column("summary", sa.JSON, nullable=False, default=dict),  # ranges, rate, problems
+)
+sa.Index("uq_sessions_project_name", sessions.c.project, sessions.c.name, unique=True)
+SESSION_INDEXES = (("last_movie_at", "id"), ("first_movie_at", "id"), ("name", "id"),
+                   ("movies", "id"), ("project", "last_movie_at", "id"),
+                   ("microscope", "last_movie_at", "id"))
+for _cols in SESSION_INDEXES:
+    sa.Index(f"ix_sessions_{'_'.join(_cols)}", *(sessions.c[c] for c in _cols))
+SESSION_SORT_KEYS = ("last_movie_at", "first_movie_at", "name", "movies")
 
 #: SerialEM .mdoc / Direct Electron info.txt files, attached to their movie's dataset
 #: (dataset_id) or waiting for it to arrive (dataset_id NULL).
@@ -80,6 +115,7 @@ sidecars = sa.Table(
     sa.Column("text", sa.Text, nullable=False),
     sa.Column("dataset_id", sa.String(32), index=True),
     sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("project", sa.String(100)),                     # a waiting one waits here
 )
 
 #: cryoSPARC .cs particle sets (the .cs and its exports live in the datastore)
@@ -91,6 +127,7 @@ particle_sets = sa.Table(
     sa.Column("rows", sa.Integer, nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.Column("info", sa.JSON, nullable=False, default=dict),
+    sa.Column("project", sa.String(100)),
 )
 
 #: tus resumable uploads: in progress, or finished (completed_at set). With an object
@@ -112,6 +149,8 @@ tus_uploads = sa.Table(
     sa.Column("pending_bytes", sa.BigInteger, nullable=False, default=0),  # S3: the tail
     sa.Column("pending_key", sa.Text),                        # S3: the tail's object
     sa.Column("released_at", sa.String(32)),                  # its bytes were dropped
+    sa.Column("session_id", sa.String(32)),                   # where its dataset goes
+    sa.Column("project", sa.String(100)),
 )
 
 #: converted downloads kept in the datastore (a cache bounded in bytes, least recently
@@ -178,5 +217,10 @@ sa.Index("uq_jobs_unfinished_dedup", jobs.c.dataset_id, jobs.c.dedup_key, unique
 
 SORT_KEYS = ("created_at", "name", "size_bytes")
 SUMMARY_COLUMNS = [c for c in datasets.c if c.name not in ("info", "path", "frame_stats")]
+#: the dataset columns a session's figures are made of: a write of any of them refreshes
+#: its session
+SESSION_FIGURE_COLUMNS = frozenset({
+    "status", "size_bytes", "stored_bytes", "voltage_kv", "pixel_size", "total_dose",
+    "exposure_s", "nz", "camera", "standout_frames", "session_id"})
 #: columns a detail read needs (the per-frame statistics have their own endpoint)
 DETAIL_COLUMNS = [c for c in datasets.c if c.name != "frame_stats"]

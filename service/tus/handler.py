@@ -33,6 +33,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import anyio
 
+from ..auth import Scope
 from ..arrival import IngestPass, PassDeps, ReceivedBytes, drop_receiving
 from ..catalog import TOMBSTONE, Catalog
 from ..datastore import DataStore
@@ -43,6 +44,7 @@ from ..metrics import Metrics
 from ..mrc.header import HEADER_SIZE
 from ..mrc.stream import HeaderOverLimit, HeaderRefused
 from ..receiver import Receiver, pump
+from ..sessions import Placement, place
 from ..storage import Storage
 from ..uploads import check_filename
 from .locker import Locker
@@ -216,7 +218,10 @@ class TusUploads:
 
     # -- creation / termination / HEAD -------------------------------------------------
 
-    def create(self, length_header: str | None, metadata_header: str | None) -> dict[str, Any]:
+    def create(self, length_header: str | None, metadata_header: str | None,
+               scope: Scope = Scope.ALL) -> dict[str, Any]:
+        """A new upload; its metadata's ``session`` and ``project`` place its movie
+        (:mod:`service.sessions`): the session is made now, the dataset at the header."""
         if length_header is None:
             raise BadRequest("Upload-Length is required (Upload-Defer-Length is not "
                              "supported)")
@@ -231,16 +236,19 @@ class TusUploads:
         metadata = parse_metadata(metadata_header)
         filename = check_filename(metadata.get("filename") or metadata.get("name")
                                   or "upload.mrc")
+        columns = place(self.catalog, Placement.from_metadata(metadata), scope, "upload")
         upload_id = uuid.uuid4().hex
         fields = self.bytes.create(upload_id)
         return self.catalog.add_tus_upload(
             id=upload_id, filename=filename, length=length, offset=0, metadata=metadata,
             dataset_id=new_id(), expires_at=self.catalog.now(self.expiry.total_seconds()),
-            **fields)
+            **columns, **fields)
 
-    def get(self, upload_id: str) -> dict[str, Any]:
+    def get(self, upload_id: str, scope: Scope = Scope.ALL) -> dict[str, Any]:
+        """The upload (404 when there is none, or it is another project's than the
+        caller's; 410 once expired)."""
         row = self.catalog.get_tus_upload(upload_id)
-        if row is None:
+        if row is None or not scope.sees(row.get("project")):
             raise UnknownUpload(f"no upload {upload_id!r}")
         owed = row["offset"] == row["length"] and row["dataset_id"] is not None
         if row["completed_at"] is None and not owed and self.catalog.tus_expired(row):
@@ -258,8 +266,8 @@ class TusUploads:
             return None
         return f"/v1/datasets/{dataset['id']}"
 
-    def terminate(self, upload_id: str) -> None:
-        row = self.get(upload_id)
+    def terminate(self, upload_id: str, scope: Scope = Scope.ALL) -> None:
+        row = self.get(upload_id, scope)
         with self.locks.hold(upload_id) as taken:
             if not taken:
                 raise UploadLocked(f"upload {upload_id} is receiving a PATCH")
@@ -277,17 +285,17 @@ class TusUploads:
     # -- PATCH -------------------------------------------------------------------------
 
     async def patch(self, upload_id: str, offset_header: str | None,
-                    checksum_header: str | None, chunks: AsyncIterator[bytes]
-                    ) -> dict[str, Any]:
+                    checksum_header: str | None, chunks: AsyncIterator[bytes],
+                    scope: Scope = Scope.ALL) -> dict[str, Any]:
         if offset_header is None or not offset_header.isdigit():
             raise BadRequest("Upload-Offset is required and must be a number")
         checksum = parse_checksum(checksum_header)
         handle = await anyio.to_thread.run_sync(self.locks.take, upload_id)
         if handle is None:
-            await anyio.to_thread.run_sync(self.get, upload_id)  # 404/410 before 423
+            await anyio.to_thread.run_sync(self.get, upload_id, scope)  # 404/410 before 423
             raise UploadLocked(f"upload {upload_id} is already receiving a PATCH")
         try:
-            row = await anyio.to_thread.run_sync(self.get, upload_id)
+            row = await anyio.to_thread.run_sync(self.get, upload_id, scope)
             start = int(offset_header)
             if start != row["offset"]:
                 raise OffsetMismatch(f"Upload-Offset {start} != the upload's offset "
@@ -310,7 +318,8 @@ class TusUploads:
                 ingest = IngestPass(
                     self.deps, dataset_id=row["dataset_id"], name=row["filename"],
                     source="upload", normalize=None, declared_size=row["length"],
-                    create_row=True, arrived=TusArrived(self, row["id"]))
+                    create_row=True, arrived=TusArrived(self, row["id"]),
+                    placement=placement_of(row))
                 stream = _Stream(Receiver(None, 0, row["length"]), ingest)
             else:  # the state of the bytes before is not here: ingest after the last PATCH
                 stream = _Stream(Receiver(None, start, row["length"]), None)
@@ -447,7 +456,8 @@ class TusUploads:
                                      state="done", started_at=row["created_at"],
                                      finished_at=self.catalog.now(),
                                      result=ingest.job_result)
-                self.intake.attach_pending_sidecars(dataset_id, row["filename"])
+                self.intake.attach_pending_sidecars(dataset_id, row["filename"],
+                                                    row.get("project"))
                 self.metrics.uploads.labels("accepted").inc()
                 self.metrics.upload_bytes.inc(row["length"])
         except Exception:  # noqa: BLE001
@@ -472,7 +482,8 @@ class TusUploads:
         if dataset is None:
             self.catalog.add_dataset(id=row["dataset_id"], name=row["filename"],
                                      source="upload", status="queued",
-                                     size_bytes=row["length"], path="", info={})
+                                     size_bytes=row["length"], path="", info={},
+                                     **placement_of(row))
         elif dataset["status"] in ("receiving", "failed"):
             self.catalog.update_dataset(row["dataset_id"], status="queued", progress=None)
         # one unfinished replay per dataset, however often recovery asks
@@ -515,3 +526,8 @@ def each(rows: list[dict[str, Any]], action, what: str) -> int:
             log.warning("recovery step %s failed for upload %s", what, row.get("id"),
                         exc_info=True)
     return done
+
+
+def placement_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The dataset columns that place an upload's movie (chosen when it was created)."""
+    return {"session_id": row.get("session_id"), "project": row.get("project")}

@@ -1,0 +1,99 @@
+"""Sessions and projects: a dataset belongs to one session, a session to one project;
+particle sets and resumable uploads carry their project too (tokens scoped to projects).
+
+Datasets from before this revision go to project ``default``, session
+``<source>-<UTC date of arrival>`` (the rule for a movie sent without one); their
+sessions' figures are computed by the catalog right after the upgrade
+(:meth:`service.catalog.sessions.SessionRows.refresh_all_sessions`).
+
+Revision ID: 0004
+Revises: 0003
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+DATASET_INDEXES = (("session_id", "created_at", "id"), ("project", "created_at", "id"))
+SESSION_INDEXES = (("last_movie_at", "id"), ("first_movie_at", "id"), ("name", "id"),
+                   ("movies", "id"), ("project", "last_movie_at", "id"),
+                   ("microscope", "last_movie_at", "id"))
+
+
+def upgrade() -> None:
+    op.create_table(
+        "sessions",
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("project", sa.String(100), nullable=False),
+        sa.Column("source", sa.String(16), nullable=False),
+        sa.Column("created_at", sa.String(32), nullable=False),
+        sa.Column("updated_at", sa.String(32), nullable=False),
+        sa.Column("microscope", sa.String(64)),
+        sa.Column("first_movie_at", sa.String(32)),
+        sa.Column("last_movie_at", sa.String(32)),
+        sa.Column("movies", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("ready", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("rejected", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("in_flight", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("bytes_received", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("bytes_stored", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("summary", sa.JSON, nullable=False))
+    op.create_index("uq_sessions_project_name", "sessions", ["project", "name"], unique=True)
+    for cols in SESSION_INDEXES:
+        op.create_index(f"ix_sessions_{'_'.join(cols)}", "sessions", list(cols))
+    with op.batch_alter_table("datasets") as batch:
+        batch.add_column(sa.Column("session_id", sa.String(32)))
+        batch.add_column(sa.Column("project", sa.String(100)))
+        batch.add_column(sa.Column("standout_frames", sa.Integer))
+    for cols in DATASET_INDEXES:
+        op.create_index(f"ix_datasets_{'_'.join(cols)}", "datasets", list(cols))
+    for table in ("particle_sets", "sidecars"):
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(sa.Column("project", sa.String(100)))
+    with op.batch_alter_table("tus_uploads") as batch:
+        batch.add_column(sa.Column("session_id", sa.String(32)))
+        batch.add_column(sa.Column("project", sa.String(100)))
+    _sessions_for_existing(op.get_bind())
+
+
+def _sessions_for_existing(bind) -> None:
+    for table in ("particle_sets", "tus_uploads", "sidecars"):
+        op.execute(f"UPDATE {table} SET project = 'default'")
+    groups = bind.execute(sa.text(
+        "SELECT source, substr(created_at, 1, 10) AS day, min(created_at) FROM datasets "
+        "GROUP BY source, substr(created_at, 1, 10)")).all()
+    for source, day, first in groups:
+        session_id = uuid.uuid4().hex[:20]
+        bind.execute(sa.text(
+            "INSERT INTO sessions (id, name, project, source, created_at, updated_at, "
+            "summary) VALUES (:id, :name, 'default', :source, :first, :first, '{}')"),
+            {"id": session_id, "name": f"{source}-{day}", "source": source, "first": first})
+        bind.execute(sa.text(
+            "UPDATE datasets SET session_id = :id, project = 'default' "
+            "WHERE source = :source AND substr(created_at, 1, 10) = :day"),
+            {"id": session_id, "source": source, "day": day})
+
+
+def downgrade() -> None:
+    for cols in DATASET_INDEXES:
+        op.drop_index(f"ix_datasets_{'_'.join(cols)}", "datasets")
+    with op.batch_alter_table("datasets") as batch:
+        batch.drop_column("standout_frames")
+        batch.drop_column("project")
+        batch.drop_column("session_id")
+    for table in ("particle_sets", "sidecars", "tus_uploads"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("project")
+    with op.batch_alter_table("tus_uploads") as batch:
+        batch.drop_column("session_id")
+    op.drop_table("sessions")

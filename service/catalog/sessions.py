@@ -1,0 +1,321 @@
+"""Sessions: a microscope day's movies, grouped under a project, and the figures a
+dashboard shows for each (counts, bytes, acquisition ranges, rate, problems).
+
+The figures live in the session's row and are recomputed from its datasets whenever one
+of them changes (:meth:`SessionRows.refresh_session`, called by every catalog write that
+touches a figure column), so listing sessions reads rows and never aggregates datasets.
+A recompute is one indexed pass over one session's datasets, taken under the session
+row's write lock: two replicas landing movies in one session at once each recompute
+after their own commit, and the later recompute sees both.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterable, Iterator
+
+import sqlalchemy as sa
+
+from .base import CatalogBase
+from .paging import CursorError, decode_cursor, encode_cursor
+from .schema import (SESSION_SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, datasets,
+                     particle_sets, sessions, tus_uploads)
+
+#: what a session lists of its problems, each kind (the counts cover all of them)
+PROBLEMS_LISTED = 20
+#: the acquisition rate's bucket: movies per this many minutes
+RATE_MINUTES = 10
+#: ISO text up to the tens of minutes ("2026-12-06T02:4") names a 10-minute bucket
+_RATE_PREFIX = 15
+IN_FLIGHT = ("receiving", "queued", "processing")
+#: summary name -> the dataset expression whose range it is
+RANGES = {
+    "voltage_kv": datasets.c.voltage_kv,
+    "pixel_size_angstrom": datasets.c.pixel_size,
+    "dose_per_frame": sa.case((datasets.c.nz > 0, datasets.c.total_dose / datasets.c.nz)),
+    "total_dose": datasets.c.total_dose,
+    "exposure_s": datasets.c.exposure_s,
+    "frames": datasets.c.nz,
+}
+
+
+def standout_frames(means: list[float] | None) -> list[int]:
+    """Frames whose mean stands far from the movie's others (a blanked or dropped frame,
+    a flash): more than 6 robust standard deviations (1.4826 x the median absolute
+    deviation) and more than 5 % of the median away from the median frame mean. A dose
+    fall-off over the movie moves every mean a little and flags none."""
+    if not means or len(means) < 3:
+        return []
+    middle = statistics.median(means)
+    spread = 1.4826 * statistics.median(abs(m - middle) for m in means)
+    floor = 0.05 * abs(middle)
+    return [k for k, m in enumerate(means)
+            if abs(m - middle) > max(6 * spread, floor) and abs(m - middle) > 0]
+
+
+@dataclass(frozen=True)
+class SessionQuery:
+    projects: frozenset[str] | None = None   # None: every project
+    project: str | None = None
+    microscope: str | None = None
+    source: str | None = None
+    started_after: str | None = None         # ISO text, exclusive (first movie)
+    started_before: str | None = None
+    sort: str = "last_movie_at"
+    descending: bool = True
+    limit: int = 50
+    cursor: str | None = None
+
+
+class SessionRows(CatalogBase):
+    # -- placing datasets ---------------------------------------------------------------
+
+    def session_for(self, project: str, name: str, source: str) -> dict[str, Any]:
+        """The session ``name`` of ``project``, made on first use (two replicas making
+        it at once: one insert wins, the other reads it)."""
+        found = self._session_named(project, name)
+        if found is not None:
+            return found
+        stamp = self.now()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sessions.insert().values(
+                    id=_new_id(), name=name, project=project, source=source,
+                    created_at=stamp, updated_at=stamp, summary={}))
+        except sa.exc.IntegrityError:
+            pass
+        found = self._session_named(project, name)
+        assert found is not None
+        return found
+
+    def _session_named(self, project: str, name: str) -> dict[str, Any] | None:
+        rows = self._rows(sa.select(sessions).where(sessions.c.project == project,
+                                                    sessions.c.name == name))
+        return rows[0] if rows else None
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        return self._by_id(sessions, session_id)
+
+    # -- the figures --------------------------------------------------------------------
+
+    def refresh_session(self, session_id: str | None) -> None:
+        """Recompute one session's figures from its datasets (not its tombstones)."""
+        if session_id is None:
+            return
+        d = datasets.c
+        live = sa.and_(d.session_id == session_id, d.status != TOMBSTONE)
+        with self.engine.begin() as conn:
+            # The write first: it takes the row's lock (and on SQLite the database's),
+            # so what is read next includes every commit before this recompute began.
+            if not conn.execute(sessions.update().where(sessions.c.id == session_id)
+                                .values(updated_at=self.now())).rowcount:
+                return
+            counts = conn.execute(sa.select(
+                sa.func.count(),
+                *(sa.func.coalesce(sa.func.sum(sa.case((d.status == s, 1), else_=0)), 0)
+                  for s in ("ready", "rejected", "failed")),
+                sa.func.coalesce(sa.func.sum(sa.case((d.status.in_(IN_FLIGHT), 1),
+                                                     else_=0)), 0),
+                sa.func.coalesce(sa.func.sum(d.size_bytes), 0),
+                sa.func.coalesce(sa.func.sum(d.stored_bytes), 0),
+                sa.func.min(d.created_at), sa.func.max(d.created_at),
+                *(f(expr) for expr in RANGES.values() for f in (sa.func.min, sa.func.max)),
+            ).where(live)).one()
+            (movies, ready, rejected, failed, in_flight, received, stored, first,
+             last) = counts[:9]
+            bounds = counts[9:]
+            ranges = {name: _range(bounds[2 * i], bounds[2 * i + 1])
+                      for i, name in enumerate(RANGES)}
+            cameras = conn.execute(sa.select(d.camera, sa.func.count()).where(
+                live, d.camera.isnot(None)).group_by(d.camera)
+                .order_by(sa.func.count().desc(), d.camera)).all()
+            bucket = sa.func.substr(d.created_at, 1, _RATE_PREFIX)
+            timeline = conn.execute(sa.select(bucket, sa.func.count()).where(live)
+                                    .group_by(bucket).order_by(bucket)).all()
+            summary = {
+                "acquisition": ranges,
+                "cameras": [{"camera": c, "movies": n} for c, n in cameras],
+                "rate": _rate(timeline, movies, first, last),
+                "problems": self._problems(conn, live),
+            }
+            conn.execute(sessions.update().where(sessions.c.id == session_id).values(
+                movies=movies, ready=ready, rejected=rejected, failed=failed,
+                in_flight=in_flight, bytes_received=received, bytes_stored=stored,
+                first_movie_at=first, last_movie_at=last,
+                microscope=cameras[0][0] if cameras else None, summary=summary))
+
+    def _problems(self, conn: sa.Connection, live: sa.ColumnElement[bool]) -> dict[str, Any]:
+        d = datasets.c
+        rejected = conn.execute(sa.select(d.id, d.name, d.info).where(
+            live, d.status == "rejected").order_by(d.created_at, d.id)
+            .limit(PROBLEMS_LISTED)).all()
+        standing = conn.execute(sa.select(d.id, d.name, d.standout_frames).where(
+            live, d.standout_frames > 0).order_by(d.created_at, d.id)
+            .limit(PROBLEMS_LISTED)).all()
+        failed = conn.execute(sa.select(d.id, d.name).where(
+            live, d.status == "failed").order_by(d.created_at, d.id)
+            .limit(PROBLEMS_LISTED)).all()
+        standing_total = conn.execute(sa.select(sa.func.count()).where(
+            live, d.standout_frames > 0)).scalar()
+        return {
+            "rejected": [{"dataset_id": i, "name": n, "finding": _first_finding(info)}
+                         for i, n, info in rejected],
+            "standing_out": [{"dataset_id": i, "name": n, "frames": k}
+                             for i, n, k in standing],
+            "standing_out_count": int(standing_total or 0),
+            "failed": [{"dataset_id": i, "name": n} for i, n in failed],
+        }
+
+    def refresh_sessions(self, session_ids: Iterable[str | None]) -> None:
+        for session_id in sorted({s for s in session_ids if s is not None}):
+            self.refresh_session(session_id)
+
+    def sessions_of(self, dataset_ids: Iterable[str]) -> list[str]:
+        ids = list(dataset_ids)
+        if not ids:
+            return []
+        with self.engine.connect() as conn:
+            return [s for s in conn.execute(sa.select(datasets.c.session_id).where(
+                datasets.c.id.in_(ids)).distinct()).scalars() if s is not None]
+
+    def refresh_all_sessions(self) -> int:
+        with self.engine.connect() as conn:
+            ids = list(conn.execute(sa.select(sessions.c.id)).scalars())
+        for session_id in ids:
+            self.refresh_session(session_id)
+        return len(ids)
+
+    # -- listing ------------------------------------------------------------------------
+
+    def list_sessions(self, q: SessionQuery) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of sessions (keyset pagination on (sort key, id), as datasets).
+        A session with no movie yet sorts by its creation time."""
+        if q.sort not in SESSION_SORT_KEYS:
+            raise CursorError(f"sort must be one of {SESSION_SORT_KEYS}, got {q.sort!r}")
+        key, tie = sessions.c[q.sort], sessions.c.id
+        query = sa.select(sessions)
+        if q.projects is not None:
+            query = query.where(sessions.c.project.in_(sorted(q.projects)))
+        for column, value in (("project", q.project), ("microscope", q.microscope),
+                              ("source", q.source)):
+            if value is not None:
+                query = query.where(sessions.c[column] == value)
+        if q.started_after:
+            query = query.where(sessions.c.first_movie_at > q.started_after)
+        if q.started_before:
+            query = query.where(sessions.c.first_movie_at < q.started_before)
+        if q.sort in ("last_movie_at", "first_movie_at"):
+            query = query.where(key.isnot(None))  # a session without movies is not listed
+        if q.cursor:
+            value, row_id = decode_cursor(q.cursor, q.sort)
+            if q.descending:
+                query = query.where(sa.or_(key < value, sa.and_(key == value, tie < row_id)))
+            else:
+                query = query.where(sa.or_(key > value, sa.and_(key == value, tie > row_id)))
+        order = (key.desc(), tie.desc()) if q.descending else (key.asc(), tie.asc())
+        rows = self._rows(query.order_by(*order).limit(q.limit + 1))
+        if len(rows) <= q.limit:
+            return rows, None
+        rows = rows[:q.limit]
+        return rows, encode_cursor(q.sort, rows[-1][q.sort], rows[-1]["id"])
+
+    def projects(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(sessions.c.project).distinct()
+                                     .order_by(sessions.c.project)).scalars())
+
+    def session_movies(self, session_id: str, columns: list[sa.Column] | None = None,
+                       batch: int = 2000) -> Iterator[dict[str, Any]]:
+        """The session's datasets (not tombstones), oldest first, read in keyset pages
+        of ``batch`` rows: an export of 100,000 movies holds one page at a time."""
+        columns = columns or SUMMARY_COLUMNS
+        d = datasets.c
+        after: tuple[str, str] | None = None
+        while True:
+            query = sa.select(*columns).where(d.session_id == session_id,
+                                              d.status != TOMBSTONE)
+            if after is not None:
+                query = query.where(sa.or_(d.created_at > after[0], sa.and_(
+                    d.created_at == after[0], d.id > after[1])))
+            rows = self._rows(query.order_by(d.created_at, d.id).limit(batch))
+            yield from rows
+            if len(rows) < batch:
+                return
+            after = (rows[-1]["created_at"], rows[-1]["id"])
+
+    # -- admin --------------------------------------------------------------------------
+
+    def change_session(self, session_id: str, *, name: str | None = None,
+                       project: str | None = None) -> str:
+        """Rename a session and/or move it (with its datasets and their uploads) to
+        another project, in one transaction. Returns "changed", "missing" or "taken"
+        (the target project has a session of that name already)."""
+        values = {k: v for k, v in (("name", name), ("project", project)) if v is not None}
+        if not values:
+            return "changed" if self.get_session(session_id) else "missing"
+        try:
+            with self.engine.begin() as conn:
+                if not conn.execute(sessions.update().where(sessions.c.id == session_id)
+                                    .values(updated_at=self.now(), **values)).rowcount:
+                    return "missing"
+                if project is not None:
+                    conn.execute(datasets.update().where(datasets.c.session_id == session_id)
+                                 .values(project=project))
+                    conn.execute(tus_uploads.update().where(
+                        tus_uploads.c.session_id == session_id).values(project=project))
+        except sa.exc.IntegrityError:
+            return "taken"
+        return "changed"
+
+    def delete_session(self, session_id: str) -> list[str]:
+        """In one transaction: every dataset of the session becomes a tombstone (hidden;
+        its objects and row are removed next, as for one deleted alone) and the session
+        row goes. Returns the datasets' ids."""
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(datasets.update().where(
+                datasets.c.session_id == session_id, datasets.c.status != TOMBSTONE)
+                .values(status=TOMBSTONE, progress=None, updated_at=self.now())
+                .returning(datasets.c.id)).scalars())
+            conn.execute(sessions.delete().where(sessions.c.id == session_id))
+        return ids
+
+    def particle_set_project(self, set_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(particle_sets.c.project).where(
+                particle_sets.c.id == set_id)).scalar()
+
+
+def _range(low: Any, high: Any) -> dict[str, Any] | None:
+    if low is None:
+        return None
+    return {"min": low, "max": high}
+
+
+def _rate(timeline: list[tuple[str, int]], movies: int, first: str | None,
+          last: str | None) -> dict[str, Any]:
+    """Movies per 10 minutes: over the whole session (first to last movie, at least one
+    bucket long) and bucket by bucket (empty buckets left out)."""
+    per = None
+    if movies and first and last:
+        minutes = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds() / 60
+        per = round(movies * RATE_MINUTES / max(minutes, RATE_MINUTES), 3)
+    return {"bucket_minutes": RATE_MINUTES, "per_bucket": per,
+            "timeline": [{"start": f"{prefix}0:00+00:00", "movies": n}
+                         for prefix, n in timeline]}
+
+
+def _first_finding(info: Any) -> dict[str, Any] | None:
+    if isinstance(info, str):  # a JSON column read through a raw select on SQLite
+        info = json.loads(info)
+    findings = (info or {}).get("findings") or (info or {}).get("header_findings") or []
+    errors = [f for f in findings if f.get("severity") == "error"]
+    chosen = (errors or findings or [None])[0]
+    return chosen
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:20]
