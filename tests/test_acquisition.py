@@ -505,10 +505,13 @@ def test_a_one_angstrom_header_is_a_placeholder_ranked_last():
         "mrc_header CELLA/MX: 1 Å is a placeholder (CELLA equal to the grid: what IMOD and "
         "EMAN write when they know no pixel size); ranked after every real value: the "
         "catalog uses 0.83 Å from mdoc")
-    # Alone it is still what the file says (RELION reads it too), and said to be one.
+    # Alone it is no pixel size at all: unknown (never a value), and said to be one.
     alone, findings = summarize(header=header_record(8, 8.0))
-    assert alone["pixel_size_angstrom"] == 1.0
-    assert [f.message.endswith("no source has a real value, so the catalog uses 1 Å")
+    assert "pixel_size_angstrom" not in alone and catalog_fields(alone)["pixel_size"] is None
+    assert alone["pixel_size_sources"] == [
+        {"source": "mrc_header", "key": "CELLA/MX", "value": 1.0, "placeholder": True}]
+    assert [f.message.endswith("no source has a real value, so the pixel size is unknown "
+                               "(a placeholder is never used as one)")
             for f in findings] == [True]
 
 
@@ -542,19 +545,20 @@ def test_negative_cell_ranks_after_every_real_value_and_never_disagrees():
     assert "-1.06 Å is a placeholder" in findings[0].message
 
 
-def test_negative_cell_alone_reads_as_its_magnitude_and_says_so():
+def test_negative_cell_alone_is_an_unknown_pixel_size_and_says_so():
     """DE's info.txt with -1 pixel sizes and a -10 Å/px header: nothing real is known, so
-    (as with the 1 Å placeholder) the header's magnitude is used, and a finding says it is
-    a placeholder."""
+    (as with the 1 Å placeholder) the pixel size is unknown, never 10 Å, and a finding
+    says the header's is a placeholder."""
     values, _ = parse_key_values(de_info_text(**DE_NOT_KNOWN), "de_info")
     summary, findings = summarize(header=header_record(8, 8 * DE_CELL_PER_PIXEL),
                                   de_info=values)
-    assert summary["pixel_size_angstrom"] == 10.0 and "magnification" not in summary
+    assert "pixel_size_angstrom" not in summary and "magnification" not in summary
+    assert catalog_fields(summary)["pixel_size"] is None
     assert summary["pixel_size_sources"] == [
         {"source": "mrc_header", "key": "CELLA/MX", "value": 10.0, "placeholder": True}]
     assert [(f.severity.value, f.field) for f in findings] == [("info", "pixel_size_angstrom")]
-    assert findings[0].message.endswith("no source has a real value, so the catalog uses "
-                                        "10 Å")
+    assert findings[0].message.endswith("no source has a real value, so the pixel size is "
+                                        "unknown (a placeholder is never used as one)")
 
 
 def test_header_pixel_not_square_keeps_both_and_says_so():

@@ -119,9 +119,9 @@ def test_direct_electron_movie_fills_the_catalog(client, tmp_path):
 
 def test_direct_electron_minus_one_is_unknown_in_the_catalog(client, tmp_path):
     """TEM channel off: DE writes -1 for magnification, camera length and pixel sizes.
-    None of them is a value: the catalog's magnification is unknown (not -1), and the
-    only pixel size left is the header's placeholder, used as its magnitude and said to
-    be one."""
+    None of them is a value: the catalog's magnification is unknown (not -1), and so is
+    its pixel size: the only one left is the header's placeholder (-10 Å/px), which is
+    listed and said to be one, never used as a value (#20 item 6)."""
     ds = register_de(client, tmp_path / "shared", "20241021_00406",
                      de_info_text(**DE_NOT_KNOWN))
     assert ds["status"] == "ready"
@@ -130,11 +130,12 @@ def test_direct_electron_minus_one_is_unknown_in_the_catalog(client, tmp_path):
     assert not {"magnification", "camera_length_m"} & set(acq)
     assert acq["pixel_size_sources"] == [
         {"source": "mrc_header", "key": "CELLA/MX", "value": 10.0, "placeholder": True}]
-    assert ds["pixel_size_angstrom"] == 10.0
+    assert ds["pixel_size_angstrom"] is None and "pixel_size_angstrom" not in acq
     assert [(f["severity"], f["field"]) for f in ds["sidecar_findings"]] == [
         ("info", "pixel_size_angstrom")]
     assert ds["sidecar_findings"][0]["message"].endswith(
-        "no source has a real value, so the catalog uses 10 Å")
+        "no source has a real value, so the pixel size is unknown (a placeholder is never "
+        "used as one)")
     ids = [d["id"] for d in client.get("/v1/datasets",
                                        params={"camera": "Apollo"}).json()["items"]]
     assert ids == [ds["id"]]

@@ -39,9 +39,11 @@ first *real* value wins:
 - a *placeholder* (a stand-in a writer puts where it knows no value: an MRC-header pixel
   size of exactly 1 Å, CELLA equal to the grid, as IMOD and EMAN write it; a negative
   CELLA, Direct Electron's constant -10 Å per pixel whatever the binning) ranks after
-  every real value of every source. It is used, as its magnitude, only when no source
-  has a real value, and it is never a "sources disagree" warning: an info finding says
-  it is a placeholder and what the catalog uses instead.
+  every real value of every source and is never a value itself: when no source has a
+  real one the fact is unknown (left out of the summary, null in the catalog, so no
+  filter, session range or RELION optics group is made of a stand-in). It is never a
+  "sources disagree" warning: an info finding says it is a placeholder and what the
+  catalog uses instead (or that the fact is unknown); ``pixel_size_sources`` lists it.
 
 The order of the sources is the same for every fact:
 
@@ -569,7 +571,8 @@ def _comparison(fact: Fact, found: list[Candidate]) -> list[Finding]:
         if not c.placeholder:
             continue
         written = f"{c.row.source} {_key_text(c.row.key)}: {c.written:g} {c.row.unit}"
-        uses = (f"no source has a real value, so the catalog uses {c.value:g} {fact.unit}"
+        uses = ("no source has a real value, so the pixel size is unknown (a placeholder "
+                "is never used as one)"
                 if c is chosen else
                 f"ranked after every real value: the catalog uses {chosen.value:g} "
                 f"{fact.unit} from {chosen.row.source}")
@@ -624,7 +627,8 @@ def summarize(*, mdoc: Mdoc | None = None, de_info: dict[str, Any] | None = None
         if not found:
             continue
         chosen[fact.name] = found[0]
-        summary[fact.name] = found[0].value
+        if not found[0].placeholder:  # a stand-in alone: the fact is unknown
+            summary[fact.name] = found[0].value
         if fact.name in AGREEMENT_CHECKED:
             findings += _comparison(fact, found)
         if fact.name == "pixel_size_angstrom":
@@ -632,7 +636,7 @@ def summarize(*, mdoc: Mdoc | None = None, de_info: dict[str, Any] | None = None
                 {"source": c.row.source, "key": _key_text(c.row.key), "value": c.value,
                  **({"placeholder": True} if c.placeholder else {})} for c in found]
     findings += _not_square(chosen)
-    used = {c.row.source for c in chosen.values()}
+    used = {c.row.source for c in chosen.values() if not c.placeholder}
     if "dose_per_image" in summary:
         summary["total_dose"] = sum(summary["dose_per_image"])
     if "exposure_time_s" not in summary and {"frame_count", "frames_per_second"} <= set(summary):
