@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_ls.add_argument("--status", choices=["queued", "processing", "ready", "rejected",
                                            "failed"])
     p_ls.add_argument("--limit", type=int, default=20)
+    p_ls.add_argument("--session", help="only this session's datasets (its id)")
+
+    p_sessions = sub.add_parser("sessions", help="list sessions on the server, newest "
+                                                 "activity first, with their figures")
+    server_args(p_sessions)
+    p_sessions.add_argument("--project", help="only this project's sessions")
+    p_sessions.add_argument("--limit", type=int, default=20)
 
     p_status = sub.add_parser("status", help="one dataset (or job) on the server, as JSON")
     server_args(p_status)
@@ -305,12 +312,28 @@ def _push(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     from .client import Server
 
-    params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
+    params = {"limit": args.limit, **({"status": args.status} if args.status else {}),
+              **({"session": args.session} if args.session else {})}
     for d in Server(args.server, args.token).get("/v1/datasets", **params)["items"]:
         dims = f"{d['nx']}x{d['ny']}x{d['frames']}" if d["nx"] else "-"
         ratio = f"{d['compression_ratio']:.2f}x" if d["compression_ratio"] else "-"
         print(f"{d['id']}  {d['status']:<10} {d['name']:<40} mode {d['mode']!s:<4} "
               f"{dims:<16} {d['size_bytes'] / 1e6:9.1f} MB  {ratio}")
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    from .client import Server
+
+    params = {"limit": args.limit, **({"project": args.project} if args.project else {})}
+    for s in Server(args.server, args.token).get("/v1/sessions", **params)["items"]:
+        counts = s["counts"]
+        rate = s["rate_per_10_minutes"]
+        print(f"{s['id']}  {s['project']:<16} {s['name']:<32} {counts['movies']:6d} movies "
+              f"({counts['ready']} ready, {counts['rejected']} rejected, {counts['failed']} "
+              f"failed, {counts['in_flight']} in flight)  "
+              f"{counts['bytes_received'] / 1e9:8.2f} GB  "
+              f"{'-' if rate is None else f'{rate:g}'}/10 min  last {s['last_movie_at']}")
     return 0
 
 
@@ -380,7 +403,8 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve, "worker": _worker, "migrate": _migrate, "recover": _recover,
     "token": _token,
-    "push": _push, "ls": _ls, "status": _status, "inspect": _inspect,
+    "push": _push, "ls": _ls, "sessions": _sessions, "status": _status,
+    "inspect": _inspect,
 }
 
 
