@@ -38,6 +38,8 @@ READ, WRITE = "mrci_dash-read", "mrci_dash-write"
 WEB = Path(__file__).resolve().parents[1] / "service" / "web"
 #: wait for the page: long enough for a slow CI machine, polled often
 WAIT_S, POLL_S = 30, 0.05
+#: the table of every dataset (the landing page lists sessions: tests/test_dashboard_sessions.py)
+DATASETS = "/?view=datasets"
 
 
 def chromium(profile: Path, size: str = "1600,1000"):
@@ -175,7 +177,7 @@ def query_of(driver) -> dict[str, list[str]]:
 def test_dashboard_shows_a_movie_and_its_frames(site, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    browser.get(site.base + "/")
+    browser.get(site.base + DATASETS)
     wait = waiter(browser)
     row = wait.until(lambda d: next((tr for tr in d.find_elements(By.CSS_SELECTOR, "tr.ds")
                                      if "grid3_movie.mrc" in tr.text
@@ -215,7 +217,7 @@ def test_dashboard_shows_a_movie_and_its_frames(site, browser, tmp_path):
     assert "300" in cells and "0.830" in cells
     # Without the token the page says why instead of showing stale data.
     browser.execute_script("localStorage.removeItem('mrc-ingest-token');")
-    browser.get(site.base + "/")
+    browser.get(site.base + "/")   # the sessions list, the landing page
     wait.until(lambda d: "401" in d.find_element(By.ID, "error").text)
 
 
@@ -225,7 +227,7 @@ def test_a_dataset_url_survives_reload_and_back(site, browser):
 
     name = "sq07_mov0013.mrc"
     dataset_id = site.ids[name]
-    browser.get(site.base + "/")
+    browser.get(site.base + DATASETS)
     wait = waiter(browser)
     wait.until(lambda d: name in shown_names(d))
     browser.find_element(By.CSS_SELECTOR, f"tr[data-id='{dataset_id}']").click()
@@ -259,7 +261,7 @@ def test_a_filter_set_in_the_page_lives_in_the_url(site, browser, tmp_path):
 
     at_300 = ["sq07_mov0012.mrc", "sq07_mov0013.mrc"]            # .mdoc Voltage = 300
     wide_300 = ["sq07_mov0013.mrc"]                              # ... and 1.06 Å/px
-    browser.get(site.base + "/")
+    browser.get(site.base + DATASETS)
     wait = waiter(browser)
     wait.until(lambda d: sorted(shown_names(d)) == sorted(site.ids))
     browser.save_screenshot(str(tmp_path / "list.png"))
@@ -290,10 +292,11 @@ def test_a_filter_set_in_the_page_lives_in_the_url(site, browser, tmp_path):
     wait.until(lambda d: shown_names(d) == ["cut.mrc"])
     browser.find_element(By.ID, "clear").click()
     browser.find_element(By.CSS_SELECTOR, "th[data-sort='name']").click()
-    wait.until(lambda d: query_of(d) == {"sort": ["name"]})
+    wait.until(lambda d: query_of(d) == {"view": ["datasets"], "sort": ["name"]})
     wait.until(lambda d: shown_names(d) == sorted(site.ids))
     browser.find_element(By.CSS_SELECTOR, "th[data-sort='name']").click()
-    wait.until(lambda d: query_of(d) == {"sort": ["name"], "order": ["desc"]})
+    wait.until(lambda d: query_of(d) == {"view": ["datasets"], "sort": ["name"],
+                                         "order": ["desc"]})
     wait.until(lambda d: shown_names(d) == sorted(site.ids, reverse=True))
 
 
@@ -439,7 +442,7 @@ def test_live_progress_of_a_real_ingest(site, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    browser.get(site.base + "/")
+    browser.get(site.base + DATASETS)
     wait = waiter(browser, 60)
     wait.until(lambda d: len(shown_names(d)) == len(site.ids))
     # 10 frames of 4096 x 4096 counts (84 MB, 4-bit; the same frame, packed here at numpy

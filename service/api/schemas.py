@@ -329,7 +329,7 @@ def session_links(session_id: str) -> dict[str, str]:
     base = f"/v1/sessions/{session_id}"
     return {"self": base, "datasets": f"/v1/datasets?session={session_id}",
             "movies.star": f"{base}/movies.star", "movies.csv": f"{base}/movies.csv",
-            "dashboard": f"/#/sessions/{session_id}"}
+            "dashboard": f"/?session={session_id}"}
 
 
 def session_summary(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,18 @@
-// The mrc-ingest dashboard: the catalog as a table whose filters and sort live in the page
-// URL (reload, share, back and forward keep them), one dataset's detail at its own URL
-// (?dataset=<id>), and live progress of uploads and jobs in flight. Plain JS modules, no
-// build step, nothing from a network but this server; the API is read with the token kept
-// in this browser's local storage.
-import {describe, framePlot, number} from "./plot.js";
+// The mrc-ingest dashboard. Three pages, each at its own URL (reload, share, back and
+// forward keep them):
+//   ./                      the sessions, newest activity first (?project=, ?sort=, ?order=)
+//   ./?session=<id>         one session: its figures, rate timeline, acquisition summary,
+//                           problems, and the table of its datasets (with the filters below)
+//   ./?view=datasets        every dataset, as a table whose filters and sort live in the URL
+//                           (?status=…, ?voltage_kv=…; any filter implies this page)
+// and one dataset's detail beside a table at ?dataset=<id> (&frame=k). Live progress of
+// uploads and jobs in flight, without a reload. Plain JS modules, no build step, nothing
+// from a network but this server; the API is read with the token kept in this browser's
+// local storage.
+import {describe, framePlot, number, rateBars} from "./plot.js";
+import {blank, bytes, clock, element, fixed, pageLink, percent, plain, when} from "./format.js";
+import {SESSION_COLUMNS, SESSION_ORDER, acquisitionRows, figureRows, problemItems}
+  from "./sessions.js";
 
 const $ = (id) => document.getElementById(id);
 const IN_FLIGHT = new Set(["receiving", "queued", "processing"]);
@@ -30,36 +39,6 @@ const FILTERS = [
   {range: ["min_dose", "max_dose"], label: "dose e⁻/Å²"},
 ];
 const FILTER_KEYS = FILTERS.flatMap((f) => f.range || [f.key]);
-
-const blank = (v) => v === null || v === undefined;
-const fixed = (v, digits) => (blank(v) ? "" : v.toFixed(digits));
-const plain = (v) => (blank(v) ? "" : number(v));
-const percent = (fraction) => `${Math.floor(100 * fraction)} %`;
-
-function bytes(n) {
-  if (blank(n)) return "";
-  const [unit, size] = [["TB", 1e12], ["GB", 1e9], ["MB", 1e6], ["kB", 1e3]]
-    .find(([, s]) => n >= s) || ["B", 1];
-  return `${(n / size).toFixed(size === 1 ? 0 : 1)} ${unit}`;
-}
-
-const pad = (v) => String(v).padStart(2, "0");
-const clock = (t) => `${pad(t.getHours())}:${pad(t.getMinutes())}:${pad(t.getSeconds())}`;
-const day = (t) => `${t.getFullYear()}-${pad(t.getMonth() + 1)}-${pad(t.getDate())}`;
-
-/** Local time of an API timestamp; the date only when it is not today. */
-function when(iso) {
-  if (!iso) return "";
-  const t = new Date(iso);
-  return day(t) === day(new Date()) ? clock(t) : `${day(t)} ${clock(t)}`;
-}
-
-function element(tag, className, text) {
-  const out = document.createElement(tag);
-  if (className) out.className = className;
-  if (!blank(text)) out.textContent = text;
-  return out;
-}
 
 /** A progress bar and its percentage (or, with no total known, the amount so far). */
 function progressBar(fraction, label, title) {
@@ -118,30 +97,69 @@ const COLUMNS = [
   {head: "created", cls: "minor", sort: "created_at", text: (d) => when(d.created_at)},
 ];
 
-// -- state: what the URL says (view), what was loaded (list, detail) -----------------------
+// -- state: what the URL says (view), what was loaded (lists, session, detail) -------------
 
-const view = {filters: {}, sort: "created_at", order: "desc", dataset: null, frame: 0};
-const list = {key: null, items: [], cursor: null, rendered: false};
+// page: "sessions" (the list), "session" (one, with its datasets) or "datasets" (all).
+// The sessions list keeps its own sort (ssort, sorder); both lists read ?sort= and ?order=
+// of the URL, each on its own page.
+const view = {page: "sessions", project: null, ssort: "last_movie_at", sorder: "desc",
+              session: null, filters: {}, sort: "created_at", order: "desc", dataset: null,
+              frame: 0};
+const list = {key: null, items: [], cursor: null};          // datasets
+const sessionList = {key: null, items: [], cursor: null};   // sessions
+let session = null;  // the open session as last loaded
 let detail = null;   // the open dataset as last loaded
 let series = null;   // its per-frame statistics
 let plot = null;
+let listedSessions = {};   // the URL parameters of the sessions list last shown
 
 function readUrl() {
   const p = new URLSearchParams(location.search);
   const filters = {};
   for (const key of FILTER_KEYS) if (p.get(key)) filters[key] = p.get(key);
-  const sort = p.get("sort") in DEFAULT_ORDER ? p.get("sort") : "created_at";
-  const order = ["asc", "desc"].includes(p.get("order")) ? p.get("order") : DEFAULT_ORDER[sort];
-  return {filters, sort, order, dataset: p.get("dataset") || null,
+  const dataset = p.get("dataset") || null;
+  const sessionId = p.get("session") || null;
+  const page = sessionId ? "session"
+    : p.get("view") === "datasets" || dataset || Object.keys(filters).length ? "datasets"
+    : "sessions";
+  const order = (table, fallback) => {
+    const sort = Object.hasOwn(table, p.get("sort")) ? p.get("sort") : fallback;
+    return [sort, ["asc", "desc"].includes(p.get("order")) ? p.get("order") : table[sort]];
+  };
+  const [sort, sortOrder] = page === "sessions" ? ["created_at", "desc"]
+    : order(DEFAULT_ORDER, "created_at");
+  const [ssort, sorder] = page === "sessions" ? order(SESSION_ORDER, "last_movie_at")
+    : ["last_movie_at", "desc"];
+  return {page, project: page === "sessions" ? p.get("project") || null : null, ssort, sorder,
+          session: sessionId, filters, sort, order: sortOrder, dataset,
           frame: Math.max(0, parseInt(p.get("frame"), 10) || 0)};
 }
 
+/** The URL parameters of a sessions list. */
+function sessionsParams({project, ssort, sorder}) {
+  const p = {};
+  if (project) p.project = project;
+  if (ssort !== "last_movie_at") p.sort = ssort;
+  if (sorder !== SESSION_ORDER[ssort]) p.order = sorder;
+  return p;
+}
+
 function pageUrl() {
-  const p = new URLSearchParams(view.filters);
-  if (view.sort !== "created_at") p.set("sort", view.sort);
-  if (view.order !== DEFAULT_ORDER[view.sort]) p.set("order", view.order);
-  if (view.dataset) p.set("dataset", view.dataset);
-  if (view.dataset && view.frame) p.set("frame", view.frame);
+  let p;
+  if (view.page === "sessions") {
+    p = new URLSearchParams(sessionsParams(view));
+  } else {
+    p = new URLSearchParams(view.session ? {session: view.session} : {});
+    // the all-datasets page says so unless a filter or an open dataset implies it
+    if (view.page === "datasets" && !view.dataset && !Object.keys(view.filters).length) {
+      p.set("view", "datasets");
+    }
+    for (const [key, value] of Object.entries(view.filters)) p.set(key, value);
+    if (view.sort !== "created_at") p.set("sort", view.sort);
+    if (view.order !== DEFAULT_ORDER[view.sort]) p.set("order", view.order);
+    if (view.dataset) p.set("dataset", view.dataset);
+    if (view.dataset && view.frame) p.set("frame", view.frame);
+  }
   const query = p.toString();
   return location.pathname + (query ? `?${query}` : "");
 }
@@ -156,18 +174,47 @@ function go(changes, replace = false) {
   if (!replace) applyView();
 }
 
-/** The list API query of the current view (without cursor). */
+/** Open another page, given by its URL parameters (a new history entry). */
+function navigate(query) {
+  const search = new URLSearchParams(query).toString();
+  history.pushState(null, "", location.pathname + (search ? `?${search}` : ""));
+  Object.assign(view, readUrl());
+  applyView();
+}
+
+/** The datasets API query of the current view (without cursor); null on the sessions
+ * list. On a session's page, its datasets only. */
 function listQuery() {
-  const p = new URLSearchParams(view.filters);
+  if (view.page === "sessions") return null;
+  const p = new URLSearchParams(view.session ? {session: view.session} : {});
+  for (const [key, value] of Object.entries(view.filters)) p.set(key, value);
   p.set("sort", view.sort);
   p.set("order", view.order);
   p.set("limit", PAGE);
   return p.toString();
 }
 
+/** The sessions API query of the current view; null on the other pages. */
+function sessionsQuery() {
+  if (view.page !== "sessions") return null;
+  const p = new URLSearchParams(view.project ? {project: view.project} : {});
+  p.set("sort", view.ssort);
+  p.set("order", view.sorder);
+  p.set("limit", PAGE);
+  return p.toString();
+}
+
 function applyView() {
   syncControls();
-  if (listQuery() !== list.key) enqueue(loadList);
+  if (view.page === "sessions") {
+    listedSessions = sessionsParams(view);
+    list.key = null;   // a list not on screen is not refreshed: reloaded when shown again
+    if (sessionsQuery() !== sessionList.key) enqueue(loadSessions);
+  } else {
+    sessionList.key = null;
+    if (listQuery() !== list.key) enqueue(loadList);
+  }
+  showSession();
   showDetail();
 }
 
@@ -349,10 +396,211 @@ function paintList() {
       `${moving ? `, ${moving} in flight` : ""} · these received ${bytes(sum(received))}, ` +
       `stored ${bytes(sum((d) => d.stored_bytes))}` : "";
   $("more").hidden = !list.cursor;
-  if (!list.rendered && list.key) {
-    list.rendered = true;
-    performance.mark("first-rows");   // bench/bench_dashboard.py reads it
+  if (list.key) firstRows();
+}
+
+let firstRowsMarked = false;
+/** Once per page load, when a table (sessions or datasets) first shows an answer of the
+ * API: bench/bench_dashboard.py and bench/bench_sessions.py read this mark. */
+function firstRows() {
+  if (firstRowsMarked) return;
+  firstRowsMarked = true;
+  performance.mark("first-rows");
+}
+
+// -- the sessions list ----------------------------------------------------------------------
+
+async function loadSessions() {
+  const key = sessionsQuery();
+  if (key === null || key === sessionList.key) return;
+  try {
+    const page = await api(`v1/sessions?${key}`);
+    if (key !== sessionsQuery()) return;  // the view changed meanwhile
+    Object.assign(sessionList, {key, items: page.items, cursor: page.next_cursor});
+    report();
+  } catch (e) {
+    if (key !== sessionsQuery()) return;
+    Object.assign(sessionList, {key: null, items: [], cursor: null});
+    report("cannot load sessions", e);
   }
+  paintSessions();
+  schedule();
+}
+
+/** Reload as many sessions as are shown, from the top: a session moves up the list as
+ * its movies arrive, so rows are not merged by position. */
+async function refreshSessions() {
+  const key = sessionsQuery();
+  if (key === null) return;
+  if (key !== sessionList.key) return loadSessions();
+  const p = new URLSearchParams(key);
+  p.set("limit", Math.min(1000, Math.max(PAGE, sessionList.items.length)));
+  try {
+    const page = await api(`v1/sessions?${p}`);
+    if (key !== sessionList.key) return;
+    Object.assign(sessionList, {items: page.items, cursor: page.next_cursor});
+    report();
+  } catch (e) {
+    report("cannot refresh (showing what was loaded before)", e);
+  }
+  paintSessions();
+}
+
+async function loadMoreSessions() {
+  if (!sessionList.cursor) return;
+  const key = sessionList.key;
+  try {
+    const page = await api(`v1/sessions?${key}&cursor=${encodeURIComponent(sessionList.cursor)}`);
+    if (key !== sessionList.key) return;
+    const known = new Set(sessionList.items.map((s) => s.id));
+    sessionList.items = sessionList.items.concat(page.items.filter((s) => !known.has(s.id)));
+    sessionList.cursor = page.next_cursor;
+    report();
+  } catch (e) {
+    report("cannot load more sessions", e);
+  }
+  paintSessions();
+}
+
+const sessionRows = new Map();      // session id -> its <tr>
+const sessionPainted = new Map();   // session id -> the JSON its row shows
+
+function sessionRowOf(s) {
+  let tr = sessionRows.get(s.id);
+  if (!tr) {
+    tr = element("tr", "ses");
+    tr.dataset.id = s.id;
+    for (const column of SESSION_COLUMNS) {
+      tr.append(element("td", [column.cls, `c-${column.key}`].filter(Boolean).join(" ")));
+    }
+    tr.onclick = () => navigate({session: s.id});
+    sessionRows.set(s.id, tr);
+  }
+  const json = JSON.stringify(s);
+  if (sessionPainted.get(s.id) !== json) {
+    sessionPainted.set(s.id, json);
+    tr.classList.toggle("busy", s.counts.in_flight > 0);
+    SESSION_COLUMNS.forEach((column, i) => {
+      const cell = tr.cells[i];
+      const content = column.key === "name"
+        ? pageLink(s.name, {session: s.id}, navigate) : column.text(s);
+      if (content instanceof Node) cell.replaceChildren(content);
+      else cell.textContent = content ?? "";
+    });
+  }
+  return tr;
+}
+
+function paintSessions() {
+  const wanted = new Set(sessionList.items.map((s) => s.id));
+  for (const id of sessionRows.keys()) {
+    if (!wanted.has(id)) { sessionRows.delete(id); sessionPainted.delete(id); }
+  }
+  const body = $("s-rows");
+  if (sessionList.items.length) body.replaceChildren(...sessionList.items.map(sessionRowOf));
+  else {
+    const empty = element("td", "empty", sessionList.key ? "no sessions yet" : "");
+    empty.colSpan = SESSION_COLUMNS.length;
+    body.replaceChildren(element("tr"));
+    body.firstChild.append(empty);
+  }
+  const moving = sessionList.items.reduce((n, s) => n + s.counts.in_flight, 0);
+  $("s-summary").textContent = sessionList.items.length
+    ? `${sessionList.items.length} session${sessionList.items.length > 1 ? "s" : ""} shown` +
+      `${sessionList.cursor ? " (more below)" : ""}${moving ? `, ${moving} movies in flight` : ""}`
+    : "";
+  $("s-more").hidden = !sessionList.cursor;
+  if (sessionList.key) firstRows();
+  if (projects && sessionList.items.some((s) => !projects.includes(s.project))) loadProjects();
+}
+
+// -- the project picker: when the token sees more than one project ----------------------------
+
+let projects = null;   // GET /v1/projects, once answered
+
+async function loadProjects() {
+  try {
+    projects = (await api("v1/projects")).items;
+  } catch (e) {
+    projects = null;   // the list itself says why
+  }
+  paintPicker();
+}
+
+function paintPicker() {
+  const pick = $("project");
+  const names = (projects || []).concat(
+    view.project && !(projects || []).includes(view.project) ? [view.project] : []);
+  $("project-pick").hidden = !(names.length > 1 || view.project);
+  const wanted = ["", ...names].join("\n");
+  if ([...pick.options].map((o) => o.value).join("\n") !== wanted) {
+    pick.replaceChildren(new Option("all projects", ""), ...names.map((n) => new Option(n, n)));
+  }
+  pick.value = view.project || "";
+  pick.classList.toggle("active", Boolean(view.project));
+}
+
+$("project").onchange = () => go({project: $("project").value || null});
+
+// -- one session's page -------------------------------------------------------------------
+
+let sessionSeq = 0;
+let timelinePainted = null;   // the timeline the rate plot shows
+
+function showSession() {
+  const open = view.page === "session";
+  $("session").hidden = !open;
+  if (!open) { session = null; sessionSeq++; return; }
+  if (!session || session.id !== view.session) loadSession(true);
+}
+
+async function loadSession(reset) {
+  const id = view.session;
+  const seq = ++sessionSeq;
+  if (reset) {
+    session = {id, loading: true};
+    timelinePainted = null;
+    $("s-name").textContent = "";
+    for (const part of ["s-facts", "s-acq", "rate-svg", "problems"]) $(part).replaceChildren();
+    $("s-rate").hidden = $("s-problems").hidden = true;
+    $("back").replaceChildren(pageLink("← sessions", listedSessions, navigate));
+  }
+  let s;
+  try {
+    s = await api(`v1/sessions/${encodeURIComponent(id)}`);
+  } catch (e) {
+    if (seq !== sessionSeq) return;
+    session = {id, missing: true, counts: {in_flight: 0}};
+    $("s-name").textContent = id;
+    $("s-facts").replaceChildren(element("caption", "why", `cannot open this session: ${e.message}`));
+    return;
+  }
+  if (seq !== sessionSeq) return;
+  session = s;
+  paintSession(s);
+  schedule();
+}
+
+function paintSession(s) {
+  $("s-name").textContent = s.name;
+  document.title = `${s.name} · mrc-ingest`;
+  factRows($("s-facts"), figureRows(s));
+  factRows($("s-acq"), acquisitionRows(s.acquisition || {}));
+  const timeline = JSON.stringify(s.rate.timeline);
+  if (timeline !== timelinePainted) {
+    timelinePainted = timeline;
+    const plotted = rateBars(s.rate.timeline, s.rate.bucket_minutes || 10);
+    $("rate-svg").replaceChildren(plotted.svg);
+    $("rate-what").textContent = `movies per ${plotted.minutes} minutes, ` +
+      `${plotted.buckets.length} bucket${plotted.buckets.length === 1 ? "" : "s"}`;
+  }
+  $("s-rate").hidden = !s.rate.timeline.length;
+  const link = (text, datasetId) => pageLink(text, {session: s.id, dataset: datasetId},
+                                             navigate);
+  const more = (text, status) => pageLink(text, {session: s.id, status}, navigate);
+  const items = problemItems(s, link, more);
+  $("problems").replaceChildren(...items);
+  $("s-problems").hidden = !items.length;
 }
 
 // -- the controls: filters, sortable headers --------------------------------------------
@@ -407,6 +655,21 @@ function buildControls() {
     }
     return th;
   }));
+  $("s-heads").append(...SESSION_COLUMNS.map((column) => {
+    const th = element("th", column.cls, column.head);
+    if (column.sort) {
+      th.dataset.sessionSort = column.sort;
+      th.title = `sort by ${column.head} (click again to reverse)`;
+      th.onclick = () => go(view.ssort === column.sort
+        ? {sorder: view.sorder === "asc" ? "desc" : "asc"}
+        : {ssort: column.sort, sorder: SESSION_ORDER[column.sort]});
+    }
+    return th;
+  }));
+  $("tabs").append(pageLink("sessions", {}, navigate, "tab"),
+                   pageLink("all datasets", {view: "datasets"}, navigate, "tab"));
+  $("tabs").firstChild.id = "tab-sessions";
+  $("tabs").lastChild.id = "tab-datasets";
 }
 
 function readFilters() {
@@ -419,6 +682,12 @@ function readFilters() {
 }
 
 function syncControls() {
+  const onSessions = view.page === "sessions";
+  $("sessions").hidden = !onSessions;
+  $("filters").hidden = $("tables").hidden = onSessions;
+  $("tab-sessions").classList.toggle("current", view.page !== "datasets");
+  $("tab-datasets").classList.toggle("current", view.page === "datasets");
+  if (view.page !== "session") document.title = "mrc-ingest";
   for (const key of FILTER_KEYS) {
     const input = $(`f-${key}`);
     input.value = view.filters[key] || "";
@@ -429,6 +698,11 @@ function syncControls() {
     th.classList.remove("asc", "desc");
     if (th.dataset.sort === view.sort) th.classList.add(view.order);
   }
+  for (const th of $("s-heads").children) {
+    th.classList.remove("asc", "desc");
+    if (th.dataset.sessionSort === view.ssort) th.classList.add(view.sorder);
+  }
+  paintPicker();
 }
 
 // -- the detail -----------------------------------------------------------------------------
@@ -567,6 +841,9 @@ function paintDetail(d) {
   }
   $("d-status").replaceChildren(status);
   $("d-facts").textContent = facts(d);
+  if (d.session_id && d.session_id !== view.session) {
+    $("d-facts").append(" · ", pageLink("its session", {session: d.session_id}, navigate));
+  }
   factRows($("d-storage"), storageRows(d));
   factRows($("jobs"), jobRows(d.jobs || []));
   const findings = d.findings.concat(d.sidecar_findings || []);
@@ -648,7 +925,12 @@ let ticking = false;
 
 const detailLive = () => Boolean(detail && detail.jobs &&
   (IN_FLIGHT.has(detail.status) || detail.jobs.some((j) => UNFINISHED_JOBS.has(j.state))));
-const inFlight = () => list.items.some((d) => IN_FLIGHT.has(d.status)) || detailLive();
+const sessionLive = () => Boolean(session && session.counts && session.counts.in_flight);
+/** Is anything on the page in flight: a listed session's movies, a listed dataset, the
+ * open session, the open dataset or one of its jobs? */
+const inFlight = () => (view.page === "sessions"
+  ? sessionList.items.some((s) => s.counts.in_flight > 0)
+  : list.items.some((d) => IN_FLIGHT.has(d.status)) || sessionLive() || detailLive());
 
 /** Refresh every second while anything shown is in flight, else every ten seconds (new
  * arrivals); nothing while the page is hidden. */
@@ -667,7 +949,12 @@ async function tick() {
   if (ticking) return;   // the running tick schedules the next
   ticking = true;
   try {
-    await enqueue(refreshList);
+    if (view.page === "sessions") await enqueue(refreshSessions);
+    else {
+      await Promise.all([enqueue(refreshList),
+                         view.page === "session" && session && !session.missing
+                           ? loadSession(false) : null]);
+    }
     if (detailLive()) await loadDetail(false);
   } finally {
     ticking = false;
@@ -682,11 +969,14 @@ document.addEventListener("keydown", (event) => {
 window.addEventListener("popstate", () => { Object.assign(view, readUrl()); applyView(); });
 tokenBox.onchange = () => {
   localStorage.setItem("mrc-ingest-token", tokenBox.value);
-  list.key = null;
-  detail = null;
+  list.key = sessionList.key = null;
+  session = detail = null;
   applyView();
+  loadProjects();
 };
+$("s-more").onclick = () => enqueue(loadMoreSessions);
 
 buildControls();
 Object.assign(view, readUrl());
 applyView();
+loadProjects();   // not waited for: the first rows come first

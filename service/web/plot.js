@@ -242,3 +242,72 @@ export function framePlot(series, {width = 560, onPick, onHover} = {}) {
   };
   return {svg, select, odd: odd.flatMap((flag, k) => (flag ? [k] : []))};
 }
+
+const RATE_MARGIN = {left: 40, right: 12, top: 8, bottom: 24};
+const MAX_SLOT = 40;   // px of a bucket at most
+// more buckets than this are merged (n at a time) so that a bar stays a few pixels wide
+const MAX_BARS = 600;
+
+/** Bucket start times from the first listed bucket to the last, every `minutes`, with
+ * the movies of each (zero where the timeline leaves a bucket out). When that makes more
+ * than MAX_BARS buckets, consecutive ones are merged. Returns {minutes, buckets}. */
+export function rateBuckets(timeline, minutes) {
+  if (!timeline.length) return {minutes, buckets: []};
+  const step = minutes * 60000;
+  const t0 = Date.parse(timeline[0].start);
+  const span = Math.round((Date.parse(timeline[timeline.length - 1].start) - t0) / step) + 1;
+  const merge = Math.ceil(span / MAX_BARS);
+  const buckets = Array.from({length: Math.ceil(span / merge)},
+                             (_, i) => ({start: t0 + i * merge * step, movies: 0}));
+  for (const {start, movies} of timeline) {
+    buckets[Math.floor(Math.round((Date.parse(start) - t0) / step) / merge)].movies += movies;
+  }
+  return {minutes: minutes * merge, buckets};
+}
+
+/** A session's acquisition rate as plain SVG: one bar per bucket of `minutes` (movies
+ * that arrived in it), empty buckets drawn as zero, time of day (local) below.
+ * Returns {svg, minutes, buckets}. */
+export function rateBars(timeline, minutes, {width = 720, height = 140} = {}) {
+  const merged = rateBuckets(timeline, minutes);
+  const {buckets} = merged;
+  const n = buckets.length;
+  const w = width - RATE_MARGIN.left - RATE_MARGIN.right;
+  const bottom = height - RATE_MARGIN.bottom;
+  const top = Math.max(1, ...buckets.map((b) => b.movies));
+  const y = (v) => bottom - (v / top) * (bottom - RATE_MARGIN.top);
+  const slot = Math.min(MAX_SLOT, w / Math.max(1, n));   // a few buckets: narrow bars
+  const svg = node("svg", {viewBox: `0 0 ${width} ${height}`, class: "rate-plot", role: "img",
+                           "aria-label": `movies per ${merged.minutes} minutes, ${n} buckets`});
+  for (const v of ticks(0, top, 3).filter(Number.isInteger)) {
+    node("line", {x1: RATE_MARGIN.left, x2: RATE_MARGIN.left + w, y1: y(v), y2: y(v),
+                  class: "grid"}, svg);
+    node("text", {x: RATE_MARGIN.left - 6, y: y(v), class: "tick y"}, svg).textContent =
+      String(v);
+  }
+  const pad = (v) => String(v).padStart(2, "0");
+  const hm = (t) => `${pad(t.getHours())}:${pad(t.getMinutes())}`;
+  const days = n && new Date(buckets[0].start).toDateString() !==
+    new Date(buckets[n - 1].start).toDateString();
+  const label = (t) => (days ? `${pad(t.getMonth() + 1)}-${pad(t.getDate())} ${hm(t)}` : hm(t));
+  buckets.forEach((bucket, i) => {
+    const start = new Date(bucket.start);
+    const end = new Date(bucket.start + merged.minutes * 60000);
+    const gap = Math.min(3, slot * 0.1);
+    const bar = node("rect", {
+      x: RATE_MARGIN.left + i * slot + gap, y: y(bucket.movies),
+      width: Math.max(0.5, slot - 2 * gap), height: bottom - y(bucket.movies),
+      class: bucket.movies ? "bar" : "bar empty", "data-start": start.toISOString(),
+      "data-movies": bucket.movies}, svg);
+    node("title", {}, bar).textContent =
+      `${label(start)}–${hm(end)}: ${bucket.movies} movie${bucket.movies === 1 ? "" : "s"}`;
+  });
+  const every = Math.max(1, Math.ceil((days ? 90 : 50) / slot));   // labels apart
+  for (let i = 0; i < n; i += every) {
+    node("text", {x: RATE_MARGIN.left + i * slot, y: bottom + 16, class: "tick x start"}, svg)
+      .textContent = label(new Date(buckets[i].start));
+  }
+  node("line", {x1: RATE_MARGIN.left, x2: RATE_MARGIN.left + w, y1: bottom, y2: bottom,
+                class: "baseline"}, svg);
+  return {svg, ...merged};
+}
