@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_push.add_argument("--chunk-mib", type=int, default=64, help="PATCH size (default 64)")
     p_push.add_argument("--session", default=None,
                         help="the session the movies belong to (default: the name of the "
-                             "folder each file is in)")
+                             "folder given that holds each file)")
     p_push.add_argument("--project", default=None,
                         help="the session's project (default: 'default', or the token's "
                              "only project)")
@@ -297,7 +297,8 @@ def _push(args: argparse.Namespace) -> int:
     from .client import Pusher, Server, collect
 
     pusher = Pusher(Server(args.server, args.token), chunk=args.chunk_mib << 20,
-                    timeout=args.timeout, session=args.session, project=args.project)
+                    timeout=args.timeout, session=args.session, project=args.project,
+                    folders=args.paths)
     if args.watch:
         try:
             pusher.watch(args.paths, args.interval, stop=lambda: False)

@@ -103,8 +103,12 @@ class Server:
     def dataset(self, dataset_id: str) -> dict[str, Any]:
         return self.get(f"/v1/datasets/{dataset_id}")
 
-    def put_sidecar(self, path: Path) -> dict[str, Any]:
-        return self._json(self.http.put(f"/v1/uploads/{path.name}", content=path.read_bytes()))
+    def put_sidecar(self, path: Path, placement: dict[str, str] | None = None
+                    ) -> dict[str, Any]:
+        """A sidecar, with its movie's placement (``?session=&project=``: the server
+        attaches it to a movie of that project only)."""
+        return self._json(self.http.put(f"/v1/uploads/{path.name}", content=path.read_bytes(),
+                                        params=placement or {}))
 
 
 def first_finding(dataset: dict[str, Any]) -> str:
@@ -193,11 +197,16 @@ def summary(outcomes: Iterable[Outcome]) -> str:
 class Pusher:
     def __init__(self, server: Server, chunk: int = CHUNK, out=sys.stderr,
                  bars: bool | None = None, timeout: float = TIMEOUT,
-                 session: str | None = None, project: str | None = None):
+                 session: str | None = None, project: str | None = None,
+                 folders: Iterable[Path] = ()):
         self.server, self.chunk, self.out, self.timeout = server, chunk, out, timeout
-        #: where the movies go: the session (default: each file's folder name) and its
-        #: project (default: the server's: 'default', or the token's only project)
+        #: where the movies go: the session (default: the name of the folder pushed that
+        #: holds the file, else of the folder the file is in) and its project (default:
+        #: the server's: 'default', or the token's only project)
         self.session, self.project = session, project
+        #: the folders given to push (EPU nests its movies a few folders down in one
+        #: folder per session: Images-Disc1/GridSquare_*/Data/)
+        self.folders = [Path(f) for f in folders]
         self.bars = out.isatty() if bars is None else bars
         self.urls = self._load_urls()
         #: every file's final outcome, in the order they were known
@@ -263,6 +272,7 @@ class Pusher:
         file that could not be sent (network, server away) is tried again at the next
         scan; one whose dataset ended rejected or failed is reported once and not sent
         again by this watch (the next push or watch sends a failed one again)."""
+        self.folders = [*self.folders, *roots]
         seen_sizes: dict[Path, int] = {}
         done: set[Path] = set()
         errors: dict[Path, Outcome] = {}
@@ -302,7 +312,7 @@ class Pusher:
         outcome ``error``. The outcome may still be in flight (see :meth:`follow`)."""
         try:
             if is_sidecar(path):
-                result = self.server.put_sidecar(path)
+                result = self.server.put_sidecar(path, self.placement(path))
                 movie = result["sidecar"]["dataset_id"]
                 return Outcome(path, "sidecar", {"id": movie} if movie else None)
             size = path.stat().st_size
@@ -370,8 +380,12 @@ class Pusher:
 
     def placement(self, path: Path) -> dict[str, str]:
         """The tus metadata that places a movie: its session (the --session given, else
-        the name of the folder it is in) and its project (only when given)."""
-        session = self.session or path.resolve().parent.name
+        the name of the folder pushed that holds it, else of the folder it is in) and
+        its project (only when given)."""
+        real = path.resolve()
+        holders = [f for f in (f.resolve() for f in self.folders) if f in real.parents]
+        session = self.session or max(holders or [real.parent],
+                                      key=lambda f: len(f.parts)).name
         return {"session": session, **({"project": self.project} if self.project else {})}
 
     def _upload(self, path: Path, size: int, sha: str) -> dict[str, Any]:

@@ -81,11 +81,11 @@ class Intake:
             if sidecar_kind(filename):
                 return await self._accept_sidecar(filename, chunks,
                                                   project_for(placement, scope))
-        columns = await asyncio.to_thread(place, self.catalog, placement, scope, "upload")
         if declared_size is not None and declared_size > self.settings.max_upload_bytes:
             self.metrics.uploads.labels("too_large").inc()
             raise TooLarge(f"Content-Length {declared_size} exceeds the limit of "
                            f"{self.settings.max_upload_bytes} bytes")
+        columns = await asyncio.to_thread(place, self.catalog, placement, scope, "upload")
         try:
             result = await self._stream(filename, chunks, expected_sha256, normalize,
                                         declared_size, columns)

@@ -10,6 +10,18 @@ from .catalog import (JOB_STATES, TOMBSTONE, Catalog, CursorError, DatasetQuery,
 from .errors import BadRequest, Conflict, NotFound
 
 
+def own_twin(dataset: dict[str, Any], scope: Scope) -> dict[str, Any]:
+    """The dataset an arrival turned out to duplicate, when the caller's ``scope`` reaches
+    its project. Uploads are deduplicated by content across every project (one live
+    upload per SHA-256), so bytes already stored for a project this token does not reach
+    find that project's dataset: refused (409) naming nothing of it; nothing was stored
+    for the caller."""
+    if not scope.sees(dataset.get("project")):
+        raise Conflict("the same bytes are already stored in a project this token does not "
+                       "reach; nothing was stored")
+    return dataset
+
+
 class Queries:
     def __init__(self, catalog: Catalog):
         self.catalog = catalog

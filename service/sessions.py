@@ -18,7 +18,7 @@ from typing import Any
 
 from .auth import DEFAULT_PROJECT, Scope
 from .catalog import Catalog
-from .errors import BadRequest, NotFound
+from .errors import NotFound, Unprocessable
 
 SESSION_NAME_MAX = 200
 PROJECT_NAME_MAX = 100
@@ -29,11 +29,11 @@ def check_label(value: str, what: str, longest: int) -> str:
     characters, none of them a control character."""
     text = value.strip()
     if not text or len(text) > longest:
-        raise BadRequest({"message": f"{what} name must be 1 to {longest} characters",
+        raise Unprocessable({"message": f"{what} name must be 1 to {longest} characters",
                           "where": what, "got": value[:longest + 20]})
     for index, char in enumerate(text):
         if unicodedata.category(char).startswith("C"):
-            raise BadRequest({"message": f"{what} name holds a control character "
+            raise Unprocessable({"message": f"{what} name holds a control character "
                                          f"(U+{ord(char):04X}) at {index}",
                               "where": what})
     return text
@@ -80,7 +80,7 @@ def project_for(placement: Placement, scope: Scope) -> str:
         return DEFAULT_PROJECT
     if len(scope.projects) == 1:
         return next(iter(scope.projects))
-    raise BadRequest({"message": "this token writes to several projects; say which with "
+    raise Unprocessable({"message": "this token writes to several projects; say which with "
                                  "?project= (tus: Upload-Metadata key 'project')",
                       "where": "project", "projects": sorted(scope.projects)})
 

@@ -73,11 +73,19 @@ ROUTES: dict[tuple[str, str], str | None] = {
     ("GET", "/v1/particle-sets/{set_id}/particles/{n}.png"): READ,
     ("GET", "/v1/particle-sets/{set_id}/export"): READ,
     ("DELETE", "/v1/particle-sets/{set_id}"): ADMIN,
+    # sessions and projects: read lists and details; admin renames, moves and deletes
+    ("GET", "/v1/sessions"): READ, ("GET", "/v1/sessions/{session_id}"): READ,
+    ("GET", "/v1/projects"): READ,
+    ("PATCH", "/v1/sessions/{session_id}"): ADMIN,
+    ("DELETE", "/v1/sessions/{session_id}"): ADMIN,
+    ("GET", "/v1/sessions/{session_id}/movies.star"): READ,
+    ("GET", "/v1/sessions/{session_id}/movies.csv"): READ,
 }
 
 #: path parameters: plausible, and (but for the dashboard file) nowhere to be found
 IDS = {"dataset_id": "01J0000000000000000000MISS", "job_id": "01J00000000000000000JOBMISS",
        "set_id": "01J00000000000000000SETMISS", "upload_id": "0" * 32,
+       "session_id": "01J000000000000000SESSMISS",
        "filename": "movie.mrc", "k": "0", "n": "0", "name": "dashboard.js"}
 
 
@@ -96,6 +104,7 @@ def request_args(method: str, template: str, root) -> dict:
         ("POST", "/v1/conversions"): {"json": {"dataset_id": IDS["dataset_id"]}},
         ("POST", "/v1/particle-sets"): {"params": {"folder": str(root)},
                                         "files": {"file": ("p.cs", b"not a .cs")}},
+        ("PATCH", "/v1/sessions/{session_id}"): {"json": {"name": "renamed"}},
     }.get((method, template), {})
 
 

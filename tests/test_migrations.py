@@ -85,7 +85,7 @@ def test_new_catalogs_reach_the_same_head_on_sqlite_and_postgres(tmp_path, pg_ur
             assert {"lease_owner", "lease_expires_at", "attempts", "max_attempts",
                     "run_after", "cancel_requested", "dedup_key"} <= columns
             indexes = {i["name"] for i in inspector.get_indexes("datasets")}
-            assert "uq_datasets_live_upload_sha256" in indexes
+            assert "uq_datasets_live_upload_project_sha256" in indexes
         pg_indexes = {i["name"] for i in sa.inspect(pg.engine).get_indexes("datasets")}
         assert "ix_datasets_name_trgm" in pg_indexes  # pg_trgm serves ILIKE '%x%'
     finally:

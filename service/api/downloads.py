@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from starlette.concurrency import iterate_in_threadpool
 
 from ..downloads import Download, parse_range
+from ..queries import own_twin
 from ..uploads import parse_digest
 from .deps import (READ, WRITE, Caller, PlacementQuery, Service, TargetQuery,
                    declared_length, json_bytes, multipart_body)
@@ -148,6 +149,8 @@ async def create_conversion(request: Request, response: Response, service: Servi
             parse_digest(request.headers), None, declared_length(request),
             where.placement, caller)
         dataset, duplicate, query = upload["dataset"], upload["duplicate"], target
+        if duplicate:
+            own_twin(dataset, caller)
     wanted = query.target(service.settings.archive)
     job = await anyio.to_thread.run_sync(service.downloads.request_conversion,
                                          dataset["id"], wanted)

@@ -89,6 +89,11 @@ async def change_session(session_id: str, request: Request, service: Service
     if verdict == "taken":
         raise Conflict({"message": "the target project has a session of that name already",
                         "where": "body", "name": name, "project": project})
+    if verdict == "duplicate":
+        raise Conflict({"message": "the target project holds the same bytes as a movie of "
+                                   "this session (a project keeps one copy of an upload); "
+                                   "nothing was changed",
+                        "where": "project", "project": project})
     return session_detail(await anyio.to_thread.run_sync(service.queries.session,
                                                          session_id))
 

@@ -11,6 +11,7 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..auth import Scope as AuthScope
 from ..tus import CHECKSUMS, EXTENSIONS, VERSION, TusUploads, WrongContentType, check_version
 from .deps import WRITE, Caller, Service, body_chunks
 
@@ -56,12 +57,13 @@ def expires_header(row: dict[str, Any]) -> dict[str, str]:
                                               usegmt=True)}
 
 
-def offset_headers(tus: TusUploads, row: dict[str, Any]) -> dict[str, str]:
+def offset_headers(tus: TusUploads, row: dict[str, Any], caller: AuthScope
+                   ) -> dict[str, str]:
     """HEAD's and PATCH's answer headers; ``Mrc-Ingest-Dataset`` only once the dataset
-    exists."""
+    exists (and only a dataset the caller reaches)."""
     headers = {"Upload-Offset": str(row["offset"]), "Upload-Length": str(row["length"]),
                "Cache-Control": "no-store", **expires_header(row)}
-    dataset = tus.dataset_url(row)
+    dataset = tus.dataset_url(row, caller)
     if dataset is not None:
         headers["Mrc-Ingest-Dataset"] = dataset
     return headers
@@ -92,7 +94,8 @@ def create(request: Request, service: Service, caller: Caller) -> Response:
 def head(upload_id: str, request: Request, service: Service, caller: Caller) -> Response:
     check_version(request.headers.get("tus-resumable"))
     tus = uploads(service)
-    return Response(status_code=200, headers=offset_headers(tus, tus.get(upload_id, caller)))
+    return Response(status_code=200, headers=offset_headers(tus, tus.get(upload_id, caller),
+                                                            caller))
 
 
 @router.patch("/{upload_id}", status_code=204, dependencies=[WRITE],
@@ -108,7 +111,7 @@ async def patch(upload_id: str, request: Request, service: Service,
                           caller)
     row = await anyio.to_thread.run_sync(tus.get, upload_id)  # as committed, with expiry
     return Response(status_code=204, headers=await anyio.to_thread.run_sync(
-        offset_headers, tus, row))
+        offset_headers, tus, row, caller))
 
 
 @router.delete("/{upload_id}", status_code=204, dependencies=[WRITE],

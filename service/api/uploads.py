@@ -7,10 +7,13 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from ..auth import Scope
+from ..queries import own_twin
 from ..sessions import Placement
 from ..sidecars import SIDECAR_MAX_BYTES, SIDECAR_SUFFIXES
 from ..uploads import parse_digest
-from .deps import WRITE, Caller, PlacementQuery, Service, body_chunks, declared_length, json_body, multipart_body
+from .deps import (WRITE, Caller, PlacementQuery, Service, body_chunks, declared_length,
+                   json_body, multipart_body)
 from .schemas import (Accepted, ErrorBody, RegistrationIn, SidecarAccepted, dataset_summary,
                       job_view)
 
@@ -28,12 +31,16 @@ Normalize = Annotated[bool | None, Query(description="override the default norma
                                                      "policy (4-bit -> mode 0) for this file")]
 
 
-def accepted_response(result: dict[str, Any], response: Response) -> dict[str, Any]:
+def accepted_response(result: dict[str, Any], response: Response,
+                      caller: Scope) -> dict[str, Any]:
     """201 with Location for a new dataset ingested while it streamed (ready, or
     rejected with its findings); 202 when its processing continues in a job (a
-    registration); 200 when these bytes were already here; 201 for a sidecar (with its
-    movie's dataset, once that exists)."""
+    registration); 200 when these bytes were already here (409 when another project's
+    dataset holds them); 201 for a sidecar (with its movie's dataset, once that
+    exists)."""
     dataset = result["dataset"]
+    if result.get("duplicate"):
+        own_twin(dataset, caller)
     if "sidecar" in result:
         response.status_code = 201
         if dataset is not None:
@@ -65,7 +72,7 @@ async def put_upload(filename: str, request: Request, response: Response, servic
     result = await service.intake.accept_upload(
         filename, body_chunks(request), parse_digest(request.headers), normalize,
         declared_length(request), where.placement, caller)
-    return accepted_response(result, response)
+    return accepted_response(result, response, caller)
 
 
 @router.post("/uploads", status_code=201, response_model=Accepted, responses=UPLOAD_ERRORS,
@@ -80,7 +87,7 @@ async def post_upload(request: Request, response: Response, service: Service,
     result = await service.intake.accept_upload(None, body, parse_digest(request.headers),
                                                 normalize, declared_length(request),
                                                 where.placement, caller)
-    return accepted_response(result, response)
+    return accepted_response(result, response, caller)
 
 
 #: the body as /docs shows it; the route reads it itself (:func:`register`)
@@ -101,4 +108,4 @@ async def register(request: Request, response: Response, service: Service,
     result = await anyio.to_thread.run_sync(
         service.intake.register, body.path, body.normalize,
         Placement.given(body.session, body.project), caller)
-    return accepted_response(result, response)
+    return accepted_response(result, response, caller)

@@ -240,11 +240,14 @@ class IngestPass:
         return row is None or row["status"] == TOMBSTONE
 
     def _twin(self, sha256: str) -> dict[str, Any] | None:
-        """A live dataset of the same bytes (registrations are never deduplicated)."""
+        """A live dataset of the same bytes in the same project (registrations are never
+        deduplicated; one project's upload never answers with another's dataset)."""
         if self.source == "registration":
             return None
+        project = self.placement.get("project") or \
+            self.deps.catalog.project_of(self.dataset_id)
         return self.deps.catalog.find_by_sha256(sha256, LIVE_STATUSES,
-                                                exclude_id=self.dataset_id)
+                                                exclude_id=self.dataset_id, project=project)
 
     def _duplicate(self, existing: dict[str, Any]) -> dict[str, Any]:
         """The bytes are already a dataset: this pass's row and objects go; a tus upload

@@ -37,10 +37,7 @@ class Catalog(SessionRows, DatasetRows, JobRows, UploadRows):
         super().__init__(make_engine(url, pool_size))
         self.url = url
         if migrate:
-            before, now = upgrade(self.engine)
-            if before is not None and before < "0004" <= now:
-                # sessions were made for the datasets before them: their figures now
-                self.refresh_all_sessions()
+            upgrade(self.engine)
         if self.dialect == "sqlite":
             with self.engine.connect() as conn:
                 self.name_index = conn.exec_driver_sql(

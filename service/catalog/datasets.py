@@ -77,20 +77,26 @@ class DatasetRows(CatalogBase):
         stamp = self.now()
         added = self._insert(datasets, {"created_at": stamp, "updated_at": stamp, "info": {},
                                         **row})
-        self._session_changed(row.get("session_id"))
+        if self._session_changed(row.get("session_id")) is False:
+            # Its session was deleted after the movie was placed in it and before this
+            # row was made (DELETE /v1/sessions tombstones the rows there are): it goes
+            # the way they went, never a dataset of no session.
+            self.mark_deleting(row["id"])
         return added
 
-    def _session_changed(self, session_id: str | None) -> None:
+    def _session_changed(self, session_id: str | None) -> bool | None:
         """A dataset of ``session_id`` changed what its session's figures are made of:
         recompute them (after the change committed; a failure here loses no data, and
-        the session's next change recomputes them whole)."""
+        the session's next change recomputes them whole). False: there is no such
+        session (deleted); None: nothing was recomputed."""
         if session_id is None:
-            return
+            return None
         try:
-            self.refresh_session(session_id)  # type: ignore[attr-defined]
+            return self.refresh_session(session_id)  # type: ignore[attr-defined]
         except sa.exc.SQLAlchemyError:
             log.warning("session figures not refreshed", exc_info=True,
                         extra={"session_id": session_id})
+            return None
 
     def update_dataset(self, dataset_id: str, *, fence: Fence | None = None,
                        **fields: Any) -> bool:
@@ -232,12 +238,17 @@ class DatasetRows(CatalogBase):
                                 .where(datasets.c.id == dataset_id)).scalar()
 
     def find_by_sha256(self, sha256: str, statuses: Iterable[str] = LIVE_STATUSES,
-                       exclude_id: str | None = None) -> dict[str, Any] | None:
+                       exclude_id: str | None = None,
+                       project: str | None = None) -> dict[str, Any] | None:
+        """The oldest dataset of these bytes in ``statuses`` (of ``project``, when
+        given: uploads are deduplicated within a project)."""
         query = (sa.select(*DETAIL_COLUMNS).where(datasets.c.sha256 == sha256,
                                                   datasets.c.status.in_(list(statuses)))
                  .order_by(datasets.c.created_at).limit(1))
         if exclude_id is not None:
             query = query.where(datasets.c.id != exclude_id)
+        if project is not None:
+            query = query.where(datasets.c.project == project)
         rows = self._rows(query)
         return rows[0] if rows else None
 

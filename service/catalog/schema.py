@@ -66,12 +66,13 @@ DATASET_INDEXES = (
     ("nz",), ("session_id", "created_at", "id"), ("project", "created_at", "id"))
 for _cols in DATASET_INDEXES:
     sa.Index(f"ix_datasets_{'_'.join(_cols)}", *(datasets.c[c] for c in _cols))
-#: One live upload per content: two uploads of the same bytes committing at the same
-#: instant (on one replica or two) cannot both become datasets.
+#: One live upload per content and project: two uploads of the same bytes to one project
+#: committing at the same instant (on one replica or two) cannot both become datasets;
+#: another project's copy is its own dataset (a project never learns of another's).
 LIVE_UPLOAD_SHA256 = sa.and_(datasets.c.sha256.isnot(None), datasets.c.source == "upload",
                              datasets.c.status.in_(LIVE_STATUSES))
-sa.Index("uq_datasets_live_upload_sha256", datasets.c.sha256, unique=True,
-         sqlite_where=LIVE_UPLOAD_SHA256, postgresql_where=LIVE_UPLOAD_SHA256)
+sa.Index("uq_datasets_live_upload_project_sha256", datasets.c.project, datasets.c.sha256,
+         unique=True, sqlite_where=LIVE_UPLOAD_SHA256, postgresql_where=LIVE_UPLOAD_SHA256)
 
 #: A facility's microscope session (one grid, one user's project, hours to days) and its
 #: figures, kept up to date as its movies land (:meth:`SessionRows.refresh_session`), so

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from .base import CatalogBase
 from .paging import CursorError, decode_cursor, encode_cursor
 from .schema import (SESSION_SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, datasets,
-                     particle_sets, sessions, tus_uploads)
+                     particle_sets, sessions, sidecars, tus_uploads)
 
 #: what a session lists of its problems, each kind (the counts cover all of them)
 PROBLEMS_LISTED = 20
@@ -102,73 +102,13 @@ class SessionRows(CatalogBase):
 
     # -- the figures --------------------------------------------------------------------
 
-    def refresh_session(self, session_id: str | None) -> None:
-        """Recompute one session's figures from its datasets (not its tombstones)."""
+    def refresh_session(self, session_id: str | None) -> bool | None:
+        """Recompute one session's figures from its datasets (not its tombstones); False
+        when there is no such session."""
         if session_id is None:
-            return
-        d = datasets.c
-        live = sa.and_(d.session_id == session_id, d.status != TOMBSTONE)
+            return None
         with self.engine.begin() as conn:
-            # The write first: it takes the row's lock (and on SQLite the database's),
-            # so what is read next includes every commit before this recompute began.
-            if not conn.execute(sessions.update().where(sessions.c.id == session_id)
-                                .values(updated_at=self.now())).rowcount:
-                return
-            counts = conn.execute(sa.select(
-                sa.func.count(),
-                *(sa.func.coalesce(sa.func.sum(sa.case((d.status == s, 1), else_=0)), 0)
-                  for s in ("ready", "rejected", "failed")),
-                sa.func.coalesce(sa.func.sum(sa.case((d.status.in_(IN_FLIGHT), 1),
-                                                     else_=0)), 0),
-                sa.func.coalesce(sa.func.sum(d.size_bytes), 0),
-                sa.func.coalesce(sa.func.sum(d.stored_bytes), 0),
-                sa.func.min(d.created_at), sa.func.max(d.created_at),
-                *(f(expr) for expr in RANGES.values() for f in (sa.func.min, sa.func.max)),
-            ).where(live)).one()
-            (movies, ready, rejected, failed, in_flight, received, stored, first,
-             last) = counts[:9]
-            bounds = counts[9:]
-            ranges = {name: _range(bounds[2 * i], bounds[2 * i + 1])
-                      for i, name in enumerate(RANGES)}
-            cameras = conn.execute(sa.select(d.camera, sa.func.count()).where(
-                live, d.camera.isnot(None)).group_by(d.camera)
-                .order_by(sa.func.count().desc(), d.camera)).all()
-            bucket = sa.func.substr(d.created_at, 1, _RATE_PREFIX)
-            timeline = conn.execute(sa.select(bucket, sa.func.count()).where(live)
-                                    .group_by(bucket).order_by(bucket)).all()
-            summary = {
-                "acquisition": ranges,
-                "cameras": [{"camera": c, "movies": n} for c, n in cameras],
-                "rate": _rate(timeline, movies, first, last),
-                "problems": self._problems(conn, live),
-            }
-            conn.execute(sessions.update().where(sessions.c.id == session_id).values(
-                movies=movies, ready=ready, rejected=rejected, failed=failed,
-                in_flight=in_flight, bytes_received=received, bytes_stored=stored,
-                first_movie_at=first, last_movie_at=last,
-                microscope=cameras[0][0] if cameras else None, summary=summary))
-
-    def _problems(self, conn: sa.Connection, live: sa.ColumnElement[bool]) -> dict[str, Any]:
-        d = datasets.c
-        rejected = conn.execute(sa.select(d.id, d.name, d.info).where(
-            live, d.status == "rejected").order_by(d.created_at, d.id)
-            .limit(PROBLEMS_LISTED)).all()
-        standing = conn.execute(sa.select(d.id, d.name, d.standout_frames).where(
-            live, d.standout_frames > 0).order_by(d.created_at, d.id)
-            .limit(PROBLEMS_LISTED)).all()
-        failed = conn.execute(sa.select(d.id, d.name).where(
-            live, d.status == "failed").order_by(d.created_at, d.id)
-            .limit(PROBLEMS_LISTED)).all()
-        standing_total = conn.execute(sa.select(sa.func.count()).where(
-            live, d.standout_frames > 0)).scalar()
-        return {
-            "rejected": [{"dataset_id": i, "name": n, "finding": _first_finding(info)}
-                         for i, n, info in rejected],
-            "standing_out": [{"dataset_id": i, "name": n, "frames": k}
-                             for i, n, k in standing],
-            "standing_out_count": int(standing_total or 0),
-            "failed": [{"dataset_id": i, "name": n} for i, n in failed],
-        }
+            return write_figures(conn, session_id, self.now())
 
     def refresh_sessions(self, session_ids: Iterable[str | None]) -> None:
         for session_id in sorted({s for s in session_ids if s is not None}):
@@ -192,8 +132,8 @@ class SessionRows(CatalogBase):
     # -- listing ------------------------------------------------------------------------
 
     def list_sessions(self, q: SessionQuery) -> tuple[list[dict[str, Any]], str | None]:
-        """One page of sessions (keyset pagination on (sort key, id), as datasets).
-        A session with no movie yet sorts by its creation time."""
+        """One page of sessions (keyset pagination on (sort key, id), as datasets):
+        those with at least one movie."""
         if q.sort not in SESSION_SORT_KEYS:
             raise CursorError(f"sort must be one of {SESSION_SORT_KEYS}, got {q.sort!r}")
         key, tie = sessions.c[q.sort], sessions.c.id
@@ -208,8 +148,9 @@ class SessionRows(CatalogBase):
             query = query.where(sessions.c.first_movie_at > q.started_after)
         if q.started_before:
             query = query.where(sessions.c.first_movie_at < q.started_before)
-        if q.sort in ("last_movie_at", "first_movie_at"):
-            query = query.where(key.isnot(None))  # a session without movies is not listed
+        # A session without movies (made by a placement whose movie never landed, or
+        # emptied by deletions) is not listed, whatever the sort: GET by id still finds it.
+        query = query.where(sessions.c.first_movie_at.isnot(None))
         if q.cursor:
             value, row_id = decode_cursor(q.cursor, q.sort)
             if q.descending:
@@ -251,35 +192,54 @@ class SessionRows(CatalogBase):
 
     def change_session(self, session_id: str, *, name: str | None = None,
                        project: str | None = None) -> str:
-        """Rename a session and/or move it (with its datasets and their uploads) to
-        another project, in one transaction. Returns "changed", "missing" or "taken"
-        (the target project has a session of that name already)."""
+        """Rename a session and/or move it (with its datasets, their sidecars and its
+        uploads) to another project, in one transaction. Returns "changed", "missing",
+        "taken" (the target project has a session of that name already) or "duplicate"
+        (the target project holds a live upload of the same bytes as one of this
+        session's movies: a project keeps one live upload per content)."""
         values = {k: v for k, v in (("name", name), ("project", project)) if v is not None}
         if not values:
             return "changed" if self.get_session(session_id) else "missing"
+        d = datasets.c
         try:
             with self.engine.begin() as conn:
-                if not conn.execute(sessions.update().where(sessions.c.id == session_id)
-                                    .values(updated_at=self.now(), **values)).rowcount:
+                try:
+                    written = conn.execute(sessions.update().where(
+                        sessions.c.id == session_id).values(updated_at=self.now(),
+                                                            **values)).rowcount
+                except sa.exc.IntegrityError:
+                    raise _Refused("taken") from None
+                if not written:
                     return "missing"
                 if project is not None:
-                    conn.execute(datasets.update().where(datasets.c.session_id == session_id)
-                                 .values(project=project))
+                    try:
+                        conn.execute(datasets.update().where(d.session_id == session_id)
+                                     .values(project=project))
+                    except sa.exc.IntegrityError:
+                        raise _Refused("duplicate") from None
+                    conn.execute(sidecars.update().where(sidecars.c.dataset_id.in_(
+                        sa.select(d.id).where(d.session_id == session_id)))
+                        .values(project=project))
                     conn.execute(tus_uploads.update().where(
                         tus_uploads.c.session_id == session_id).values(project=project))
-        except sa.exc.IntegrityError:
-            return "taken"
+        except _Refused as refused:
+            return refused.verdict
         return "changed"
 
     def delete_session(self, session_id: str) -> list[str]:
         """In one transaction: every dataset of the session becomes a tombstone (hidden;
-        its objects and row are removed next, as for one deleted alone) and the session
-        row goes. Returns the datasets' ids."""
+        its objects and row are removed next, as for one deleted alone), its unfinished
+        resumable uploads expire (their next PATCH is answered 410 and the expiry sweep
+        drops their bytes: a movie whose header had not arrived never lands as a
+        dataset of no session) and the session row goes. Returns the datasets' ids."""
         with self.engine.begin() as conn:
             ids = list(conn.execute(datasets.update().where(
                 datasets.c.session_id == session_id, datasets.c.status != TOMBSTONE)
                 .values(status=TOMBSTONE, progress=None, updated_at=self.now())
                 .returning(datasets.c.id)).scalars())
+            conn.execute(tus_uploads.update().where(
+                tus_uploads.c.session_id == session_id, tus_uploads.c.completed_at.is_(None))
+                .values(expires_at=self.now(-1)))
             conn.execute(sessions.delete().where(sessions.c.id == session_id))
         return ids
 
@@ -287,6 +247,77 @@ class SessionRows(CatalogBase):
         with self.engine.connect() as conn:
             return conn.execute(sa.select(particle_sets.c.project).where(
                 particle_sets.c.id == set_id)).scalar()
+
+
+def write_figures(conn: sa.Connection, session_id: str,
+                  stamp: sa.ColumnElement[str]) -> bool:
+    """Recompute one session's figures from its datasets (not its tombstones) and write
+    them into its row, in ``conn``'s transaction; False when there is no such session.
+    Reads and writes only columns that exist since revision 0004, which calls it for
+    the sessions it makes (a migration may run this with a later schema's tables)."""
+    d = datasets.c
+    live = sa.and_(d.session_id == session_id, d.status != TOMBSTONE)
+    # The write first: it takes the row's lock (and on SQLite the database's), so what
+    # is read next includes every commit before this recompute began.
+    if not conn.execute(sessions.update().where(sessions.c.id == session_id)
+                        .values(updated_at=stamp)).rowcount:
+        return False
+    counts = conn.execute(sa.select(
+        sa.func.count(),
+        *(sa.func.coalesce(sa.func.sum(sa.case((d.status == s, 1), else_=0)), 0)
+          for s in ("ready", "rejected", "failed")),
+        sa.func.coalesce(sa.func.sum(sa.case((d.status.in_(IN_FLIGHT), 1), else_=0)), 0),
+        sa.func.coalesce(sa.func.sum(d.size_bytes), 0),
+        sa.func.coalesce(sa.func.sum(d.stored_bytes), 0),
+        sa.func.min(d.created_at), sa.func.max(d.created_at),
+        *(f(expr) for expr in RANGES.values() for f in (sa.func.min, sa.func.max)),
+    ).where(live)).one()
+    (movies, ready, rejected, failed, in_flight, received, stored, first,
+     last) = counts[:9]
+    bounds = counts[9:]
+    ranges = {name: _range(bounds[2 * i], bounds[2 * i + 1])
+              for i, name in enumerate(RANGES)}
+    cameras = conn.execute(sa.select(d.camera, sa.func.count()).where(
+        live, d.camera.isnot(None)).group_by(d.camera)
+        .order_by(sa.func.count().desc(), d.camera)).all()
+    bucket = sa.func.substr(d.created_at, 1, _RATE_PREFIX)
+    timeline = conn.execute(sa.select(bucket, sa.func.count()).where(live)
+                            .group_by(bucket).order_by(bucket)).all()
+    summary = {
+        "acquisition": ranges,
+        "cameras": [{"camera": c, "movies": n} for c, n in cameras],
+        "rate": _rate(timeline, movies, first, last),
+        "problems": _problems(conn, live),
+    }
+    conn.execute(sessions.update().where(sessions.c.id == session_id).values(
+        movies=movies, ready=ready, rejected=rejected, failed=failed,
+        in_flight=in_flight, bytes_received=received, bytes_stored=stored,
+        first_movie_at=first, last_movie_at=last,
+        microscope=cameras[0][0] if cameras else None, summary=summary))
+    return True
+
+
+def _problems(conn: sa.Connection, live: sa.ColumnElement[bool]) -> dict[str, Any]:
+    d = datasets.c
+    rejected = conn.execute(sa.select(d.id, d.name, d.info).where(
+        live, d.status == "rejected").order_by(d.created_at, d.id)
+        .limit(PROBLEMS_LISTED)).all()
+    standing = conn.execute(sa.select(d.id, d.name, d.standout_frames).where(
+        live, d.standout_frames > 0).order_by(d.created_at, d.id)
+        .limit(PROBLEMS_LISTED)).all()
+    failed = conn.execute(sa.select(d.id, d.name).where(
+        live, d.status == "failed").order_by(d.created_at, d.id)
+        .limit(PROBLEMS_LISTED)).all()
+    standing_total = conn.execute(sa.select(sa.func.count()).where(
+        live, d.standout_frames > 0)).scalar()
+    return {
+        "rejected": [{"dataset_id": i, "name": n, "finding": _first_finding(info)}
+                     for i, n, info in rejected],
+        "standing_out": [{"dataset_id": i, "name": n, "frames": k}
+                         for i, n, k in standing],
+        "standing_out_count": int(standing_total or 0),
+        "failed": [{"dataset_id": i, "name": n} for i, n in failed],
+    }
 
 
 def _range(low: Any, high: Any) -> dict[str, Any] | None:
@@ -311,10 +342,20 @@ def _rate(timeline: list[tuple[str, int]], movies: int, first: str | None,
 def _first_finding(info: Any) -> dict[str, Any] | None:
     if isinstance(info, str):  # a JSON column read through a raw select on SQLite
         info = json.loads(info)
-    findings = (info or {}).get("findings") or (info or {}).get("header_findings") or []
+    info = info or {}
+    # as the dataset's detail shows them (service.api.schemas.dataset_detail)
+    findings = info.get("findings", info.get("header_findings")) or []
     errors = [f for f in findings if f.get("severity") == "error"]
     chosen = (errors or findings or [None])[0]
     return chosen
+
+
+class _Refused(Exception):
+    """Rolls a session change back; carries the verdict."""
+
+    def __init__(self, verdict: str):
+        super().__init__(verdict)
+        self.verdict = verdict
 
 
 def _new_id() -> str:

@@ -41,6 +41,7 @@ from ..errors import BadRequest, NotMrc, ServiceError, TooLarge
 from ..failpoints import hit
 from ..intake import Intake, new_id, refuse_non_mrc
 from ..metrics import Metrics
+from ..queries import own_twin
 from ..mrc.header import HEADER_SIZE
 from ..mrc.stream import HeaderOverLimit, HeaderRefused
 from ..receiver import Receiver, pump
@@ -258,13 +259,15 @@ class TusUploads:
             raise UploadGone(f"upload {upload_id} expired at {row['expires_at']}")
         return row
 
-    def dataset_url(self, row: dict[str, Any]) -> str | None:
+    def dataset_url(self, row: dict[str, Any], scope: Scope = Scope.ALL) -> str | None:
         """The upload's dataset, once there is one (its row exists and is not being
-        deleted); None before its header arrived, or after the dataset went."""
+        deleted); None before its header arrived, or after the dataset went. An upload
+        completed as the twin of another project's dataset (the same bytes) names
+        nothing of it: 409 (:func:`~service.queries.own_twin`)."""
         dataset = self.catalog.get_dataset(row["dataset_id"]) if row["dataset_id"] else None
         if dataset is None or dataset["status"] == TOMBSTONE:
             return None
-        return f"/v1/datasets/{dataset['id']}"
+        return f"/v1/datasets/{own_twin(dataset, scope)['id']}"
 
     def terminate(self, upload_id: str, scope: Scope = Scope.ALL) -> None:
         row = self.get(upload_id, scope)

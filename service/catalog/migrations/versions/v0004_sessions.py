@@ -3,8 +3,9 @@ particle sets and resumable uploads carry their project too (tokens scoped to pr
 
 Datasets from before this revision go to project ``default``, session
 ``<source>-<UTC date of arrival>`` (the rule for a movie sent without one); their
-sessions' figures are computed by the catalog right after the upgrade
-(:meth:`service.catalog.sessions.SessionRows.refresh_all_sessions`).
+sessions' figures are computed here, in the same transaction
+(:func:`service.catalog.sessions.write_figures`): a catalog from before migrations
+(no revision yet) gets them too.
 
 Revision ID: 0004
 Revises: 0003
@@ -17,11 +18,16 @@ import uuid
 import sqlalchemy as sa
 from alembic import op
 
+from service.catalog.clock import db_now
+from service.catalog.sessions import write_figures
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
 
+LIVE_UPLOAD = ("sha256 IS NOT NULL AND source = 'upload' AND status IN "
+               "('receiving', 'queued', 'processing', 'ready')")
 DATASET_INDEXES = (("session_id", "created_at", "id"), ("project", "created_at", "id"))
 SESSION_INDEXES = (("last_movie_at", "id"), ("first_movie_at", "id"), ("name", "id"),
                    ("movies", "id"), ("project", "last_movie_at", "id"),
@@ -64,6 +70,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("session_id", sa.String(32)))
         batch.add_column(sa.Column("project", sa.String(100)))
     _sessions_for_existing(op.get_bind())
+    # uploads are deduplicated within a project now
+    dialect = op.get_bind().dialect.name
+    op.drop_index("uq_datasets_live_upload_sha256", "datasets")
+    op.create_index("uq_datasets_live_upload_project_sha256", "datasets",
+                    ["project", "sha256"], unique=True,
+                    **{f"{dialect}_where": sa.text(LIVE_UPLOAD)})
 
 
 def _sessions_for_existing(bind) -> None:
@@ -82,9 +94,36 @@ def _sessions_for_existing(bind) -> None:
             "UPDATE datasets SET session_id = :id, project = 'default' "
             "WHERE source = :source AND substr(created_at, 1, 10) = :day"),
             {"id": session_id, "source": source, "day": day})
+        write_figures(bind, session_id, db_now(bind.dialect.name))
+    # A resumable upload goes where its dataset is; one whose movie has not arrived yet
+    # (no dataset) to upload-<UTC date it was created>, as one created now without a
+    # session would: its dataset, made when the movie lands, takes the upload's session.
+    for upload_id, day, created, dataset_id in bind.execute(sa.text(
+            "SELECT id, substr(created_at, 1, 10), created_at, dataset_id "
+            "FROM tus_uploads")).all():
+        session_id = bind.execute(sa.text("SELECT session_id FROM datasets WHERE id = :id"),
+                                  {"id": dataset_id}).scalar()
+        if session_id is None:
+            name = f"upload-{day}"
+            session_id = bind.execute(sa.text(
+                "SELECT id FROM sessions WHERE project = 'default' AND name = :name"),
+                {"name": name}).scalar()
+            if session_id is None:
+                session_id = uuid.uuid4().hex[:20]
+                bind.execute(sa.text(
+                    "INSERT INTO sessions (id, name, project, source, created_at, "
+                    "updated_at, summary) VALUES (:id, :name, 'default', 'upload', "
+                    ":created, :created, '{}')"),
+                    {"id": session_id, "name": name, "created": created})
+        bind.execute(sa.text("UPDATE tus_uploads SET session_id = :session WHERE id = :id"),
+                     {"session": session_id, "id": upload_id})
 
 
 def downgrade() -> None:
+    dialect = op.get_bind().dialect.name
+    op.drop_index("uq_datasets_live_upload_project_sha256", "datasets")
+    op.create_index("uq_datasets_live_upload_sha256", "datasets", ["sha256"], unique=True,
+                    **{f"{dialect}_where": sa.text(LIVE_UPLOAD)})
     for cols in DATASET_INDEXES:
         op.drop_index(f"ix_datasets_{'_'.join(cols)}", "datasets")
     with op.batch_alter_table("datasets") as batch:
