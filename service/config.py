@@ -97,6 +97,16 @@ class Settings(BaseSettings):
                                     "with workers runs the commit protocol's recovery "
                                     "steps (ARCHITECTURE.md): a complete upload without its "
                                     "dataset becomes one within this (plus its ingest)")
+    cs_mm: float | None = Field(None, ge=0, allow_inf_nan=False, description="the "
+                                "microscope's spherical aberration in mm, written to movies "
+                                ".star (rlnSphericalAberration) when a request gives no "
+                                "?cs_mm= (2.7 for a Krios); unset: the request must")
+    amplitude_contrast: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                             description="amplitude contrast (0 to 1) "
+                                             "written to movies.star (rlnAmplitudeContrast) "
+                                             "when a request gives no ?amplitude_contrast= "
+                                             "(RELION's default is 0.1); unset: the request "
+                                             "must")
 
     @field_validator("archive_codec")
     @classmethod

@@ -15,8 +15,8 @@ from .. import __version__
 from ..config import Settings
 from ..ingest import IngestService
 from ..metrics import Metrics
-from . import (dashboard, datasets, downloads, errors, jobs, ops, particles, previews,
-               sessions, tus, uploads)
+from . import (dashboard, datasets, downloads, errors, exports, jobs, ops, particles,
+               previews, sessions, tus, uploads)
 
 __all__ = ["create_app"]
 
@@ -73,8 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "MRC/MRCZ movies.")
     app.state.service = service
     errors.install(app)
-    for module in (uploads, tus, sessions, datasets, previews, downloads, jobs, particles,
-                   ops, dashboard):
+    for module in (uploads, tus, sessions, exports, datasets, previews, downloads, jobs,
+                   particles, ops, dashboard):
         app.include_router(module.router)
     app.add_middleware(tus.TusResumableHeader)
     app.add_middleware(RequestTimer, metrics=service.metrics)
