@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import sqlalchemy as sa
 
 from .base import CatalogBase
-from .paging import CursorError, decode_cursor, encode_cursor
+from .paging import CursorError, after_cursor, page_of
 from .sessions import standout_frames
 from .schema import (DATASET_STATES, DETAIL_COLUMNS, LIVE_STATUSES, SESSION_FIGURE_COLUMNS,
                      SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, Fence, conversions, datasets, jobs,
@@ -291,12 +291,7 @@ class DatasetRows(CatalogBase):
             query = query.where(datasets.c.created_at > q.created_after)
         if q.created_before:
             query = query.where(datasets.c.created_at < q.created_before)
-        if q.cursor:
-            value, row_id = decode_cursor(q.cursor, q.sort)
-            if q.descending:
-                query = query.where(sa.or_(key < value, sa.and_(key == value, tie < row_id)))
-            else:
-                query = query.where(sa.or_(key > value, sa.and_(key == value, tie > row_id)))
+        query = after_cursor(query, key, tie, q.cursor, q.sort, q.descending)
         order = (key.desc(), tie.desc()) if q.descending else (key.asc(), tie.asc())
         rows = None
         if q.name:
@@ -305,10 +300,7 @@ class DatasetRows(CatalogBase):
                 query = query.where(self._name_condition(q.name))
         if rows is None:
             rows = self._rows(query.order_by(*order).limit(q.limit + 1))
-        if len(rows) <= q.limit:
-            return rows, None
-        rows = rows[:q.limit]
-        return rows, encode_cursor(q.sort, rows[-1][q.sort], rows[-1]["id"])
+        return page_of(rows, q.limit, q.sort)
 
     def _common_name_page(self, ordered: sa.Select, q: DatasetQuery) -> list[dict] | None:
         """A full page for a common name substring, found among the next NAME_WINDOW rows

@@ -7,6 +7,8 @@ import binascii
 import json
 from typing import Any
 
+import sqlalchemy as sa
+
 
 class CursorError(ValueError):
     """A pagination cursor that this catalog did not issue (or for another sort)."""
@@ -26,3 +28,24 @@ def decode_cursor(cursor: str, sort: str) -> tuple[Any, str]:
     if cursor_sort != sort or not isinstance(row_id, str):
         raise CursorError(f"cursor was issued for sort={cursor_sort!r}, not sort={sort!r}")
     return value, row_id
+
+
+def after_cursor(query: sa.Select, key: sa.ColumnElement, tie: sa.ColumnElement,
+                 cursor: str | None, sort: str, descending: bool) -> sa.Select:
+    """``query`` narrowed to the rows after ``cursor`` in (``key``, ``tie``) order."""
+    if not cursor:
+        return query
+    value, row_id = decode_cursor(cursor, sort)
+    if descending:
+        return query.where(sa.or_(key < value, sa.and_(key == value, tie < row_id)))
+    return query.where(sa.or_(key > value, sa.and_(key == value, tie > row_id)))
+
+
+def page_of(rows: list[dict[str, Any]], limit: int,
+            sort: str) -> tuple[list[dict[str, Any]], str | None]:
+    """The first ``limit`` of ``rows`` (read as ``limit + 1``) and the next page's cursor,
+    None at the end."""
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, encode_cursor(sort, rows[-1][sort], rows[-1]["id"])

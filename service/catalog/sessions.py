@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 import sqlalchemy as sa
 
 from .base import CatalogBase
-from .paging import CursorError, decode_cursor, encode_cursor
+from .paging import CursorError, after_cursor, page_of
 from .schema import (SESSION_SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, datasets,
                      particle_sets, sessions, sidecars, tus_uploads)
 
@@ -151,18 +151,9 @@ class SessionRows(CatalogBase):
         # A session without movies (made by a placement whose movie never landed, or
         # emptied by deletions) is not listed, whatever the sort: GET by id still finds it.
         query = query.where(sessions.c.first_movie_at.isnot(None))
-        if q.cursor:
-            value, row_id = decode_cursor(q.cursor, q.sort)
-            if q.descending:
-                query = query.where(sa.or_(key < value, sa.and_(key == value, tie < row_id)))
-            else:
-                query = query.where(sa.or_(key > value, sa.and_(key == value, tie > row_id)))
+        query = after_cursor(query, key, tie, q.cursor, q.sort, q.descending)
         order = (key.desc(), tie.desc()) if q.descending else (key.asc(), tie.asc())
-        rows = self._rows(query.order_by(*order).limit(q.limit + 1))
-        if len(rows) <= q.limit:
-            return rows, None
-        rows = rows[:q.limit]
-        return rows, encode_cursor(q.sort, rows[-1][q.sort], rows[-1]["id"])
+        return page_of(self._rows(query.order_by(*order).limit(q.limit + 1)), q.limit, q.sort)
 
     def projects(self) -> list[str]:
         with self.engine.connect() as conn:

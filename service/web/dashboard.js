@@ -314,21 +314,25 @@ async function refreshList() {
   paintList();
 }
 
-async function loadMore() {
-  if (!list.cursor) return;
-  const key = list.key;
+/** The next page of a paged list (``state``: its key, items and cursor) from ``path``,
+ * appended without repeats; ``paint`` draws it after. */
+async function loadNextPage(state, path, what, paint) {
+  if (!state.cursor) return;
+  const key = state.key;
   try {
-    const page = await api(`v1/datasets?${key}&cursor=${encodeURIComponent(list.cursor)}`);
-    if (key !== list.key) return;
-    const known = new Set(list.items.map((d) => d.id));
-    list.items = list.items.concat(page.items.filter((d) => !known.has(d.id)));
-    list.cursor = page.next_cursor;
+    const page = await api(`${path}?${key}&cursor=${encodeURIComponent(state.cursor)}`);
+    if (key !== state.key) return;
+    const known = new Set(state.items.map((item) => item.id));
+    state.items = state.items.concat(page.items.filter((item) => !known.has(item.id)));
+    state.cursor = page.next_cursor;
     report();
   } catch (e) {
-    report("cannot load more datasets", e);
+    report(`cannot load more ${what}`, e);
   }
-  paintList();
+  paint();
 }
+
+const loadMore = () => loadNextPage(list, "v1/datasets", "datasets", paintList);
 
 const rows = new Map();      // dataset id -> its <tr>
 const painted = new Map();   // dataset id -> the JSON its row shows
@@ -446,21 +450,8 @@ async function refreshSessions() {
   paintSessions();
 }
 
-async function loadMoreSessions() {
-  if (!sessionList.cursor) return;
-  const key = sessionList.key;
-  try {
-    const page = await api(`v1/sessions?${key}&cursor=${encodeURIComponent(sessionList.cursor)}`);
-    if (key !== sessionList.key) return;
-    const known = new Set(sessionList.items.map((s) => s.id));
-    sessionList.items = sessionList.items.concat(page.items.filter((s) => !known.has(s.id)));
-    sessionList.cursor = page.next_cursor;
-    report();
-  } catch (e) {
-    report("cannot load more sessions", e);
-  }
-  paintSessions();
-}
+const loadMoreSessions = () => loadNextPage(sessionList, "v1/sessions", "sessions",
+                                            paintSessions);
 
 const sessionRows = new Map();      // session id -> its <tr>
 const sessionPainted = new Map();   // session id -> the JSON its row shows
