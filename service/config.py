@@ -93,6 +93,11 @@ class Settings(BaseSettings):
                                     "dropped this long after it was created")
     sum_preview_size: int = Field(1024, ge=64, le=8192, description="longest side of the "
                                   "frame sum computed at ingest")
+    session_refresh_seconds: float = Field(1.0, ge=0, le=60, description="a session's "
+                                           "figures are recomputed at most this often: "
+                                           "the first change after a quiet spell at once, "
+                                           "later ones together at its end (0: after every "
+                                           "change)")
     recovery_seconds: float = Field(15.0, gt=0, le=60, description="how often each replica "
                                     "with workers runs the commit protocol's recovery "
                                     "steps (ARCHITECTURE.md): a complete upload without its "

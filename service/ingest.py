@@ -66,8 +66,9 @@ class IngestService:
             # leases and drop its uploads in flight. Refused here, with the reason.
             self._single = EmbeddedLock.take(settings.catalog_url)
         storage.prepare()
-        self.catalog = catalog = Catalog(settings.catalog_url,
-                                         migrate=settings.migrate_on_start)
+        self.catalog = catalog = Catalog(
+            settings.catalog_url, migrate=settings.migrate_on_start,
+            session_refresh_seconds=settings.session_refresh_seconds)
         self.readers = Readers(storage.store, storage.root, self.roots)
         self.acquisition = Acquisition(catalog, self.readers)
         deps = PassDeps(settings=settings, catalog=catalog, store=storage.store,
@@ -114,8 +115,16 @@ class IngestService:
     def _maintain(self) -> None:
         """Every few minutes, on every replica that runs workers (each step is
         idempotent, so several replicas doing it at once is fine): remove what crashed
-        writers left, and objects no row names."""
-        while not self._stopping.wait(MAINTENANCE_SECONDS):
+        writers left, and objects no row names; recompute session figures a lost
+        coalesced recompute left stale (at start too)."""
+        assert self.catalog is not None
+        while True:
+            try:
+                self.catalog.refresh_stale_sessions()
+            except Exception as exc:  # noqa: BLE001 - next round
+                log.warning("stale session figures not refreshed: %s", first_line(exc))
+            if self._stopping.wait(MAINTENANCE_SECONDS):
+                return
             try:
                 removed = self.storage.sweep(self.may_be_writing, ABANDONED_AFTER_SECONDS)
                 removed += self.recovery.sweep()
@@ -139,6 +148,7 @@ class IngestService:
         if self.queue is not None:
             self.queue.shutdown(wait=False)
         if self.catalog is not None:
+            self.catalog.session_figures.flush()  # the coalesced recomputes still due
             self.catalog.close()
         if self._single is not None:
             self._single.release()

@@ -38,6 +38,14 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
+def figures_at_once(monkeypatch):
+    """Apps made in this test recompute a session's figures after every change, so the
+    test compares them right after it (the service coalesces them, 1 s by default: that
+    has its own tests, tests/test_session_refresher.py)."""
+    monkeypatch.setenv(SETTINGS_PREFIX + "SESSION_REFRESH_SECONDS", "0")
+
+
+@pytest.fixture
 def failpoint():
     """Arm fault points in this process for one test (service/failpoints.py)."""
     from service import failpoints

@@ -14,6 +14,7 @@ from .base import make_engine
 from .clock import text_now as now
 from .datasets import RARE_NAME_ROWS, CursorError, DatasetQuery, DatasetRows, escape_like
 from .jobs import JobRows
+from .refresher import SessionRefresher
 from .sessions import SessionQuery, SessionRows, standout_frames
 from .migrate import upgrade
 from .schema import (DATASET_STATES, JOB_STATES, LIVE_STATUSES, SORT_KEYS, TOMBSTONE,
@@ -33,9 +34,13 @@ class Catalog(SessionRows, DatasetRows, JobRows, UploadRows):
     """Thread-safe: every call takes its own connection from the engine's pool, so
     routes (thread pool) and workers can call it concurrently."""
 
-    def __init__(self, url: str, *, migrate: bool = True, pool_size: int = 10):
+    def __init__(self, url: str, *, migrate: bool = True, pool_size: int = 10,
+                 session_refresh_seconds: float = 0.0):
         super().__init__(make_engine(url, pool_size))
         self.url = url
+        #: recomputes session figures after changes (:mod:`.refresher`; 0: each time)
+        self.session_figures = SessionRefresher(self.refresh_session,
+                                                session_refresh_seconds)
         if migrate:
             upgrade(self.engine)
         if self.dialect == "sqlite":

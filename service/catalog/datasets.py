@@ -14,7 +14,7 @@ from .paging import CursorError, after_cursor, page_of
 from .sessions import standout_frames
 from .schema import (DATASET_STATES, DETAIL_COLUMNS, LIVE_STATUSES, SESSION_FIGURE_COLUMNS,
                      SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, Fence, conversions, datasets, jobs,
-                     lease_held, particle_sets, sidecars, tus_uploads)
+                     lease_held, particle_sets, sessions, sidecars, tus_uploads)
 
 log = logging.getLogger("mrc_ingest.catalog")
 
@@ -77,26 +77,23 @@ class DatasetRows(CatalogBase):
         stamp = self.now()
         added = self._insert(datasets, {"created_at": stamp, "updated_at": stamp, "info": {},
                                         **row})
-        if self._session_changed(row.get("session_id")) is False:
+        session_id = row.get("session_id")
+        if session_id is not None and self._by_id(sessions, session_id) is None:
             # Its session was deleted after the movie was placed in it and before this
             # row was made (DELETE /v1/sessions tombstones the rows there are): it goes
             # the way they went, never a dataset of no session.
             self.mark_deleting(row["id"])
+            return added
+        self._session_changed(session_id)
         return added
 
-    def _session_changed(self, session_id: str | None) -> bool | None:
-        """A dataset of ``session_id`` changed what its session's figures are made of:
-        recompute them (after the change committed; a failure here loses no data, and
-        the session's next change recomputes them whole). False: there is no such
-        session (deleted); None: nothing was recomputed."""
-        if session_id is None:
-            return None
-        try:
-            return self.refresh_session(session_id)  # type: ignore[attr-defined]
-        except sa.exc.SQLAlchemyError:
-            log.warning("session figures not refreshed", exc_info=True,
-                        extra={"session_id": session_id})
-            return None
+    def _session_changed(self, session_id: str | None) -> None:
+        """A dataset of ``session_id`` changed what its session's figures are made of
+        (the change is committed): recompute them, at once or coalesced with the next
+        changes within ``session_refresh_seconds`` (:mod:`.refresher`). A failure
+        loses no data: the session's next change recomputes them whole."""
+        if session_id is not None:
+            self.session_figures.changed(session_id)
 
     def update_dataset(self, dataset_id: str, *, fence: Fence | None = None,
                        **fields: Any) -> bool:

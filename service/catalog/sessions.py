@@ -12,6 +12,7 @@ after their own commit, and the later recompute sees both.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import uuid
 from dataclasses import dataclass
@@ -47,13 +48,16 @@ def standout_frames(means: list[float] | None) -> list[int]:
     """Frames whose mean stands far from the movie's others (a blanked or dropped frame,
     a flash): more than 6 robust standard deviations (1.4826 x the median absolute
     deviation) and more than 5 % of the median away from the median frame mean. A dose
-    fall-off over the movie moves every mean a little and flags none."""
-    if not means or len(means) < 3:
+    fall-off over the movie moves every mean a little and flags none. Frames without a
+    mean (not measured: a frame that failed validation, NaN) are not judged."""
+    measured = [(k, m) for k, m in enumerate(means or [])
+                if isinstance(m, (int, float)) and math.isfinite(m)]
+    if len(measured) < 3:
         return []
-    middle = statistics.median(means)
-    spread = 1.4826 * statistics.median(abs(m - middle) for m in means)
+    middle = statistics.median(m for _, m in measured)
+    spread = 1.4826 * statistics.median(abs(m - middle) for _, m in measured)
     floor = 0.05 * abs(middle)
-    return [k for k, m in enumerate(means)
+    return [k for k, m in measured
             if abs(m - middle) > max(6 * spread, floor) and abs(m - middle) > 0]
 
 
@@ -121,6 +125,20 @@ class SessionRows(CatalogBase):
         with self.engine.connect() as conn:
             return [s for s in conn.execute(sa.select(datasets.c.session_id).where(
                 datasets.c.id.in_(ids)).distinct()).scalars() if s is not None]
+
+    def refresh_stale_sessions(self, days: float = 7.0) -> int:
+        """Sessions whose figures predate a change to one of their datasets that arrived
+        in the last ``days`` (a coalesced recompute lost with its process, the catalog
+        away when it ran): recomputed now. Returns how many."""
+        d, s = datasets.c, sessions.c
+        stale = sa.select(s.id).where(sa.exists(sa.select(d.id).where(
+            d.session_id == s.id, d.created_at > self.now(-days * 86400.0),
+            d.updated_at > s.updated_at)))
+        with self.engine.connect() as conn:
+            ids = list(conn.execute(stale).scalars())
+        for session_id in ids:
+            self.refresh_session(session_id)
+        return len(ids)
 
     def refresh_all_sessions(self) -> int:
         with self.engine.connect() as conn:
