@@ -15,7 +15,7 @@ import anyio
 
 from .catalog import Catalog
 from .config import Settings
-from .errors import BadRequest, NotMrc, ServiceError, TooLarge
+from .errors import BadRequest, Conflict, NotMrc, ServiceError, TooLarge
 from .arrival import IngestPass, PassDeps, ReceivedBytes
 from .arrival.ingest_pass import LIVE_STATUSES
 from .catalog import Fence
@@ -262,6 +262,9 @@ class Intake:
         dataset = self.catalog.add_dataset(
             id=dataset_id, name=real.name, source="registration", status="queued",
             size_bytes=current.size, path=str(real), info=info, **columns)
+        if dataset is None:
+            raise Conflict("the session this file was placed in was deleted meanwhile; "
+                           "nothing was registered")
         for name, raw in sidecars:
             self.catalog.add_sidecar(id=new_id(), name=name, kind=sidecar_kind(name),
                                      text=decode_text(raw), dataset_id=dataset_id,

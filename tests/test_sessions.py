@@ -915,22 +915,24 @@ def test_a_move_onto_a_copy_of_its_bytes_is_refused(admin_client, tmp_path):
 
 def test_a_row_made_after_its_session_was_deleted_goes_with_it(tmp_path):
     """place() made the session, DELETE /v1/sessions removed it, then the movie's header
-    arrived and its row was made: the row is a tombstone at once (listed nowhere, its
-    objects swept), never a dataset of no session."""
+    arrived: no row is made (the pass stops: nothing stored), never a dataset of no
+    session; a row takes its project from its session, whatever the caller said."""
     catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     try:
         made = catalog.session_for("lab", "brief", "upload")
         catalog.add_dataset(id="d1", name="a.mrc", source="upload", status="ready",
                             size_bytes=1, path="", session_id=made["id"], project="lab")
         assert catalog.delete_session(made["id"]) == ["d1"]
-        catalog.add_dataset(id="d2", name="b.mrc", source="upload", status="receiving",
-                            size_bytes=1, path="", session_id=made["id"], project="lab")
-        assert catalog.get_dataset("d2")["status"] == "deleting"
-        assert sorted(catalog.tombstones()) == ["d1", "d2"]
+        assert catalog.add_dataset(id="d2", name="b.mrc", source="upload",
+                                   status="receiving", size_bytes=1, path="",
+                                   session_id=made["id"], project="lab") is None
+        assert catalog.get_dataset("d2") is None
+        assert sorted(catalog.tombstones()) == ["d1"]
         # a row placed in a live session, or in none, stays as it is
         other = catalog.session_for("lab", "other", "upload")
         catalog.add_dataset(id="d3", name="c.mrc", source="upload", status="receiving",
-                            size_bytes=1, path="", session_id=other["id"], project="lab")
+                            size_bytes=1, path="", session_id=other["id"], project="stale")
+        assert catalog.get_dataset("d3")["project"] == "lab"
         catalog.add_dataset(id="d4", name="d.mrc", source="upload", status="receiving",
                             size_bytes=1, path="")
         assert [catalog.get_dataset(i)["status"] for i in ("d3", "d4")] == ["receiving"] * 2

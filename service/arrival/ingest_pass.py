@@ -130,11 +130,14 @@ class IngestPass:
             info["normalize"] = self.normalize
         layout = self.cutter.layout
         assert layout is not None
-        self.deps.catalog.add_dataset(
+        made = self.deps.catalog.add_dataset(
             id=self.dataset_id, name=self.name, source=self.source, status="receiving",
             size_bytes=self.declared_size or 0, path=self.registered_path, info=info,
             mode=layout.mode, nx=layout.nx, ny=layout.ny, nz=layout.nz,
             dtype=str(layout.dtype), progress=self._progress(), **self.placement)
+        if made is None:
+            raise Conflict("the session this movie was sent to was deleted while it "
+                           "arrived; nothing was stored")
         self.row_created = True
         if self.on_row is not None:
             self.on_row()
@@ -225,6 +228,9 @@ class IngestPass:
         self.committed = True
         hit("commit.after_commit")
         release(self.arrived, self.dataset_id)
+        # its session's figures: after the commit, outside the commit and acquisition
+        # locks (a recompute reads the whole session)
+        catalog.dataset_changed(self.dataset_id)
         dataset = catalog.get_dataset(self.dataset_id)
         if dataset is None:
             raise Conflict(f"dataset {self.dataset_id} was deleted as it was committed")
@@ -244,8 +250,9 @@ class IngestPass:
         deduplicated; one project's upload never answers with another's dataset)."""
         if self.source == "registration":
             return None
-        project = self.placement.get("project") or \
-            self.deps.catalog.project_of(self.dataset_id)
+        # the row's project as it is now (its session may have moved since the pass began)
+        project = self.deps.catalog.project_of(self.dataset_id) or \
+            self.placement.get("project")
         return self.deps.catalog.find_by_sha256(sha256, LIVE_STATUSES,
                                                 exclude_id=self.dataset_id, project=project)
 

@@ -74,18 +74,29 @@ class DatasetRows(CatalogBase):
     # -- datasets ---------------------------------------------------------------------
 
     def add_dataset(self, **row: Any) -> dict[str, Any] | None:
+        """A new dataset row. In a session (``session_id``), its project is the session's
+        as it is at this instant, read in the same statement with the session row
+        share-locked: a session moved or deleted meanwhile either waits for this row
+        (and takes it along) or is seen as it is after; a session already deleted makes
+        no row (None)."""
         stamp = self.now()
-        added = self._insert(datasets, {"created_at": stamp, "updated_at": stamp, "info": {},
-                                        **row})
-        session_id = row.get("session_id")
-        if session_id is not None and self._by_id(sessions, session_id) is None:
-            # Its session was deleted after the movie was placed in it and before this
-            # row was made (DELETE /v1/sessions tombstones the rows there are): it goes
-            # the way they went, never a dataset of no session.
-            self.mark_deleting(row["id"])
-            return added
+        values = {"created_at": stamp, "updated_at": stamp, "info": {}, **row}
+        session_id = values.get("session_id")
+        if session_id is None:
+            return self._insert(datasets, values)
+        values.pop("project", None)
+        names = list(values)
+        source = sa.select(*(sa.literal(values[n], type_=datasets.c[n].type)
+                             if not isinstance(values[n], sa.ColumnElement) else values[n]
+                             for n in names), sessions.c.project).where(
+            sessions.c.id == session_id).with_for_update(read=True)
+        with self.engine.begin() as conn:
+            made = conn.execute(datasets.insert().from_select(
+                [*names, "project"], source)).rowcount
+        if not made:
+            return None
         self._session_changed(session_id)
-        return added
+        return self.get_dataset(values["id"])
 
     def _session_changed(self, session_id: str | None) -> None:
         """A dataset of ``session_id`` changed what its session's figures are made of
@@ -162,8 +173,11 @@ class DatasetRows(CatalogBase):
                                  .values(completed_at=self.now(), dataset_id=dataset_id))
         except _NotCommitted as refused:
             return refused.verdict
+        return "committed"  # the caller refreshes the session, outside its locks
+
+    def dataset_changed(self, dataset_id: str) -> None:
+        """A change to the dataset was committed by the caller: its session's figures."""
         self._session_changed(self._session_of(dataset_id))
-        return "committed"
 
     def _session_of(self, dataset_id: str) -> str | None:
         with self.engine.connect() as conn:

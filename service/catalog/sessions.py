@@ -242,6 +242,12 @@ class SessionRows(CatalogBase):
         drops their bytes: a movie whose header had not arrived never lands as a
         dataset of no session) and the session row goes. Returns the datasets' ids."""
         with self.engine.begin() as conn:
+            # The session row first (a move takes it first too: no deadlock between
+            # them): a dataset being made in the session share-locks it, so that one
+            # commits before this goes on and the tombstoning below, a later snapshot,
+            # includes it; one made after finds no session and is not made
+            # (DatasetRows.add_dataset).
+            conn.execute(sessions.delete().where(sessions.c.id == session_id))
             ids = list(conn.execute(datasets.update().where(
                 datasets.c.session_id == session_id, datasets.c.status != TOMBSTONE)
                 .values(status=TOMBSTONE, progress=None, updated_at=self.now())
@@ -249,7 +255,6 @@ class SessionRows(CatalogBase):
             conn.execute(tus_uploads.update().where(
                 tus_uploads.c.session_id == session_id, tus_uploads.c.completed_at.is_(None))
                 .values(expires_at=self.now(-1)))
-            conn.execute(sessions.delete().where(sessions.c.id == session_id))
         return ids
 
     def particle_set_project(self, set_id: str) -> str | None:

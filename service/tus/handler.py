@@ -483,10 +483,14 @@ class TusUploads:
                 and (dataset["info"].get("error") or {}).get("error") != "unavailable")):
             return 0
         if dataset is None:
-            self.catalog.add_dataset(id=row["dataset_id"], name=row["filename"],
-                                     source="upload", status="queued",
-                                     size_bytes=row["length"], path="", info={},
-                                     **placement_of(row))
+            if self.catalog.add_dataset(
+                    id=row["dataset_id"], name=row["filename"], source="upload",
+                    status="queued", size_bytes=row["length"], path="", info={},
+                    **placement_of(row)) is None:
+                # its session was deleted: the upload expires with it, nothing to replay
+                self.catalog.update_tus_upload(row["id"], dataset_id=None,
+                                               expires_at=self.catalog.now(-1))
+                return 0
         elif dataset["status"] in ("receiving", "failed"):
             self.catalog.update_dataset(row["dataset_id"], status="queued", progress=None)
         # one unfinished replay per dataset, however often recovery asks
