@@ -7,6 +7,8 @@ replicas migrating at once do it once."""
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import sqlite3
 import threading
@@ -134,3 +136,51 @@ def test_replicas_starting_together_migrate_once(pg_url):
     for thread in threads:
         thread.join()
     assert errors == [] and results == [head_revision()] * 4
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sessions_revision_derives_what_older_rows_lack(tmp_path, pg_url, backend):
+    """Revision 0004 on rows stored before it: each goes to session `<source>-<day>` in
+    project default with its figures; a blanked frame in its stored means counts as
+    standing out; a pixel size that was only a placeholder becomes unknown."""
+    from alembic import command
+
+    from service.catalog.migrate import alembic_config
+
+    url = pg_url if backend == "postgresql" else f"sqlite:///{tmp_path / 'c.sqlite3'}"
+    catalog = Catalog(url)
+    try:
+        with catalog.engine.connect() as conn:
+            command.downgrade(alembic_config(conn), "0003")
+            conn.commit()
+            placeholder = {"acquisition": {"pixel_size_angstrom": 10.0, "pixel_size_sources": [
+                {"source": "mrc_header", "key": "CELLA/MX", "value": 10.0,
+                 "placeholder": True}]}}
+            real = {"acquisition": {"pixel_size_angstrom": 0.83, "pixel_size_sources": [
+                {"source": "mdoc", "key": "PixelSpacing", "value": 0.83}]}}
+            for row in (("a", "2026-12-01T10:00:00.000000+00:00", placeholder,
+                         {"mean": [5.0, 5.1, 0.0, 4.9, 5.0]}),
+                        ("b", "2026-12-01T11:00:00.000000+00:00", real,
+                         {"mean": [5.0, 4.95, 4.9, 4.85]})):
+                conn.execute(sa.text(
+                    "INSERT INTO datasets (id, name, source, status, created_at, "
+                    "updated_at, size_bytes, path, info, pixel_size, frame_stats) VALUES "
+                    "(:id, :id, 'upload', 'ready', :t, :t, 100, '', :info, :px, :fs)"),
+                    {"id": row[0], "t": row[1], "info": json.dumps(row[2]),
+                     "px": row[2]["acquisition"]["pixel_size_angstrom"],
+                     "fs": json.dumps(row[3])})
+            conn.commit()
+        upgrade(catalog.engine)
+        a, b = catalog.get_dataset("a"), catalog.get_dataset("b")
+        assert (a["pixel_size"], a["standout_frames"]) == (None, 1)
+        assert "pixel_size_angstrom" not in a["info"]["acquisition"]
+        assert (b["pixel_size"], b["standout_frames"]) == (0.83, 0)
+        assert a["session_id"] == b["session_id"] and a["project"] == "default"
+        session = catalog.get_session(a["session_id"])
+        assert (session["name"], session["movies"], session["ready"]) == (
+            "upload-2026-12-01", 2, 2)
+        assert session["summary"]["acquisition"]["pixel_size_angstrom"] == {
+            "min": 0.83, "max": 0.83}
+        assert session["summary"]["problems"]["standing_out_count"] == 1
+    finally:
+        catalog.close()

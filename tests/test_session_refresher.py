@@ -123,3 +123,20 @@ def test_a_lost_recompute_is_found_by_the_maintenance_pass(tmp_path):
     assert catalog.refresh_stale_sessions() == 1
     assert figures(catalog, session) == recount(catalog, session) == (1, 0, 20)
     catalog.close()
+
+
+def test_a_lost_recompute_after_a_removal_is_found_too(tmp_path):
+    """A removed row (a cut-off upload dropped) leaves no newer row behind: the
+    maintenance pass recomputes every session recomputed lately."""
+    catalog = Catalog(f"sqlite:///{tmp_path}/c.sqlite3")
+    session = catalog.session_for("p", "grid1", "upload")["id"]
+    for i, status in enumerate(("ready", "receiving")):
+        catalog.add_dataset(id=f"d{i}", name=f"m{i}.mrc", source="upload", status=status,
+                            size_bytes=10, path="", session_id=session, project="p")
+    assert figures(catalog, session) == (2, 1, 20)
+    with catalog.engine.begin() as conn:  # dropped, and its recompute died with the process
+        conn.execute(sa.text("DELETE FROM datasets WHERE id = 'd1'"))
+    assert catalog.refresh_stale_sessions() == 1
+    assert figures(catalog, session) == recount(catalog, session) == (1, 1, 10)
+    assert catalog.get_session(session)["in_flight"] == 0
+    catalog.close()

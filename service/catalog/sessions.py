@@ -126,14 +126,18 @@ class SessionRows(CatalogBase):
             return [s for s in conn.execute(sa.select(datasets.c.session_id).where(
                 datasets.c.id.in_(ids)).distinct()).scalars() if s is not None]
 
-    def refresh_stale_sessions(self, days: float = 7.0) -> int:
-        """Sessions whose figures predate a change to one of their datasets that arrived
-        in the last ``days`` (a coalesced recompute lost with its process, the catalog
-        away when it ran): recomputed now. Returns how many."""
+    def refresh_stale_sessions(self, days: float = 7.0, recent_hours: float = 24.0) -> int:
+        """What a coalesced recompute lost with its process (or run while the catalog
+        was away) left stale, recomputed now: every session recomputed in the last
+        ``recent_hours`` (a change that removed a row, or touched only stored bytes,
+        leaves no other trace), and any whose figures predate a change to one of its
+        datasets that arrived in the last ``days``. Returns how many."""
         d, s = datasets.c, sessions.c
-        stale = sa.select(s.id).where(sa.exists(sa.select(d.id).where(
-            d.session_id == s.id, d.created_at > self.now(-days * 86400.0),
-            d.updated_at > s.updated_at)))
+        stale = sa.select(s.id).where(sa.or_(
+            s.updated_at > self.now(-recent_hours * 3600.0),
+            sa.exists(sa.select(d.id).where(
+                d.session_id == s.id, d.created_at > self.now(-days * 86400.0),
+                d.updated_at > s.updated_at))))
         with self.engine.connect() as conn:
             ids = list(conn.execute(stale).scalars())
         for session_id in ids:

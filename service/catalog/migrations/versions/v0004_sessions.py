@@ -13,13 +13,14 @@ Revises: 0003
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import sqlalchemy as sa
 from alembic import op
 
 from service.catalog.clock import db_now
-from service.catalog.sessions import write_figures
+from service.catalog.sessions import standout_frames, write_figures
 
 revision = "0004"
 down_revision = "0003"
@@ -69,6 +70,7 @@ def upgrade() -> None:
     with op.batch_alter_table("tus_uploads") as batch:
         batch.add_column(sa.Column("session_id", sa.String(32)))
         batch.add_column(sa.Column("project", sa.String(100)))
+    _derived_columns(op.get_bind())
     _sessions_for_existing(op.get_bind())
     # uploads are deduplicated within a project now
     dialect = op.get_bind().dialect.name
@@ -76,6 +78,41 @@ def upgrade() -> None:
     op.create_index("uq_datasets_live_upload_project_sha256", "datasets",
                     ["project", "sha256"], unique=True,
                     **{f"{dialect}_where": sa.text(LIVE_UPLOAD)})
+
+
+def _json(value):
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _derived_columns(bind, batch: int = 2000) -> None:
+    """What this revision's rules derive from what older ones stored, for the datasets
+    already there: ``standout_frames`` from their per-frame means, and a pixel size that
+    was only a placeholder (1 Å, DE's negative cell) made unknown: a stand-in is never a
+    value (it stays listed in ``acquisition.pixel_size_sources``)."""
+    after = ""
+    while True:
+        rows = bind.execute(sa.text(
+            "SELECT id, frame_stats, info FROM datasets WHERE id > :after ORDER BY id "
+            "LIMIT :batch"), {"after": after, "batch": batch}).all()
+        for dataset_id, frame_stats, info in rows:
+            changes: dict = {}
+            stats = _json(frame_stats)
+            if stats:
+                changes["standout_frames"] = len(standout_frames(stats.get("mean")))
+            info = _json(info) or {}
+            acquisition = info.get("acquisition") or {}
+            sources = acquisition.get("pixel_size_sources") or []
+            if sources and sources[0].get("placeholder"):
+                acquisition.pop("pixel_size_angstrom", None)
+                changes["pixel_size"] = None
+                changes["info"] = json.dumps(info)
+            if changes:
+                sets = ", ".join(f"{k} = :{k}" for k in changes)
+                bind.execute(sa.text(f"UPDATE datasets SET {sets} WHERE id = :id"),
+                             {**changes, "id": dataset_id})
+        if len(rows) < batch:
+            return
+        after = rows[-1][0]
 
 
 def _sessions_for_existing(bind) -> None:
@@ -90,10 +127,10 @@ def _sessions_for_existing(bind) -> None:
             "INSERT INTO sessions (id, name, project, source, created_at, updated_at, "
             "summary) VALUES (:id, :name, 'default', :source, :first, :first, '{}')"),
             {"id": session_id, "name": f"{source}-{day}", "source": source, "first": first})
-        bind.execute(sa.text(
+        bind.execute(sa.text(  # a range of the (source, created_at) index, not a scan
             "UPDATE datasets SET session_id = :id, project = 'default' "
-            "WHERE source = :source AND substr(created_at, 1, 10) = :day"),
-            {"id": session_id, "source": source, "day": day})
+            "WHERE source = :source AND created_at >= :start AND created_at < :stop"),
+            {"id": session_id, "source": source, "start": f"{day}T", "stop": f"{day}U"})
         write_figures(bind, session_id, db_now(bind.dialect.name))
     # A resumable upload goes where its dataset is; one whose movie has not arrived yet
     # (no dataset) to upload-<UTC date it was created>, as one created now without a
