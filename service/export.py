@@ -11,8 +11,11 @@ The STAR file
   first), with ``rlnSphericalAberration`` and ``rlnAmplitudeContrast`` as given (query
   parameters, else settings; never guessed). A comment line per group says what it is.
 * ``data_movies`` has ``rlnMicrographMovieName`` and ``rlnOpticsGroup``, oldest first.
-  The name is the absolute as-received download URL, or ``<prefix><dataset id>/<name>``
-  when a prefix is given (the id folder keeps apart movies of the same name).
+  The name is the absolute as-received download URL, or with ``prefix`` (where the
+  store is mounted) a file RELION can read: a registered movie's own path on shared
+  storage, an upload's kept original as ``<prefix><its key>``. An upload kept only as
+  its MRCZ archive (the default) has no such file: it is refused like an incomplete
+  movie, as the MRCZ archive is not a file RELION reads.
 * Each data block is preceded by ``# version 30001``, as RELION 3.1 writes.
 * Numbers are written as Python's ``repr`` of the stored float: the shortest text that
   reads back as exactly the same double.
@@ -55,7 +58,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .catalog.schema import datasets
 from .catalog.sessions import IN_FLIGHT
-from .errors import Unprocessable
+from .errors import Conflict, Unprocessable
 
 Row = dict[str, Any]
 
@@ -70,6 +73,8 @@ _optics_key = operator.itemgetter(*OPTICS_KEY)
 #: the dataset columns the STAR file is made of (both passes)
 STAR_COLUMNS = [datasets.c[name] for name in ("id", "name", "created_at", "status",
                                               *OPTICS_KEY)]
+#: ... and with ``prefix``, where each movie's readable file is
+PATH_COLUMNS = STAR_COLUMNS + [datasets.c[name] for name in ("source", "path", "info")]
 #: the large JSON columns the CSV leaves out
 CSV_LEFT_OUT = ("info", "frame_stats", "progress")
 CSV_DATASET_COLUMNS = [c for c in datasets.c if c.name not in CSV_LEFT_OUT]
@@ -174,12 +179,21 @@ def movie_url(template: str, marker: str) -> MovieNames:
 
 
 def movie_path(prefix: str) -> MovieNames:
-    """``rlnMicrographMovieName`` as ``<prefix><dataset id>/<name>`` (the prefix as given:
-    end it with '/')."""
+    """``rlnMicrographMovieName`` as a file RELION reads (rows of :data:`PATH_COLUMNS`):
+    a registered movie's own path on shared storage; an upload's kept original under
+    the mounted store, ``<prefix><key>`` (the prefix as given: end it with '/'); None for
+    an upload kept only as its MRCZ archive."""
     if _control(prefix):
         raise Unprocessable({"message": "prefix holds a control character",
                              "where": "query.prefix"})
-    return MovieNames(lambda row: f"{prefix}{row['id']}/{row['name']}", checked=True)
+
+    def path(row: Row) -> str | None:
+        if row["source"] == "registration" and row["path"]:
+            return row["path"]
+        info = row["info"] if isinstance(row["info"], dict) else {}
+        key = ((info.get("storage") or {}).get("keys") or {}).get("original")
+        return f"{prefix}{key}" if key else None
+    return MovieNames(path, checked=True)
 
 
 def plan_star(rows: Iterable[Row], movie_name: MovieNames, *,
@@ -260,6 +274,11 @@ def movies_star(rows: Callable[[], Iterable[Row]], optics: Optics, movie_name: M
     sent) and returns the text of the second as an iterator. ``rows()`` reads the
     session's rows afresh (:data:`STAR_COLUMNS`)."""
     plan = plan_star(rows(), movie_name, skip_incomplete=skip_incomplete)
+    if not plan.ready:
+        raise Conflict({"message": "the session has no ready movie to list"
+                                   + (" that can be written" if plan.incomplete_count else
+                                      " yet"), "left_out": dict(plan.left_out),
+                        "incomplete": plan.incomplete_count})
     return star_text(plan, optics, rows(), movie_name, session)
 
 
@@ -326,7 +345,12 @@ def star_writable(text: str) -> bool:
 def _problems(row: Row, movie_name: MovieNames) -> list[str]:
     problems = [column for column in ("pixel_size", "voltage_kv")
                 if not _positive(row[column])]
-    if movie_name.checked and not star_writable(movie_name(row)):
+    name = movie_name(row)
+    if name is None:
+        problems.append("a file RELION reads under the prefix (kept only as an MRCZ "
+                        "archive: MRC_INGEST_KEEP_ORIGINAL=true keeps the original; or "
+                        "list download URLs)")
+    elif movie_name.checked and not star_writable(name):
         problems.append("a name STAR can hold")
     return problems
 

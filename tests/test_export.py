@@ -250,17 +250,53 @@ def test_a_movie_without_a_pixel_size_is_refused_unless_skipped(world, tmp_path)
            "(skip_incomplete)" in text
 
 
-def test_prefix_names_movies_by_id_and_name(world, tmp_path):
+def stored_file(data_dir, name: str, prefix: str):
+    assert name.startswith(prefix + "datasets/"), name
+    return data_dir / name[len(prefix):]
+
+
+def test_prefix_names_files_relion_reads(world, tmp_path):
+    """Under ?prefix= (the store mounted there) a movie is named by a file RELION reads,
+    and the file there is the movie as received: these tiny movies are kept as
+    received (their archive would be no smaller). A movie kept only as its MRCZ archive
+    has no such file: refused, naming each and why, unless the original is kept."""
     client, session = world["client"], world["sessions"]["grid1"]
     blocks, _ = star_of(client, session["id"], tmp_path, prefix="/mnt/store/")
-    assert list(blocks["movies"]["rlnMicrographMovieName"]) == [
-        f"/mnt/store/{d['id']}/{d['name']}" for d in world["grid1"]]
+    by_id = {d["id"]: d for d in world["grid1"]}
+    for name, d in zip(blocks["movies"]["rlnMicrographMovieName"], world["grid1"]):
+        assert name.endswith(f"/{d['name']}")
+        stored = stored_file(world["folder"] / "data", name, "/mnt/store/")
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == by_id[d["id"]]["sha256"]
+
+    for keep in (False, True):
+        folder = tmp_path / f"keep-{keep}"
+        folder.mkdir()
+        with make_client(folder / "data", keep_original=keep) as app:
+            big = upload(app, folder, "sq9_mov0.mrc", (4, 128, 128), 90, "grid9", 0.83, 300)
+            detail = app.get(f"/v1/datasets/{big['id']}").json()
+            assert detail["storage"]["form"] == "archive"  # the original beside it if kept
+            grid9 = app.get("/v1/sessions").json()["items"][0]
+            answer = app.get(f"/v1/sessions/{grid9['id']}/movies.star",
+                             params={**OPTICS, "prefix": "/mnt/store/"})
+            if not keep:
+                assert answer.status_code == 422, answer.text
+                [refused] = answer.json()["detail"]["movies"]
+                assert any("a file RELION reads" in m for m in refused["missing"])
+                assert app.get(f"/v1/sessions/{grid9['id']}/movies.star", params={
+                    **OPTICS, "prefix": "/mnt/store/", "skip_incomplete": True}
+                    ).status_code == 409
+                continue
+            blocks, _ = star_of(app, grid9["id"], tmp_path, prefix="/mnt/store/")
+        [name] = list(blocks["movies"]["rlnMicrographMovieName"])
+        stored = stored_file(folder / "data", name, "/mnt/store/")
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == big["sha256"]
 
 
 def test_prefix_with_hostile_names(world, tmp_path):
-    """A name with spaces is quoted (starfile reads it back whole); one with a line break
-    cannot be a STAR value: refused, or left out with skip_incomplete. The download URLs
-    hold no name, so the plain export has both."""
+    """A registered movie is named by its own path on shared storage. A name with spaces
+    is quoted (starfile reads it back whole); one with a line break cannot be a STAR
+    value: refused, or left out with skip_incomplete. The download URLs hold no name,
+    so the plain export has both."""
     client, session = world["client"], world["sessions"]["hostile"]
     hostile, spaced = world["hostile"]
     assert (hostile["name"], spaced["name"]) == (HOSTILE, SPACED)
@@ -271,34 +307,23 @@ def test_prefix_with_hostile_names(world, tmp_path):
     assert refused.status_code == 422
     assert refused.json()["detail"]["movies"] == [
         {"dataset_id": hostile["id"], "name": HOSTILE, "missing": ["a name STAR can hold"]}]
-    blocks, text = star_of(client, session["id"], tmp_path, prefix="/mnt/my store/",
+    blocks, text = star_of(client, session["id"], tmp_path, prefix="/mnt/store/",
                           skip_incomplete="true")
-    assert list(blocks["movies"]["rlnMicrographMovieName"]) == [
-        f"/mnt/my store/{spaced['id']}/{SPACED}"]
-    assert f'"/mnt/my store/{spaced["id"]}/{SPACED}" 1\n' in text
+    on_shared = str(world["shared"].resolve() / SPACED)
+    assert list(blocks["movies"]["rlnMicrographMovieName"]) == [on_shared]
+    assert f'"{on_shared}" 1\n' in text
     control = client.get(f"/v1/sessions/{session['id']}/movies.star",
                          params={**OPTICS, "prefix": "/mnt/\nstore/"})
     assert control.status_code == 422
 
 
-def test_a_session_without_ready_movies(world, tmp_path):
-    """Both tables declared, no rows, and why in a comment. starfile (0.5) cannot read a
-    loop with no rows but a comment line (its loop ends at the next data_ block and
-    pandas finds only the '# version' comment in it), so the comments are dropped before
-    it reads the file."""
+def test_a_session_without_ready_movies(world):
+    """Nothing to process: 409 that says what the session holds (an empty STAR file is
+    no input RELION, or starfile, takes)."""
     client, session = world["client"], world["sessions"]["empty"]
     response = client.get(f"/v1/sessions/{session['id']}/movies.star", params=OPTICS)
-    assert response.status_code == 200
-    text = response.text
-    assert "# 0 movie(s): only ready movies are listed; left out: 1 rejected\n" in text
-    assert text.count("# version 30001\n\ndata_") == 2
-    path = tmp_path / "empty.star"
-    path.write_text("".join(line for line in text.splitlines(keepends=True)
-                            if not line.startswith("#")))
-    blocks = starfile.read(path, always_dict=True)
-    assert len(blocks["optics"]) == 0 and len(blocks["movies"]) == 0
-    assert list(blocks["movies"].columns) == ["rlnMicrographMovieName", "rlnOpticsGroup"]
-    assert len(blocks["optics"].columns) == 6
+    assert response.status_code == 409, response.text
+    assert response.json()["detail"]["left_out"] == {"rejected": 1}
 
 
 #: the catalog columns the API lists under another name

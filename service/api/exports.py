@@ -30,7 +30,7 @@ def _errors(*codes: int) -> dict:
 
 @router.get("/sessions/{session_id}/movies.star", response_class=Response,
             dependencies=[READ],
-            responses={200: {"content": {STAR_MEDIA_TYPE: {}}}, **_errors(404, 422)},
+            responses={200: {"content": {STAR_MEDIA_TYPE: {}}}, **_errors(404, 409, 422)},
             summary="The session's ready movies as a RELION 3.1+ movies STAR file")
 async def movies_star(
         session_id: str, request: Request, service: Service, caller: Caller,
@@ -40,8 +40,9 @@ async def movies_star(
             ge=0, le=1, allow_inf_nan=False, description="0 to 1 (default: "
             "MRC_INGEST_AMPLITUDE_CONTRAST)")] = None,
         prefix: Annotated[str | None, Query(max_length=1000, description=
-                          "movie names as <prefix><dataset id>/<name> (where the store "
-                          "is mounted) instead of download URLs")] = None,
+                          "where the store is mounted: movie names are files RELION reads "
+                          "(a registered movie's own path; an upload's kept original as "
+                          "<prefix><key>) instead of download URLs")] = None,
         skip_incomplete: Annotated[bool, Query(description="leave out ready movies "
                                    "without a pixel size or voltage instead of refusing")]
         = False) -> Response:
@@ -49,8 +50,9 @@ async def movies_star(
     MRC mode (``opticsGroup1..n`` in order of first appearance); ``data_movies``: each
     ready movie, oldest first, by its absolute download URL (or path under ``prefix``).
     Rejected, failed and in-flight movies are left out and counted in a comment. A
-    missing Cs or amplitude contrast, or a ready movie without a pixel size or voltage,
-    is a 422 that says which."""
+    missing Cs or amplitude contrast, or a ready movie without a pixel size or voltage
+    (or, with ``prefix``, without a file RELION reads), is a 422 that says which; a
+    session with no ready movie is a 409."""
     session = await anyio.to_thread.run_sync(service.queries.session, session_id, caller)
     settings = service.settings
     optics = export.resolve_optics(cs_mm, amplitude_contrast, settings.cs_mm,
@@ -60,7 +62,8 @@ async def movies_star(
     else:
         template = str(request.url_for("download", dataset_id=_ID_MARKER))
         movie_name = export.movie_url(template, _ID_MARKER)
-    rows = partial(service.catalog.session_movies, session_id, export.STAR_COLUMNS)
+    rows = partial(service.catalog.session_movies, session_id,
+                   export.STAR_COLUMNS if prefix is None else export.PATH_COLUMNS)
     text = await anyio.to_thread.run_sync(partial(
         export.movies_star, rows, optics, movie_name, session,
         skip_incomplete=skip_incomplete))
