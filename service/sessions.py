@@ -59,7 +59,15 @@ class Placement:
         return cls.given(metadata.get("session"), metadata.get("project"))
 
     def with_default_session(self, name: str | None) -> "Placement":
-        return self if self.session is not None or not name else Placement(name, self.project)
+        """This placement, or its session ``name`` when none was said (a folder's name
+        that cannot be a session's, too long or with a control character, is not
+        used: the default applies)."""
+        if self.session is not None or not name:
+            return self
+        try:
+            return Placement(check_label(name, "session", SESSION_NAME_MAX), self.project)
+        except Unprocessable:
+            return self
 
 
 def default_session_name(source: str, moment: datetime | None = None) -> str:

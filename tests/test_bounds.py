@@ -408,7 +408,7 @@ def test_the_registration_body_is_documented(client):
     body = schema["paths"]["/v1/registrations"]["post"]["requestBody"]
     assert body["required"] is True
     fields = body["content"]["application/json"]["schema"]["properties"]
-    assert set(fields) == {"path", "normalize"}
+    assert set(fields) == {"path", "normalize", "session", "project"}
 
 
 # -- the ordinary still works ----------------------------------------------------------------

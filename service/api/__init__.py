@@ -56,6 +56,24 @@ class RequestTimer:
         await self.app(scope, receive, timed_send)
 
 
+class RefuseNul:
+    """Pure ASGI middleware: a URL holding a NUL byte (``%00`` in its path or query) is a
+    400 before any route sees it. No id, name or parameter of this API holds one, and
+    PostgreSQL text cannot: passed on, it would surface as a database error."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in
+                                        scope.get("query_string", b"")):
+            response = errors.error_response(400, "bad_request", {
+                "message": "the URL holds a NUL byte (%00)", "where": "url"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     service = IngestService(settings)
@@ -77,5 +95,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    particles, ops, dashboard):
         app.include_router(module.router)
     app.add_middleware(tus.TusResumableHeader)
+    app.add_middleware(RefuseNul)
     app.add_middleware(RequestTimer, metrics=service.metrics)
     return app

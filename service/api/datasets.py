@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 
 from ..catalog import DatasetQuery
+from ..errors import Unprocessable
 from .deps import ADMIN, READ, WRITE, Caller, Service
 from .schemas import (DatasetDetail, DatasetPage, ErrorBody, FrameStatsSeries, Job,
                       dataset_detail, dataset_summary, job_view)
@@ -17,13 +18,18 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 NOT_FOUND = {404: {"model": ErrorBody}}
 
 
-def utc_text(moment: datetime | None) -> str | None:
-    """Catalog timestamps are UTC ISO text; a naive time is taken as UTC."""
+def utc_text(moment: datetime | None, where: str) -> str | None:
+    """Catalog timestamps are UTC ISO text; a naive time is taken as UTC. One that is
+    no time in UTC (year 1 at +14:00, year 9999 at -14:00) is a 422 naming ``where``."""
     if moment is None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    try:
+        return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    except OverflowError:
+        raise Unprocessable({"message": f"{moment.isoformat()} is out of range in UTC",
+                             "where": where}) from None
 
 
 @router.get("", response_model=DatasetPage, summary="List datasets (filter, sort, paginate)",
@@ -73,8 +79,9 @@ def list_datasets(
                          max_pixel_size=max_pixel_size, min_exposure=min_exposure,
                          max_exposure=max_exposure, min_frames=min_frames,
                          max_frames=max_frames,
-                         created_after=utc_text(created_after),
-                         created_before=utc_text(created_before), sort=sort,
+                         created_after=utc_text(created_after, "query.created_after"),
+                         created_before=utc_text(created_before, "query.created_before"),
+                         sort=sort,
                          session_id=session, projects=caller.projects,
                          descending=order == "desc", limit=limit, cursor=cursor)
     rows, next_cursor = service.queries.list_datasets(query)

@@ -20,7 +20,7 @@ log = logging.getLogger("mrc_ingest.api")
 
 
 def error_response(status: int, code: str, detail: object) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+    return JSONResponse({"error": code, "detail": _jsonable(detail)}, status_code=status)
 
 
 def install(app: FastAPI) -> None:
@@ -72,7 +72,15 @@ def install(app: FastAPI) -> None:
 
 
 def _jsonable(value: object) -> object:
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    """``value`` as JSON can hold it; text that UTF-8 cannot (a lone surrogate a request
+    sent, echoed back) with its code points written out."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}

@@ -44,8 +44,10 @@ def list_sessions(
     if project is not None and not caller.sees(project):
         return {"items": [], "next_cursor": None, "links": {}}
     query = SessionQuery(projects=caller.projects, project=project, microscope=microscope,
-                         source=source, started_after=utc_text(started_after),
-                         started_before=utc_text(started_before), sort=sort,
+                         source=source,
+                         started_after=utc_text(started_after, "query.started_after"),
+                         started_before=utc_text(started_before, "query.started_before"),
+                         sort=sort,
                          descending=order == "desc", limit=limit, cursor=cursor)
     rows, next_cursor = service.queries.list_sessions(query)
     links = {}

@@ -32,10 +32,17 @@ def decode_cursor(cursor: str, sort: str) -> tuple[Any, str]:
 
 def after_cursor(query: sa.Select, key: sa.ColumnElement, tie: sa.ColumnElement,
                  cursor: str | None, sort: str, descending: bool) -> sa.Select:
-    """``query`` narrowed to the rows after ``cursor`` in (``key``, ``tie``) order."""
+    """``query`` narrowed to the rows after ``cursor`` in (``key``, ``tie``) order. A
+    cursor whose value is not of the sort column's kind (text, or a 64-bit integer) is
+    one this service did not issue."""
     if not cursor:
         return query
     value, row_id = decode_cursor(cursor, sort)
+    text = key.type.python_type is str
+    if (text and not isinstance(value, str)) or (not text and (
+            type(value) is not int or not -2**63 <= value < 2**63)) \
+            or "\x00" in row_id or (text and "\x00" in value):
+        raise CursorError(f"cursor {cursor!r} is not one this service issued")
     if descending:
         return query.where(sa.or_(key < value, sa.and_(key == value, tie < row_id)))
     return query.where(sa.or_(key > value, sa.and_(key == value, tie > row_id)))
