@@ -1,18 +1,23 @@
 """Load: 8 concurrent uploads of 1 GiB each while a dashboard client polls the catalog
-and previews. Prints upload throughput, metadata/preview latency p50/p99 (goal: metadata
-p99 < 50 ms while the uploads stream) and the number of errors (goal 0), next to the same
-latencies on the idle deployment, for two deployments on this one machine, in one run:
+and previews. Prints upload throughput, metadata/preview latency p50/p95/p99 (goal:
+metadata p99 < 50 ms while the uploads stream) and the number of errors (goal 0), next
+to the same latencies on the idle deployment, for four deployments on this one machine
+in one run, each differing from the one before it in ONE thing:
 
-* ``one process``: the embedded default, ``mrc-ingest serve`` on SQLite and the data
-  folder; uploads and dashboard share it (the reference: how it ran before #14);
-* ``split``: a PostgreSQL catalog and the same local folder; one ``serve`` process takes
-  the uploads (and ingests them as they stream) under ``nice -n 10``, a second with
-  ``MRC_INGEST_WORKERS=0`` answers the dashboard at normal priority. Same code, same
-  machine, told apart by settings (and the scheduler's priority) alone.
+1. ``sqlite``: the embedded default, one ``mrc-ingest serve`` on SQLite and the data
+   folder; uploads and dashboard share it (the reference: how it ran before #14);
+2. ``postgres``: the same single process on a PostgreSQL catalog (the database changed);
+3. ``split``: PostgreSQL; one ``serve`` takes the uploads (and ingests them as they
+   stream), a second with ``MRC_INGEST_WORKERS=0`` answers the dashboard, both at the
+   same priority (the process split added);
+4. ``split-nice``: the same, the upload process under ``nice -n 10`` (nice added).
 
-Loopback only. Each upload streams the same 4-bit frames behind its own header label, so
-every movie has its own SHA-256 (no de-duplication shortcut) while the disk holds one
-source file. Run: ``python bench/bench_load.py`` (``--quick``: 8 x 128 MiB).
+(A split on SQLite is not possible: one process per embedded catalog, ARCHITECTURE.md
+invariant 7.) Loopback only. Each upload streams the same 4-bit frames behind its own
+header label, so every movie has its own SHA-256 (no de-duplication shortcut) while the
+disk holds one source file. Run: ``python bench/bench_load.py`` (about 10 min);
+``--size-mib`` per upload (default 1024), ``--configs sqlite,split-nice`` for a subset,
+``--quick``: 8 x 128 MiB. Writes bench/results/load.json.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import begin, save  # noqa: E402
 from tests.api_helpers import start_server  # noqa: E402
 from tests.postgres import start_postgres  # noqa: E402
 from tests.reference import raw_header  # noqa: E402
@@ -40,12 +46,18 @@ FRAME = NX * NY // 2  # packed 4-bit bytes per frame
 MiB = 1 << 20
 
 
+DISTINCT_FRAMES = 8  # drawn once and cycled: drawing GiBs of Poisson counts is slow
+
+
 def write_frames(path: Path, frames: int) -> None:
     rng = np.random.default_rng(0)
+    packed = []
+    for _ in range(DISTINCT_FRAMES):
+        counts = np.minimum(rng.poisson(1.0, size=(NY, NX)), 15).astype(np.uint8)
+        packed.append((counts[:, 0::2] | (counts[:, 1::2] << 4)).tobytes())
     with open(path, "wb") as f:
-        for _ in range(frames):
-            counts = np.minimum(rng.poisson(1.0, size=(NY, NX)), 15).astype(np.uint8)
-            f.write((counts[:, 0::2] | (counts[:, 1::2] << 4)).tobytes())
+        for z in range(frames):
+            f.write(packed[z % DISTINCT_FRAMES])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -137,71 +149,129 @@ def run(upload_base: str, dashboard_base: str, frames_file: Path, frames: int,
             "errors": poller.errors}
 
 
-def report(name: str, r: dict, uploads: int, size: int) -> None:
+def summary(r: dict, uploads: int, size: int) -> dict:
+    """The figures of one deployment, as they go into the results file."""
     results = r["results"]
     ok = sum(1 for v in results.values() if v[0] == 201 and
              v[2]["dataset"]["status"] == "ready")
     upload_errors = [f"{n}: {v[0]} {v[2]}" for n, v in results.items() if v[0] != 201]
-    print(f"\n## {name}: {uploads} concurrent uploads (curl -T) of {size / 2**30:.2f} GiB "
-          "each, ready on the answer (clients and servers share the 2 cores)")
-    print(f"  all ready {r['upload_s']:.1f} s after the start: "
-          f"{uploads * size / r['upload_s'] / 1e6:.0f} MB/s aggregate; per upload "
-          f"{min(v[1] for v in results.values()):.1f}-{max(v[1] for v in results.values()):.1f} s")
-    print(f"  metadata GETs while uploading: p50 {pct(r['busy_meta'], 50):.1f} ms, p99 "
-          f"{pct(r['busy_meta'], 99):.1f} ms over {len(r['busy_meta'])} (goal p99 < 50)")
-    print(f"  previews while uploading: p50 {pct(r['busy_prev'], 50):.1f} ms, p99 "
-          f"{pct(r['busy_prev'], 99):.1f} ms over {len(r['busy_prev'])}")
-    print(f"  reference, same deployment idle: metadata p50 {pct(r['idle_meta'], 50):.1f} ms, "
-          f"p99 {pct(r['idle_meta'], 99):.1f} ms; previews p50 {pct(r['idle_prev'], 50):.1f} ms")
-    print(f"  errors: {len(upload_errors) + len(r['errors'])} (ready {ok}/{uploads}) (goal 0)")
-    for line in (upload_errors + r["errors"])[:10]:
+    per = sorted(v[1] for v in results.values())
+
+    def lat(values: list[float]) -> dict:
+        return {"n": len(values), "p50_ms": round(pct(values, 50), 2),
+                "p95_ms": round(pct(values, 95), 2), "p99_ms": round(pct(values, 99), 2),
+                "max_ms": round(max(values) * 1000, 2) if values else None}
+
+    return {"uploads": uploads, "upload_bytes": size, "all_ready_s": round(r["upload_s"], 2),
+            "aggregate_MB_s": round(uploads * size / r["upload_s"] / 1e6, 1),
+            "per_upload_s": [round(v, 2) for v in per], "ready": ok,
+            "metadata_busy": lat(r["busy_meta"]), "previews_busy": lat(r["busy_prev"]),
+            "metadata_idle": lat(r["idle_meta"]), "previews_idle": lat(r["idle_prev"]),
+            "errors": len(upload_errors) + len(r["errors"]),
+            "error_samples": (upload_errors + r["errors"])[:10]}
+
+
+def report(title: str, f: dict) -> None:
+    b, i = f["metadata_busy"], f["metadata_idle"]
+    print(f"\n## {title}: {f['uploads']} concurrent uploads (curl -T) of "
+          f"{f['upload_bytes'] / 2**30:.2f} GiB each, ready on the answer")
+    print(f"  all ready {f['all_ready_s']:.1f} s after the start: {f['aggregate_MB_s']:.0f} MB/s "
+          f"aggregate; per upload {f['per_upload_s'][0]:.1f}-{f['per_upload_s'][-1]:.1f} s")
+    print(f"  metadata GETs while uploading: p50 {b['p50_ms']:.1f} ms, p95 {b['p95_ms']:.1f} ms, "
+          f"p99 {b['p99_ms']:.1f} ms over {b['n']} (goal p99 < 50)")
+    p = f["previews_busy"]
+    print(f"  previews while uploading: p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms "
+          f"over {p['n']}")
+    print(f"  reference, same deployment idle: metadata p50 {i['p50_ms']:.1f} ms, p99 "
+          f"{i['p99_ms']:.1f} ms; previews p50 {f['previews_idle']['p50_ms']:.1f} ms")
+    print(f"  errors: {f['errors']} (ready {f['ready']}/{f['uploads']}) (goal 0)")
+    for line in f["error_samples"]:
         print(f"    {line}")
+
+
+#: name -> (title, database, split, nice of the upload process); each differs from the
+#: one before it in one setting
+CONFIGS = {
+    "sqlite": ("one process, SQLite (embedded default)", "sqlite", False, 0),
+    "postgres": ("one process, PostgreSQL (database changed)", "postgres", False, 0),
+    "split": ("PostgreSQL, uploads and dashboard in two serve processes, same priority "
+              "(split added)", "postgres", True, 0),
+    "split-nice": ("PostgreSQL, two processes, the upload one under nice 10 (nice added)",
+                   "postgres", True, 10),
+}
+
+
+def deploy(name: str, work: Path, pg, procs: list) -> tuple[str, str]:
+    """Start deployment ``name``; returns (upload base URL, dashboard base URL)."""
+    _title, database, split, nice = CONFIGS[name]
+    env = {"MRC_INGEST_DATABASE_URL": pg.create_database()} if database == "postgres" else {}
+    data = work / f"data-{name}"
+    ingest, ingest_base = start_server(data, "--workers", "2", env=env, nice=nice)
+    procs.append(ingest)
+    if not split:
+        return ingest_base, ingest_base
+    dashboard, dashboard_base = start_server(data, env={**env, "MRC_INGEST_WORKERS": "0"})
+    procs.append(dashboard)
+    return ingest_base, dashboard_base
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="8 x 128 MiB")
     parser.add_argument("--uploads", type=int, default=8)
+    parser.add_argument("--size-mib", type=int, default=1024, help="per upload (x 8 MiB frames)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated subset of {', '.join(CONFIGS)}")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
-    frames = 16 if args.quick else 128  # x 8 MiB: 128 MiB or 1 GiB per movie
+    started = begin()
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        sys.exit(f"unknown configs: {', '.join(sorted(unknown))}")
+    frames = 16 if args.quick else max(1, args.size_mib * MiB // FRAME)
     size = frames * FRAME + 1024
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     work.chmod(0o755)
-    procs: list = []
+    figures: dict = {}
     pg = None
     try:
         frames_file = work / "frames.bin"
         write_frames(frames_file, frames)
-
-        proc, base = start_server(work / "data-one", "--workers", "2")
-        procs.append(proc)
-        one = run(base, base, frames_file, frames, args.uploads, args.quick)
-        proc.terminate()
-        proc.wait(timeout=60)
-        shutil.rmtree(work / "data-one", ignore_errors=True)
-
+        # one cluster for every deployment (idle while SQLite runs), a fresh database each
         pg = start_postgres(work / "pg", durable=True)
-        env = {"MRC_INGEST_DATABASE_URL": pg.create_database()}
-        ingest, ingest_base = start_server(work / "data-split", "--workers", "2", env=env,
-                                           nice=10)
-        procs.append(ingest)
-        dashboard, dashboard_base = start_server(
-            work / "data-split", env={**env, "MRC_INGEST_WORKERS": "0"})
-        procs.append(dashboard)
-        split = run(ingest_base, dashboard_base, frames_file, frames, args.uploads,
-                    args.quick)
+        for name in names:
+            procs: list = []
+            try:
+                upload_base, dashboard_base = deploy(name, work, pg, procs)
+                r = run(upload_base, dashboard_base, frames_file, frames, args.uploads,
+                        args.quick)
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.terminate()
+                        proc.wait(timeout=60)
+                shutil.rmtree(work / f"data-{name}", ignore_errors=True)
+            title, database, split, nice = CONFIGS[name]
+            figures[name] = {"title": title, "database": database, "split": split,
+                             "nice": nice, **summary(r, args.uploads, size)}
+            report(title, figures[name])
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=60)
         if pg is not None:
             pg.remove()
         shutil.rmtree(work, ignore_errors=True)
-    report("one process (SQLite, embedded default)", one, args.uploads, size)
-    report("split: PostgreSQL; uploads to one serve process (nice 10), dashboard on "
-           "another with MRC_INGEST_WORKERS=0", split, args.uploads, size)
+    print("\n## metadata p99 while uploading, one change at a time (goal < 50 ms)")
+    previous = None
+    for name in names:
+        f = figures[name]
+        step = (f"  {f['metadata_busy']['p99_ms'] / figures[previous]['metadata_busy']['p99_ms']:.2f}x "
+                f"the step before" if previous else "")
+        print(f"  {name:11s} p99 {f['metadata_busy']['p99_ms']:6.1f} ms (idle "
+              f"{f['metadata_idle']['p99_ms']:.1f}), all ready {f['all_ready_s']:.1f} s, "
+              f"errors {f['errors']}{step}")
+        previous = name
+    save("load", figures, args=vars(args), quick=args.quick, started=started,
+         extra_packages=("psycopg", "uvicorn", "fastapi"))
 
 
 if __name__ == "__main__":
