@@ -333,8 +333,7 @@ def session_links(session_id: str) -> dict[str, str]:
 
 
 def session_summary(row: dict[str, Any]) -> dict[str, Any]:
-    summary = row["summary"] or {}
-    problems = summary.get("problems") or {}
+    """A session as lists show it: from its list columns (never its ``summary``)."""
     return {
         "id": row["id"], "name": row["name"], "project": row["project"],
         "source": row["source"], "microscope": row["microscope"],
@@ -342,10 +341,10 @@ def session_summary(row: dict[str, Any]) -> dict[str, Any]:
         "last_movie_at": row["last_movie_at"],
         "counts": {k: row[k] for k in ("movies", "ready", "rejected", "failed", "in_flight",
                                        "bytes_received", "bytes_stored")},
-        "acquisition": summary.get("acquisition") or {},
-        "rate_per_10_minutes": (summary.get("rate") or {}).get("per_bucket"),
+        "acquisition": row["acquisition"] or {},
+        "rate_per_10_minutes": row["rate_per_10_minutes"],
         "problems": {"rejected": row["rejected"], "failed": row["failed"],
-                     "standing_out": problems.get("standing_out_count", 0)},
+                     "standing_out": row["standing_out"] or 0},
         "links": session_links(row["id"]),
     }
 

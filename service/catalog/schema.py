@@ -97,6 +97,10 @@ sessions = sa.Table(
     sa.Column("bytes_received", sa.BigInteger, nullable=False, default=0),
     sa.Column("bytes_stored", sa.BigInteger, nullable=False, default=0),
     sa.Column("summary", sa.JSON, nullable=False, default=dict),  # ranges, rate, problems
+    # what the list shows of the summary, kept beside it (a list never reads summary)
+    sa.Column("acquisition", sa.JSON),
+    sa.Column("rate_per_10_minutes", sa.Float),
+    sa.Column("standing_out", sa.Integer, nullable=False, default=0),
 )
 sa.Index("uq_sessions_project_name", sessions.c.project, sessions.c.name, unique=True)
 SESSION_INDEXES = (("last_movie_at", "id"), ("first_movie_at", "id"), ("name", "id"),
@@ -105,6 +109,8 @@ SESSION_INDEXES = (("last_movie_at", "id"), ("first_movie_at", "id"), ("name", "
 for _cols in SESSION_INDEXES:
     sa.Index(f"ix_sessions_{'_'.join(_cols)}", *(sessions.c[c] for c in _cols))
 SESSION_SORT_KEYS = ("last_movie_at", "first_movie_at", "name", "movies")
+#: the columns a list of sessions reads
+SESSION_LIST_COLUMNS = [c for c in sessions.c if c.name != "summary"]
 
 #: SerialEM .mdoc / Direct Electron info.txt files, attached to their movie's dataset
 #: (dataset_id) or waiting for it to arrive (dataset_id NULL).

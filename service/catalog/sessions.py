@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from .base import CatalogBase
 from .paging import CursorError, after_cursor, page_of
-from .schema import (SESSION_SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, datasets,
+from .schema import (SESSION_LIST_COLUMNS, SESSION_SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, datasets,
                      particle_sets, sessions, sidecars, tus_uploads)
 
 #: what a session lists of its problems, each kind (the counts cover all of them)
@@ -159,7 +159,9 @@ class SessionRows(CatalogBase):
         if q.sort not in SESSION_SORT_KEYS:
             raise CursorError(f"sort must be one of {SESSION_SORT_KEYS}, got {q.sort!r}")
         key, tie = sessions.c[q.sort], sessions.c.id
-        query = sa.select(sessions)
+        # not the detail's summary (rate timeline, problem lists: kilobytes of JSON per
+        # session): the list's figures have columns of their own
+        query = sa.select(*SESSION_LIST_COLUMNS)
         if q.projects is not None:
             query = query.where(sessions.c.project.in_(sorted(q.projects)))
         for column, value in (("project", q.project), ("microscope", q.microscope),
@@ -301,17 +303,20 @@ def write_figures(conn: sa.Connection, session_id: str,
     bucket = sa.func.substr(d.created_at, 1, _RATE_PREFIX)
     timeline = conn.execute(sa.select(bucket, sa.func.count()).where(live)
                             .group_by(bucket).order_by(bucket)).all()
+    rate, problems = _rate(timeline, movies, first, last), _problems(conn, live)
     summary = {
         "acquisition": ranges,
         "cameras": [{"camera": c, "movies": n} for c, n in cameras],
-        "rate": _rate(timeline, movies, first, last),
-        "problems": _problems(conn, live),
+        "rate": rate,
+        "problems": problems,
     }
     conn.execute(sessions.update().where(sessions.c.id == session_id).values(
         movies=movies, ready=ready, rejected=rejected, failed=failed,
         in_flight=in_flight, bytes_received=received, bytes_stored=stored,
         first_movie_at=first, last_movie_at=last,
-        microscope=cameras[0][0] if cameras else None, summary=summary))
+        microscope=cameras[0][0] if cameras else None, summary=summary,
+        acquisition=ranges, rate_per_10_minutes=rate["per_bucket"],
+        standing_out=problems["standing_out_count"]))
     return True
 
 

@@ -54,7 +54,10 @@ def upgrade() -> None:
         sa.Column("in_flight", sa.Integer, nullable=False, server_default="0"),
         sa.Column("bytes_received", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("bytes_stored", sa.BigInteger, nullable=False, server_default="0"),
-        sa.Column("summary", sa.JSON, nullable=False))
+        sa.Column("summary", sa.JSON, nullable=False),
+        sa.Column("acquisition", sa.JSON),
+        sa.Column("rate_per_10_minutes", sa.Float),
+        sa.Column("standing_out", sa.Integer, nullable=False, server_default="0"))
     op.create_index("uq_sessions_project_name", "sessions", ["project", "name"], unique=True)
     for cols in SESSION_INDEXES:
         op.create_index(f"ix_sessions_{'_'.join(cols)}", "sessions", list(cols))
