@@ -260,7 +260,7 @@ def test_full_disk_while_writing_the_archive(small_disk, tmp_path):
     registered.write_bytes(write_raw_mrc(tmp_path / "r.mrc", counting_movie((40, 256, 256)),
                                          101).read_bytes())
     with make_client(small_disk, allowed_roots=[shared]) as c:
-        fill(small_disk, 200 << 10)
+        fill(small_disk, 400 << 10)  # room for the catalog (dataset, session), not the archive
         reg = c.post("/v1/registrations", json={"path": str(registered)})
         job = wait_job(c, reg.json()["job"]["id"])
         assert job["state"] == "failed" and job["error"]["error"] == "insufficient_storage"

@@ -26,6 +26,10 @@ from .base import (DataStore, ObjectCorrupt, ObjectInfo, ObjectMissing, Receipt,
                    StoreUnavailable, check_key)
 
 
+#: bytes mapped at a time when an object is read back (a multiple of the page size)
+_READ_BACK_WINDOW = 8 << 20
+
+
 class LocalWriter(AtomicFile):
     """An :class:`AtomicFile` that knows its key."""
 
@@ -158,16 +162,22 @@ class LocalStore(DataStore):
             raise ObjectMissing(receipt.key) from None
         try:
             size = os.fstat(fd).st_size
-            if size:
-                with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
+            head_crc = body_crc = 0
+            # a window at a time: a whole-file mapping counts in the server's RSS (a
+            # 1 GiB movie's archive added 0.5 GiB to its peak)
+            for start in range(0, size, _READ_BACK_WINDOW):
+                length = min(_READ_BACK_WINDOW, size - start)
+                with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=start) as mapped:
+                    if hasattr(mapped, "madvise"):  # one large read-ahead, not 128 KiB ones
+                        mapped.madvise(mmap.MADV_WILLNEED)
                     view = memoryview(mapped)
                     try:
-                        head_crc = zlib.crc32(view[:head_bytes]) if head_bytes else 0
-                        body_crc = zlib.crc32(view[head_bytes:])
+                        head = max(0, min(head_bytes, start + length) - start)
+                        if head:
+                            head_crc = zlib.crc32(view[:head], head_crc)
+                        body_crc = zlib.crc32(view[head:], body_crc)
                     finally:
                         view.release()
-            else:
-                head_crc = body_crc = 0
         finally:
             os.close(fd)
         found = local_checksum(head_bytes, head_crc, body_crc)

@@ -231,9 +231,14 @@ class Archiver:
             if unpacked is not None and not np.shares_memory(values, unpacked):
                 self.pool.give(unpacked)  # odd nx: the counts are a trimmed copy
                 unpacked = None
-        self.per_frame.append(self.stats.add(values))
+        measured = self.stats.add(values)
+        self.per_frame.append(measured)
         assert self.frame_sum is not None
-        self.frame_sum.add(values)
+        # 8-bit counts (4-bit movies): the frame sum takes its faster path when it knows
+        # every value lies in 0..max, which the statistics just found
+        small = values.dtype.itemsize == 1 and values.dtype.kind in "iu" and \
+            measured.dmin is not None and measured.dmin >= 0 and measured.dmax is not None
+        self.frame_sum.add(values, counts_max=int(measured.dmax) if small else None)
         if self._writer is not None and self._unproven is None:
             if self._padding is not None:
                 self._padding.append(padding_nibbles(raw, self._source_layout))
@@ -251,7 +256,7 @@ class Archiver:
         if self._chunk_buffer is None:
             self._chunk_buffer = np.empty(layout.frame_nbytes, dtype=np.uint8)
         try:
-            decompress_into(chunk.tobytes(), self._chunk_buffer)
+            decompress_into(chunk, self._chunk_buffer)
         except ValueError as exc:
             self._fail("data", f"frame {k}: corrupt blosc chunk: {exc}")
             self._broken = True
@@ -324,6 +329,7 @@ class Archiver:
         reason, archive, record = None, None, None
         if self._writer is not None:
             self._writer.flush()  # the frame in flight is written and proven (or raises)
+        self._release_buffers()
         if src is None:
             reason = "the extended header never arrived"
         elif src.layout.codec is not Codec.NONE:
@@ -392,6 +398,17 @@ class Archiver:
         if tail is not None:
             tail.abort()
 
+    def _release_buffers(self) -> None:
+        """No frame comes any more: the frame-sized buffers go now rather than when the
+        cyclic garbage collector finds this pass (the writer's callback and the pass's
+        sink factories make cycles), so one movie's buffers are not still held while
+        the next movie arrives."""
+        self.pool.clear()
+        self._proof_buffer = self._pack_buffer = self._chunk_buffer = None
+        if self.frame_sum is not None:
+            self.frame_sum.drop_scratch()
+
     def abort(self) -> None:
         """Drop everything written (the upload failed)."""
         self._drop()
+        self._release_buffers()

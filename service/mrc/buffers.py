@@ -31,6 +31,13 @@ class BufferPool:
                     return self._idle.pop(i)
         return np.empty(nbytes, dtype=np.uint8)
 
+    def clear(self) -> None:
+        """Let the idle buffers go (the pass is over: an ingest pass is tied up in
+        reference cycles, so without this its buffers wait for the cyclic garbage
+        collector, and two movies' worth were measured alive at once)."""
+        with self._lock:
+            self._idle.clear()
+
     def give(self, buffer: np.ndarray) -> None:
         """Hand back a buffer from :meth:`take` that nothing reads any more."""
         flat = buffer if buffer.base is None else buffer.base

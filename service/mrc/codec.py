@@ -16,6 +16,7 @@ from enum import IntEnum
 from typing import Callable
 
 import blosc
+import blosc2
 import numpy as np
 
 from .findings import Finding, error, warning
@@ -174,22 +175,31 @@ def compress_frame(frame: np.ndarray, codec: Codec, clevel: int) -> bytes:
                               clevel=clevel, shuffle=blosc.BITSHUFFLE, cname=codec.cname)
 
 
-def decompress_into(chunk: bytes, out: np.ndarray) -> None:
+def decompress_into(chunk: bytes | memoryview | np.ndarray, out: np.ndarray) -> None:
     """Decompress a chunk into ``out`` (C-contiguous, exactly the frame's size).
 
     The caller has checked the chunk's nbytes against the frame size (``index_chunks``);
     this re-checks so that a chunk changed on disk since indexing cannot overflow ``out``.
+
+    The chunk is a c-blosc 1.x chunk (what MRCZ holds and python-mrcz reads); it is
+    decompressed by c-blosc2, which reads that format too, gives the same bytes and
+    takes about half the CPU of c-blosc 1.x on bitshuffled zstd chunks (DESIGN.md §12;
+    bench/bench_cpu.py measures both). Only reading changes: chunks are still written
+    by c-blosc 1.x (:func:`compress_frame`), which ``mrcz`` needs.
     """
-    header = ChunkHeader.parse(chunk)
+    if not out.flags.c_contiguous:
+        raise ValueError("decompress_into needs a C-contiguous output array")
+    header = ChunkHeader.parse(bytes(memoryview(chunk)[:CHUNK_HEADER_SIZE]))
     if header.nbytes != out.nbytes or len(chunk) != header.cbytes:
         raise ValueError(f"chunk holds {header.nbytes} bytes in {header.cbytes}, expected "
                          f"{out.nbytes} bytes in {len(chunk)}")
+    if header.version != BLOSC1_FORMAT_VERSION:
+        # c-blosc2 would read its own format too; MRCZ holds c-blosc 1.x chunks only
+        raise ValueError(f"not a c-blosc 1.x chunk (format version {header.version})")
     try:
-        written = blosc.decompress_ptr(chunk, out.ctypes.data)
-    except Exception as exc:  # blosc raises its own extension error type for bad payloads
+        blosc2.decompress(chunk, dst=out.reshape(-1).view(np.uint8))
+    except Exception as exc:  # blosc2 raises RuntimeError/ValueError for bad payloads
         raise ValueError(f"blosc could not decompress the chunk: {exc}") from None
-    if written != out.nbytes:
-        raise ValueError(f"chunk decompressed to {written} bytes, expected {out.nbytes}")
 
 
 def set_threads(n: int) -> int:
