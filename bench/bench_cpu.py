@@ -49,14 +49,7 @@ MODES = {101: "4-bit", 1: "int16", 2: "float32"}
 GOAL_4BIT = 5.0
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from bench.results import _cpu_model as cpu_model  # noqa: E402
 
 
 def status_kb(pid: int, field: str) -> int:

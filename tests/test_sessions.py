@@ -243,13 +243,6 @@ def _figures_compared_at_once(figures_at_once):
 
 
 @pytest.fixture
-def shared(tmp_path):
-    folder = tmp_path / "shared"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def client(tmp_path, shared):
     with make_client(tmp_path / "data", allowed_roots=[shared], workers=1) as c:
         yield c
