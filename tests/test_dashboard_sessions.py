@@ -70,7 +70,18 @@ def site(tmp_path_factory):
             for project, session, path in movies:
                 ds = upload_and_wait(c, path, session=session, project=project)
                 ids[path.name] = ds["id"]
-            listed = c.get("/v1/sessions").json()["items"]
+            # the server coalesces session recomputes (1 s): wait for the last one
+            deadline = time.monotonic() + 15
+            while True:
+                listed = c.get("/v1/sessions").json()["items"]
+                counts = [s["counts"] for s in listed]
+                if len(listed) == 2 and all(
+                        n["in_flight"] == 0 and n["movies"] == n["ready"] + n["rejected"]
+                        + n["failed"] for n in counts) and sum(
+                        n["movies"] for n in counts) == len(movies):
+                    break
+                assert time.monotonic() < deadline, listed
+                time.sleep(0.1)
         assert {s["name"] for s in listed} == {"grid1", "grid2"}
         yield Site(base, {s["name"]: s["id"] for s in listed}, ids)
     finally:
