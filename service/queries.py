@@ -12,10 +12,9 @@ from .errors import BadRequest, Conflict, NotFound
 
 def own_twin(dataset: dict[str, Any], scope: Scope) -> dict[str, Any]:
     """The dataset an arrival turned out to duplicate, when the caller's ``scope`` reaches
-    its project. Uploads are deduplicated by content across every project (one live
-    upload per SHA-256), so bytes already stored for a project this token does not reach
-    find that project's dataset: refused (409) naming nothing of it; nothing was stored
-    for the caller."""
+    its project. Uploads are deduplicated within a project, so this holds for every
+    duplicate the catalog answers; it stays as the boundary's own check that no other
+    project's dataset is ever the answer (409, naming nothing of it)."""
     if not scope.sees(dataset.get("project")):
         raise Conflict("the same bytes are already stored in a project this token does not "
                        "reach; nothing was stored")

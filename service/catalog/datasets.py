@@ -3,7 +3,6 @@ paged, filtered listing and the name search."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -15,8 +14,6 @@ from .sessions import standout_frames
 from .schema import (DATASET_STATES, DETAIL_COLUMNS, LIVE_STATUSES, SESSION_FIGURE_COLUMNS,
                      SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, Fence, conversions, datasets, jobs,
                      lease_held, particle_sets, sessions, sidecars, tus_uploads)
-
-log = logging.getLogger("mrc_ingest.catalog")
 
 #: (column, DatasetQuery field of the inclusive lower bound, ... of the upper bound)
 RANGE_FILTERS = (("total_dose", "min_dose", "max_dose"),

@@ -17,14 +17,14 @@ import statistics
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import sqlalchemy as sa
 
 from .base import CatalogBase
 from .paging import CursorError, after_cursor, page_of
-from .schema import (SESSION_LIST_COLUMNS, SESSION_SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE, datasets,
-                     particle_sets, sessions, sidecars, tus_uploads)
+from .schema import (SESSION_LIST_COLUMNS, SESSION_SORT_KEYS, SUMMARY_COLUMNS, TOMBSTONE,
+                     datasets, sessions, sidecars, tus_uploads)
 
 #: what a session lists of its problems, each kind (the counts cover all of them)
 PROBLEMS_LISTED = 20
@@ -113,18 +113,6 @@ class SessionRows(CatalogBase):
             return None
         with self.engine.begin() as conn:
             return write_figures(conn, session_id, self.now())
-
-    def refresh_sessions(self, session_ids: Iterable[str | None]) -> None:
-        for session_id in sorted({s for s in session_ids if s is not None}):
-            self.refresh_session(session_id)
-
-    def sessions_of(self, dataset_ids: Iterable[str]) -> list[str]:
-        ids = list(dataset_ids)
-        if not ids:
-            return []
-        with self.engine.connect() as conn:
-            return [s for s in conn.execute(sa.select(datasets.c.session_id).where(
-                datasets.c.id.in_(ids)).distinct()).scalars() if s is not None]
 
     def refresh_stale_sessions(self, days: float = 7.0, recent_hours: float = 24.0) -> int:
         """What a coalesced recompute lost with its process (or run while the catalog
@@ -263,10 +251,6 @@ class SessionRows(CatalogBase):
                 .values(expires_at=self.now(-1)))
         return ids
 
-    def particle_set_project(self, set_id: str) -> str | None:
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(particle_sets.c.project).where(
-                particle_sets.c.id == set_id)).scalar()
 
 
 def write_figures(conn: sa.Connection, session_id: str,
