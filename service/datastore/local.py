@@ -16,10 +16,10 @@ import mmap
 import os
 import shutil
 import time
-import zlib
 from pathlib import Path
 from typing import Iterator
 
+from ..mrc.checksum import crc32
 from ..mrc.sink import PART_SUFFIX, AtomicFile, fsync_directory
 from ..mrc.source import ByteSource, FileSource
 from .base import (DataStore, ObjectCorrupt, ObjectInfo, ObjectMissing, Receipt,
@@ -174,8 +174,8 @@ class LocalStore(DataStore):
                     try:
                         head = max(0, min(head_bytes, start + length) - start)
                         if head:
-                            head_crc = zlib.crc32(view[:head], head_crc)
-                        body_crc = zlib.crc32(view[head:], body_crc)
+                            head_crc = crc32(view[:head], head_crc)
+                        body_crc = crc32(view[head:], body_crc)
                     finally:
                         view.release()
         finally:

@@ -39,7 +39,6 @@ import logging
 import re
 import threading
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +53,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError,
                                  IncompleteReadError, NoCredentialsError,
                                  PartialCredentialsError)
 
+from ..mrc.checksum import crc32
 from .base import (DataStore, ObjectCorrupt, ObjectInfo, ObjectMissing, Receipt, StoreError,
                    StoreUnavailable, check_key, crc32_text)
 
@@ -99,7 +99,7 @@ def composite_crc32(part_crcs: list[str]) -> str:
     import base64
 
     joined = b"".join(base64.b64decode(c) for c in part_crcs)
-    return f"{crc32_text(zlib.crc32(joined))}-{len(part_crcs)}"
+    return f"{crc32_text(crc32(joined))}-{len(part_crcs)}"
 
 
 class PendingUpload(NamedTuple):
@@ -217,7 +217,7 @@ class S3Store(DataStore):
     def put_object(self, key: str, data: bytes | bytearray) -> str:
         """One PutObject: the object appears whole or not at all. The store checks the
         CRC-32 sent with it; returns that checksum."""
-        crc = crc32_text(zlib.crc32(data))
+        crc = crc32_text(crc32(data))
         with self._translated("PutObject", key):
             self._client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data,
                                     ChecksumCRC32=crc)
@@ -404,7 +404,7 @@ class S3Store(DataStore):
             raise ValueError(f"part numbers run from 1 to {MAX_PARTS}, not {part_number}")
         if isinstance(data, memoryview):
             data = data.tobytes()
-        crc = crc32_text(zlib.crc32(data))
+        crc = crc32_text(crc32(data))
         with self._translated("UploadPart", key):
             etag = self._client.upload_part(Bucket=self.bucket, Key=self._full(key),
                                             UploadId=upload_id, PartNumber=part_number,

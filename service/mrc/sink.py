@@ -14,10 +14,11 @@ import fcntl
 import mmap
 import os
 import secrets
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
+
+from .checksum import crc32
 
 PART_SUFFIX = ".part"
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -257,7 +258,7 @@ class AtomicFile:
                 self.written += len(memoryview(data).cast("B"))
             else:
                 self.written += write_all(self._temp.fd, data)
-            self.body_crc32 = zlib.crc32(data, self.body_crc32)
+            self.body_crc32 = crc32(data, self.body_crc32)
         except BaseException:
             self.abort()
             raise
@@ -271,7 +272,7 @@ class AtomicFile:
                     raise ValueError(f"head of {len(head)} bytes for a reserve of "
                                      f"{self._reserve}")
                 os.pwrite(self._temp.fd, head, 0)
-            self.head_crc32 = zlib.crc32(head if head is not None else bytes(self._reserve))
+            self.head_crc32 = crc32(head if head is not None else bytes(self._reserve))
             self._temp.publish()
         except BaseException:
             self.abort()
