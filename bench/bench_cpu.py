@@ -47,6 +47,11 @@ from bench.bench_ingest import K3, poisson_frames, write_movie  # noqa: E402
 GiB = 1 << 30
 MODES = {101: "4-bit", 1: "int16", 2: "float32"}
 GOAL_4BIT = 5.0
+#: `perf record` settings for --perf: CPU-clock samples with frame-pointer stacks by
+#: default; BENCH_PERF_EVENTS="-e page-faults" and BENCH_PERF_CALL_GRAPH=dwarf,16384
+#: find where faults and copies come from (libc has no frame pointers)
+PERF_EVENTS = os.environ.get("BENCH_PERF_EVENTS", "-F 499").split()
+PERF_CALL_GRAPH = os.environ.get("BENCH_PERF_CALL_GRAPH", "fp")
 
 
 from bench.results import _cpu_model as cpu_model  # noqa: E402
@@ -150,7 +155,7 @@ def cp_sync(movie: Path, target: Path) -> tuple[float, float]:
 
 
 def bench_puts(work: Path, servers: dict[str, Server], mode: int, gib: float, repeat: int,
-               profile: Path | None) -> dict[str, dict]:
+               profile: Path | None, perf: Path | None = None) -> dict[str, dict]:
     """``repeat`` measured PUTs of one movie to each server, alternating (after one round
     that warms page cache and allocators), each beside a ``cp`` + ``sync`` of it."""
     frames = frames_for(mode, gib)
@@ -179,6 +184,22 @@ def bench_puts(work: Path, servers: dict[str, Server], mode: int, gib: float, re
                 put_checked(server, movie, f"m{mode}-profile.mrc")
                 spy.send_signal(2)
                 spy.wait(120)
+        if perf is not None:  # one more PUT under `perf record`: CPU samples only (py-spy's
+            # raw stacks sample every thread, waiting ones too)
+            for label, server in servers.items():
+                data = perf / f"put-{mode}-{label}.perf.data"
+                recorder = subprocess.Popen(
+                    ["perf", "record", *PERF_EVENTS, "--call-graph", PERF_CALL_GRAPH,
+                     "-p", str(server.proc.pid), "-o", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
+                put_checked(server, movie, f"m{mode}-perf.mrc")
+                recorder.send_signal(2)
+                recorder.wait(120)
+                with open(perf / f"put-{mode}-{label}.txt", "w") as report:
+                    subprocess.run(["perf", "report", "-i", str(data), "--no-children",
+                                    "--sort", "dso,sym", "--stdio", "-g", "none",
+                                    "--percent-limit", "0.3"],
+                                   stdout=report, stderr=subprocess.DEVNULL, check=False)
     finally:
         movie.unlink()
         rss = {label: sampler.stop() for label, sampler in samplers.items()}
@@ -273,6 +294,8 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=None)
     parser.add_argument("--py-spy", dest="profile", type=Path, default=None,
                         help="record the server during the first measured PUT of each movie")
+    parser.add_argument("--perf", type=Path, default=None,
+                        help="also record one PUT with `perf record` (CPU samples) into DIR")
     parser.add_argument("--mrcz", action="store_true",
                         help="also MRCZ write incl. exact stats vs mrcz.writeMRC (bench_core)")
     parser.add_argument("--tree", action="append", default=None, metavar="[LABEL=]DIR",
@@ -298,8 +321,9 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gib": gib,
             "repeat": repeat, "trees": {k: str(v) for k, v in trees.items()}}
     print(" ".join(f"{k} {v}" for k, v in meta.items()))
-    if args.profile is not None:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for folder in (args.profile, args.perf):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-cpu-", dir=args.scratch))
     results: dict = {"meta": meta, "puts": {label: [] for label in trees}, "kernels": {},
                      "server_idle_rss_mib": {}, "server_peak_rss_mib": {}}
@@ -311,7 +335,7 @@ def main() -> None:
                                                              "VmRSS") / 1024
         modes = [] if args.modes == "none" else [int(m) for m in args.modes.split(",")]
         for mode in modes:
-            measured = bench_puts(work, servers, mode, gib, repeat, args.profile)
+            measured = bench_puts(work, servers, mode, gib, repeat, args.profile, args.perf)
             for label, r in measured.items():
                 r["server_peak_rss_mib_so_far"] = status_kb(servers[label].proc.pid,
                                                             "VmHWM") / 1024
