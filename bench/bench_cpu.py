@@ -226,6 +226,43 @@ def bench_puts(work: Path, servers: dict[str, Server], mode: int, gib: float, re
     return out
 
 
+def gil_stalls(calls: int = 12) -> dict[str, float]:
+    """How long every other thread waits (ms, the longest gap between a main-thread
+    loop's 0.5 ms naps) while a worker thread compresses or decompresses one unpacked
+    K3 4-bit frame, at the service's one blosc thread and at one per core: with more
+    than one, blosc keeps the GIL for the whole call, and in the service the thread
+    that waits is the event loop."""
+    from service.mrc import codec as codec_mod
+
+    frame = poisson_frames(K3)[0].reshape(-1)
+    out = np.empty_like(frame)
+    chunk = codec_mod.compress_frame(frame, codec_mod.Codec.ZSTD, 1)
+
+    def longest_gap(work) -> float:
+        worker = threading.Thread(target=lambda: [work() for _ in range(calls)])
+        gaps, last = [], time.perf_counter()
+        worker.start()
+        while worker.is_alive():
+            time.sleep(0.0005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        worker.join()
+        return round(max(gaps) * 1000, 2)
+
+    stalls = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        previous = codec_mod.set_threads(threads)
+        try:
+            stalls[f"compress_threads_{threads}"] = longest_gap(
+                lambda: codec_mod.compress_frame(frame, codec_mod.Codec.ZSTD, 1))
+            stalls[f"decompress_threads_{threads}"] = longest_gap(
+                lambda: codec_mod.decompress_into(chunk, out))
+        finally:
+            codec_mod.set_threads(previous)
+    return stalls
+
+
 def kernels(frames: int) -> dict:
     """The bare library kernels on packed 4-bit K3 frames, CPU seconds per GiB packed."""
     import blosc
@@ -370,6 +407,9 @@ def main() -> None:
         print(f"-> [{label}] server peak RSS {results['server_peak_rss_mib'][label]:.0f} MiB "
               f"(idle {results['server_idle_rss_mib'][label]:.0f}; goal < 300)")
     results["kernels"] = kernels(frames_for(101, min(gib, 0.5)))
+    results["gil_stall_ms"] = gil_stalls()
+    print("longest wait of other threads (GIL) per K3 frame, ms: " + ", ".join(
+        f"{k} {v}" for k, v in results["gil_stall_ms"].items()))
     print("kernels, CPU-s per GiB of packed 4-bit (one process, blosc on all cores):")
     for name, value in results["kernels"].items():
         print(f"  {name:28s} {value:6.2f}")
