@@ -72,3 +72,57 @@ def test_8bit_rows_are_exact_at_the_float32_limit(dtype, value):
     assert s.dmean == total / n
     assert s.rms == pytest.approx(((squares * n - total * total) / (n * n)) ** 0.5, rel=1e-15)
     assert s.rms == pytest.approx(wide.std(), rel=1e-9)
+
+
+# -- the narrow byte path (4-bit counts and other one-byte data spanning <= 15) --------
+
+from service.mrc.stats import NARROW_SPAN, NarrowBytes, exact_int_moments  # noqa: E402
+
+MIB = 1 << 20
+
+
+def wide_moments(values: np.ndarray) -> tuple[int, int]:
+    wide = values.astype(np.int64)
+    return int(wide.sum()), int((wide * wide).sum())
+
+
+@pytest.mark.parametrize("dtype, lo", [(np.uint8, 0), (np.uint8, 3), (np.uint8, 240),
+                                       (np.int8, -128), (np.int8, -8), (np.int8, 0),
+                                       (np.int8, 112)])
+@pytest.mark.parametrize("size", [MIB, MIB + 1, 3 * MIB - 5, 4 * MIB])
+def test_narrow_bytes_equal_a_wide_sum(dtype, lo, size):
+    rng = np.random.default_rng(size + lo)
+    values = (rng.integers(0, NARROW_SPAN + 1, size) + lo).astype(dtype)
+    values[0], values[-1] = lo, lo + NARROW_SPAN  # the whole span, at the block edges
+    assert NarrowBytes().moments(values, lo, lo + NARROW_SPAN) == wide_moments(values)
+
+
+@pytest.mark.parametrize("fill", [0, 15, 255])
+def test_narrow_bytes_at_the_lane_limits(fill):
+    """Every byte at the top of its span: each lane holds its largest sum."""
+    values = np.full(2 * MIB + 7, fill, np.uint8)
+    lo = 0 if fill <= NARROW_SPAN else fill - NARROW_SPAN
+    assert NarrowBytes().moments(values, lo, fill) == wide_moments(values)
+    values[::3] = lo
+    assert NarrowBytes().moments(values, lo, fill) == wide_moments(values)
+
+
+def test_narrow_bytes_refuse_what_they_cannot_sum():
+    with pytest.raises(ValueError):
+        NarrowBytes().moments(np.zeros(MIB, np.uint8), 0, 16)
+    with pytest.raises(ValueError):
+        NarrowBytes().moments(np.zeros(MIB, np.uint16), 0, 15)
+
+
+def test_the_accumulator_takes_the_narrow_path_with_the_same_figures():
+    """A K3-sized 4-bit frame and a frame spanning 16 values (the ordinary path) give
+    the statistics the exact integer path gives."""
+    rng = np.random.default_rng(19)
+    counts = np.minimum(rng.poisson(1.0, (4092, 5760)), 15).astype(np.uint8)
+    wide = counts.astype(np.float64)
+    got = StatsAccumulator().add(counts)
+    assert got.mean == pytest.approx(wide.mean(), rel=1e-15)
+    assert got.std == pytest.approx(wide.std(), rel=1e-12)
+    s, q = exact_int_moments(counts.reshape(-1), 0, 15)
+    assert (s, q) == wide_moments(counts)
+    assert NarrowBytes().moments(counts.reshape(-1), 0, 15) == (s, q)
