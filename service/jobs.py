@@ -209,22 +209,43 @@ class JobQueue:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
-            with self._held_lock:
-                held = dict(self._held)
-            if not held:
-                continue
-            try:
-                renewed = self.catalog.renew_leases(self.owner, list(held), self.lease_seconds)
-            except Exception as exc:  # noqa: BLE001 - the catalog is away: try next beat
-                log.warning("lease renewal failed: %s", first_line(exc))
-                continue
-            for fence, event in held.items():
-                if fence not in renewed:
-                    self.lost.add(fence)
-                    log.warning("job lease lost", extra={"job_id": fence.job_id})
-                    event.set()
-                elif renewed[fence]:
-                    event.set()  # cancellation asked for
+            self.renew_held()
+
+    def renew_held(self) -> None:
+        """One heartbeat: extend every lease held here; a claim whose lease was lost
+        (taken over) or whose job is asked to cancel has its event set."""
+        with self._held_lock:
+            held = dict(self._held)
+        if not held:
+            return
+        try:
+            renewed = self.catalog.renew_leases(self.owner, list(held), self.lease_seconds)
+        except Exception as exc:  # noqa: BLE001 - the catalog is away: try next beat
+            log.warning("lease renewal failed: %s", first_line(exc))
+            return
+        for fence, event in held.items():
+            if fence not in renewed:
+                if self._ended_under(fence):
+                    continue
+                self.lost.add(fence)
+                log.warning("job lease lost", extra={"job_id": fence.job_id})
+                event.set()
+            elif renewed[fence]:
+                event.set()  # cancellation asked for
+
+    def _ended_under(self, fence: Fence) -> bool:
+        """Whether a claim the renewal missed had ended its job itself meanwhile (an
+        ingest's commit marks its job done; releasing the claim comes after): not a
+        lost lease, which is a claim taken over by another attempt."""
+        with self._held_lock:
+            if fence not in self._held:
+                return True
+        try:
+            job = self.catalog.get_job(fence.job_id)
+        except Exception:  # noqa: BLE001 - the catalog is away: count it lost, as before
+            return False
+        return job is not None and job["state"] in ("done", "failed", "cancelled") and \
+            job["attempts"] == fence.attempt
 
     def cancel_dataset(self, dataset_id: str, timeout: float = 60.0) -> list[str]:
         """Cancel the dataset's unfinished jobs; wait (up to ``timeout``) until those

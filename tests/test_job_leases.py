@@ -161,3 +161,32 @@ def test_a_commit_never_lands_on_a_tombstone_or_twice(catalog):
                                  tus_upload_id=None) == "committed"
     assert not catalog.delete_receiving("d-r")  # committed: not a cut-off upload
     assert catalog.get_dataset("d-r")["status"] == "ready"
+
+
+def test_a_job_that_ended_itself_while_the_renewal_waited_is_not_a_lost_lease(catalog,
+                                                                              caplog):
+    """An ingest's commit marks its job done and the claim is released only after: a
+    heartbeat between the two misses the lease but must not call it lost (nor stop
+    anything); a claim another attempt took over is lost."""
+    from service.jobs import JobQueue
+
+    queue = JobQueue(catalog, 0, lambda job, ctx: None, owner="worker-a")
+    add(catalog, "j-ended")
+    add(catalog, "j-taken")
+    ended = catalog.claim_job("worker-a", 30)
+    taken = catalog.claim_job("worker-a", 1.0)
+    assert {ended["id"], taken["id"]} == {"j-ended", "j-taken"}
+    if ended["id"] != "j-ended":
+        ended, taken = taken, ended
+    mine, old = Fence("j-ended", "worker-a", 1), Fence("j-taken", "worker-a", 1)
+    mine_event, old_event = queue.hold(mine), queue.hold(old)
+    assert catalog.complete_job("j-ended", "worker-a", state="done", attempt=1)
+    with catalog.engine.begin() as conn:  # j-taken's lease lapses and worker-b takes it
+        conn.execute(sa.text("UPDATE jobs SET state = 'queued', lease_owner = NULL, "
+                             "lease_expires_at = NULL WHERE id = 'j-taken'"))
+    assert catalog.claim_job("worker-b", 30)["attempts"] == 2
+    with caplog.at_level("WARNING", logger="mrc_ingest.jobs"):
+        queue.renew_held()
+    assert queue.lost == {old} and old_event.is_set() and not mine_event.is_set()
+    assert [r.job_id for r in caplog.records if r.getMessage() == "job lease lost"] \
+        == ["j-taken"]
