@@ -52,6 +52,10 @@ class Settings(BaseSettings):
                                                   "may register files (symlinks resolved)")
     workers: int = Field(2, ge=0, le=64, description="processing threads; 0: this process "
                          "answers the API only and runs no jobs")
+    work_nice: int = Field(10, ge=0, le=19, description="how much nicer than the process "
+                           "the threads run that ingest uploads and run jobs (Linux), so "
+                           "that requests never wait for a core behind them; 0: the same "
+                           "priority")
     max_upload_bytes: int = Field(64 * GiB, gt=1024, description="largest accepted upload; "
                                   "a multipart body counts whole (the movie, its sidecars "
                                   "and every other part)")

@@ -19,6 +19,7 @@ from .config import Settings
 from .datastore import StoreUnavailable, open_store
 from .downloads import Downloads
 from .errors import first_line
+from .priority import WorkThreads
 from .arrival import PassDeps
 from .arrival.recovery import Recovery, run_tick
 from .intake import Intake, new_id
@@ -54,6 +55,8 @@ class IngestService:
         self.metrics = Metrics(self.snapshot)
         self.catalog: Catalog | None = None
         self.queue: JobQueue | None = None
+        #: the lowered-priority threads of the uploads' stream work (service/priority.py)
+        self._work: WorkThreads | None = None
         self._stopping = threading.Event()
         self._single: EmbeddedLock | None = None
 
@@ -71,11 +74,14 @@ class IngestService:
             session_refresh_seconds=settings.session_refresh_seconds)
         self.readers = Readers(storage.store, storage.root, self.roots)
         self.acquisition = Acquisition(catalog, self.readers)
+        self._work = WorkThreads(settings.work_nice)
         deps = PassDeps(settings=settings, catalog=catalog, store=storage.store,
-                        finalize=self.acquisition.finalize, commit_lock=threading.Lock())
+                        finalize=self.acquisition.finalize, commit_lock=threading.Lock(),
+                        work=self._work)
         self.pipeline = Pipeline(settings, catalog, storage, self.readers, deps)
         self.queue = queue = JobQueue(catalog, settings.workers, self.pipeline,
                                       lease_seconds=settings.job_lease_seconds,
+                                      nice=settings.work_nice,
                                       on_finish=self.metrics.job_finished)
         self.queries = Queries(catalog)
         self.intake = Intake(settings, catalog, storage, self.metrics, queue,
@@ -147,6 +153,8 @@ class IngestService:
         self._stopping.set()
         if self.queue is not None:
             self.queue.shutdown(wait=False)
+        if self._work is not None:
+            self._work.shutdown()
         if self.catalog is not None:
             self.catalog.session_figures.flush()  # the coalesced recomputes still due
             self.catalog.close()

@@ -127,7 +127,7 @@ class Intake:
         # counts bytes against the limit on the loop, before the pass's own receiver
         counter = Receiver(None, 0, self.settings.max_upload_bytes)
         try:
-            await pump(chunks, counter, consume,
+            await pump(chunks, counter, self.deps.work.wrap(consume),
                        lambda first: refuse_non_mrc(first, self.settings.frame_limits))
             if ingest is None:  # under 1024 bytes: the header check refused it already
                 raise NotMrc({"message": "empty body", "findings": []})

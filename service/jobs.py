@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from .catalog import Catalog, Fence
 from .errors import ServiceError, error_body, first_line, to_service_error
+from .priority import lower_this_thread
 
 log = logging.getLogger("mrc_ingest.jobs")
 
@@ -112,12 +113,15 @@ class JobQueue:
     (uploads streaming into it)."""
 
     def __init__(self, catalog: Catalog, workers: int, runner: Runner, *,
-                 lease_seconds: float = 30.0, owner: str | None = None,
+                 lease_seconds: float = 30.0, owner: str | None = None, nice: int = 0,
                  kinds: Sequence[str] | None = None,
                  on_finish: Callable[[dict[str, Any], str, float, dict[str, Any] | None],
                                      None] | None = None):
         self.catalog, self.workers, self.runner = catalog, workers, runner
         self.lease_seconds = lease_seconds
+        #: how much nicer the job workers run than the process (service.priority); the
+        #: lease heartbeat keeps the process's priority
+        self.nice = nice
         self.owner = owner or replica_id()
         self.kinds = list(kinds) if kinds is not None else None
         self.on_finish = on_finish
@@ -282,6 +286,7 @@ class JobQueue:
                 self._stop.wait(POLL_SECONDS)
 
     def _work(self) -> None:
+        lower_this_thread(self.nice)
         away_since: float | None = None
         while not self._stop.is_set():
             try:

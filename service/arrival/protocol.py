@@ -32,6 +32,7 @@ from ..config import Settings
 from ..datastore import DataStore, ObjectCorrupt, Receipt
 from ..errors import Conflict
 from ..failpoints import hit
+from ..priority import WorkThreads
 
 log = logging.getLogger("mrc_ingest.commit")
 
@@ -79,6 +80,9 @@ class PassDeps:
     commit_lock: threading.Lock = field(default_factory=threading.Lock)
     #: how many passes may cut and measure frames at once (:func:`frame_slots`)
     frame_slots: threading.Semaphore = field(default_factory=lambda: frame_slots())
+    #: where an upload's stream work runs: threads nicer than the requests' (none by
+    #: default: the work runs on the caller's thread)
+    work: WorkThreads = field(default_factory=lambda: WorkThreads(0))
 
 
 def new_generation() -> str:

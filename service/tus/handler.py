@@ -350,7 +350,8 @@ class TusUploads:
 
         complete_body = refused = False
         try:
-            await pump(chunks, receiver, consume, keep_partial=checksum is None)
+            await pump(chunks, receiver, self.deps.work.wrap(consume),
+                       keep_partial=checksum is None)
             complete_body = True
             if stream.ingest is None and start < HEADER_SIZE <= receiver.offset:
                 first = await anyio.to_thread.run_sync(self.bytes.first_bytes, row,
