@@ -1,16 +1,18 @@
 """Load: 8 concurrent uploads of 1 GiB each while a dashboard client polls the catalog
 and previews. Prints upload throughput, metadata/preview latency p50/p95/p99 (goal:
 metadata p99 < 50 ms while the uploads stream) and the number of errors (goal 0), next
-to the same latencies on the idle deployment, for four deployments on this one machine
+to the same latencies on the idle deployment, for five deployments on this one machine
 in one run, each differing from the one before it in ONE thing:
 
-1. ``sqlite``: the embedded default, one ``mrc-ingest serve`` on SQLite and the data
-   folder; uploads and dashboard share it (the reference: how it ran before #14);
-2. ``postgres``: the same single process on a PostgreSQL catalog (the database changed);
-3. ``split``: PostgreSQL; one ``serve`` takes the uploads (and ingests them as they
+1. ``sqlite-flat``: the embedded default, one ``mrc-ingest serve`` on SQLite and the
+   data folder, uploads and dashboard sharing it, the ingest work at the event loop's
+   priority (``MRC_INGEST_WORK_NICE=0``: how it ran before service/priority.py);
+2. ``sqlite``: the same with the ingest work 10 nicer than the event loop (the default);
+3. ``postgres``: the same single process on a PostgreSQL catalog (the database changed);
+4. ``split``: PostgreSQL; one ``serve`` takes the uploads (and ingests them as they
    stream), a second with ``MRC_INGEST_WORKERS=0`` answers the dashboard, both at the
    same priority (the process split added);
-4. ``split-nice``: the same, the upload process under ``nice -n 10`` (nice added).
+5. ``split-nice``: the same, the upload process under ``nice -n 10`` (nice added).
 
 (A split on SQLite is not possible: one process per embedded catalog, ARCHITECTURE.md
 invariant 7.) Loopback only. Each upload streams the same 4-bit frames behind its own
@@ -189,22 +191,26 @@ def report(title: str, f: dict) -> None:
         print(f"    {line}")
 
 
-#: name -> (title, database, split, nice of the upload process); each differs from the
-#: one before it in one setting
+#: name -> (title, database, split, nice of the upload process, nice of the ingest work
+#: inside it: MRC_INGEST_WORK_NICE); each differs from the one before it in one setting
 CONFIGS = {
-    "sqlite": ("one process, SQLite (embedded default)", "sqlite", False, 0),
-    "postgres": ("one process, PostgreSQL (database changed)", "postgres", False, 0),
+    "sqlite-flat": ("one process, SQLite, ingest work at the event loop's priority "
+                    "(MRC_INGEST_WORK_NICE=0: how it ran before)", "sqlite", False, 0, 0),
+    "sqlite": ("one process, SQLite, ingest work 10 nicer than the event loop (the "
+               "default: work nice added)", "sqlite", False, 0, 10),
+    "postgres": ("one process, PostgreSQL (database changed)", "postgres", False, 0, 10),
     "split": ("PostgreSQL, uploads and dashboard in two serve processes, same priority "
-              "(split added)", "postgres", True, 0),
+              "(split added)", "postgres", True, 0, 10),
     "split-nice": ("PostgreSQL, two processes, the upload one under nice 10 (nice added)",
-                   "postgres", True, 10),
+                   "postgres", True, 10, 10),
 }
 
 
 def deploy(name: str, work: Path, pg, procs: list) -> tuple[str, str]:
     """Start deployment ``name``; returns (upload base URL, dashboard base URL)."""
-    _title, database, split, nice = CONFIGS[name]
+    _title, database, split, nice, work_nice = CONFIGS[name]
     env = {"MRC_INGEST_DATABASE_URL": pg.create_database()} if database == "postgres" else {}
+    env["MRC_INGEST_WORK_NICE"] = str(work_nice)
     data = work / f"data-{name}"
     ingest, ingest_base = start_server(data, "--workers", "2", env=env, nice=nice)
     procs.append(ingest)
@@ -252,9 +258,10 @@ def main() -> None:
                         proc.terminate()
                         proc.wait(timeout=60)
                 shutil.rmtree(work / f"data-{name}", ignore_errors=True)
-            title, database, split, nice = CONFIGS[name]
+            title, database, split, nice, work_nice = CONFIGS[name]
             figures[name] = {"title": title, "database": database, "split": split,
-                             "nice": nice, **summary(r, args.uploads, size)}
+                             "nice": nice, "work_nice": work_nice,
+                             **summary(r, args.uploads, size)}
             report(title, figures[name])
     finally:
         if pg is not None:
@@ -266,7 +273,7 @@ def main() -> None:
         f = figures[name]
         step = (f"  {f['metadata_busy']['p99_ms'] / figures[previous]['metadata_busy']['p99_ms']:.2f}x "
                 f"the step before" if previous else "")
-        print(f"  {name:11s} p99 {f['metadata_busy']['p99_ms']:6.1f} ms (idle "
+        print(f"  {name:12s} p99 {f['metadata_busy']['p99_ms']:6.1f} ms (idle "
               f"{f['metadata_idle']['p99_ms']:.1f}), all ready {f['all_ready_s']:.1f} s, "
               f"errors {f['errors']}{step}")
         previous = name
