@@ -1,7 +1,10 @@
-"""Ingest work runs nicer than the requests (service/priority.py): an upload's stream
-work and every thread it starts, and the job workers, at the process's nice value plus
+"""The event loop first.
+
+Ingest work runs nicer than the requests (service/priority.py): an upload's stream work
+and every thread it starts, and the job workers, at the process's nice value plus
 ``work_nice``; the event loop and the request threads at the process's own. Read from
-``/proc/<pid>/task/<tid>/stat``, the kernel's account, not from the service."""
+``/proc/<pid>/task/<tid>/stat``, the kernel's account, not from the service. And the
+loop does not copy request bodies (service/api/transport.py)."""
 
 from __future__ import annotations
 
@@ -107,6 +110,46 @@ def test_a_streaming_upload_is_ingested_below_the_event_loop(tmp_path, work_nice
             assert set(streaming.values()) == {10} and len(streaming) > len(idle)
         else:
             assert idle == streaming == {}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# -- the request body as the chunks that arrived (service/api/transport.py) -----------
+
+def test_a_body_of_one_chunk_reaches_the_application_uncopied():
+    from service.api.transport import Chunks
+
+    chunk = b"x" * 70_000
+    body = Chunks()
+    body += chunk
+    assert len(body) == 70_000 and bytes(body) is chunk
+    body += b""
+    body += bytearray(b"yz")  # not bytes: copied once, kept
+    assert len(body) == 70_002 and bytes(body) == chunk + b"yz"
+    assert bytes(Chunks(b"ab")) == b"ab" and bytes(Chunks()) == b"" and len(Chunks()) == 0
+
+
+def test_serve_receives_bodies_in_any_pieces_byte_exact(tmp_path):
+    """A real ``serve`` (which runs the chunk-keeping protocol): bodies sent in pieces of
+    1 byte to 1 MiB, with and without a Content-Length, arrive whole."""
+    import hashlib
+
+    movie = tmp_path / "movie.mrc"
+    write_raw_mrc(movie, counting_movie((6, 300, 401)), 101)
+    raw = movie.read_bytes()
+    proc, base = start_server(tmp_path / "data")
+    try:
+        for i, piece in enumerate((1, 4093, 65536, 1 << 20)):
+            def body(piece=piece):
+                for start in range(0, len(raw), piece):
+                    yield raw[start:start + piece]
+            # odd: chunked transfer encoding, the client's digest checked; even: a length
+            answer = httpx.put(f"{base}/v1/uploads/m{i}.mrc", content=body(), timeout=60,
+                               headers={"X-Content-SHA256": hashlib.sha256(raw).hexdigest()}
+                               if i % 2 else {"Content-Length": str(len(raw))})
+            assert answer.status_code in (200, 201), answer.text
+            assert answer.json()["dataset"]["sha256"] == hashlib.sha256(raw).hexdigest()
     finally:
         proc.terminate()
         proc.wait(30)
