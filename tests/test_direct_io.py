@@ -106,3 +106,22 @@ def test_appender_refuses_a_gap(tmp_path):
     finally:
         appender.close()
         os.close(fd)
+
+
+def test_copy_into_places_bytes_exactly_in_every_kind_of_buffer():
+    """The GIL-free copy the writers stage with (service/mrc/buffers.py)."""
+    import mmap
+
+    import numpy as np
+
+    from service.mrc.buffers import copy_into
+
+    source = bytes(range(256)) * 3
+    for target in (bytearray(1000), mmap.mmap(-1, 1000), np.zeros(1000, np.uint8)):
+        copy_into(target, 100, memoryview(source)[5:700])
+        copy_into(target, 0, b"")
+        got = bytes(memoryview(target))
+        assert got[:100] == bytes(100) and got[100:795] == source[5:700]
+        assert got[795:] == bytes(205)
+    with np.testing.assert_raises(ValueError):  # past the end: refused, nothing written
+        copy_into(bytearray(10), 8, b"abc")

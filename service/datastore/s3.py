@@ -53,6 +53,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError,
                                  IncompleteReadError, NoCredentialsError,
                                  PartialCredentialsError)
 
+from ..mrc.buffers import copy_into
 from ..mrc.checksum import crc32
 from .base import (DataStore, ObjectCorrupt, ObjectInfo, ObjectMissing, Receipt, StoreError,
                    StoreUnavailable, check_key, crc32_text)
@@ -529,7 +530,7 @@ class S3Writer:
         try:
             while view:
                 take = min(self._part_bytes - self._fill, len(view))
-                self._buffer[self._fill:self._fill + take] = view[:take]
+                copy_into(self._buffer, self._fill, view[:take])
                 self._fill += take
                 view = view[take:]
                 if self._fill == self._part_bytes:

@@ -46,3 +46,13 @@ class BufferPool:
         with self._lock:
             if len(self._idle) < self.keep and all(b is not flat for b in self._idle):
                 self._idle.append(flat)
+
+
+def copy_into(target, at: int, source) -> None:
+    """``target[at:at + len(source)] = source`` for writable byte buffers (bytearray,
+    mmap, uint8 array), copied by numpy, which lets other threads run meanwhile: a
+    ``bytearray`` or ``memoryview`` slice assignment keeps the GIL for the whole copy
+    (279 ms for 256 MiB, measured), and in a ``serve`` the thread that waits is the
+    event loop."""
+    src = np.frombuffer(source, dtype=np.uint8)
+    np.copyto(np.frombuffer(target, dtype=np.uint8, count=src.size, offset=at), src)

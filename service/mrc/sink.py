@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+from .buffers import copy_into
 from .checksum import crc32
 
 PART_SUFFIX = ".part"
@@ -103,8 +104,7 @@ class DirectAppender:
             pos, size = 0, len(view)
             while pos < size:
                 n = min(size - pos, self.STAGE - self._staged)
-                stage = self._views[self._current]
-                stage[self._staged:self._staged + n] = view[pos:pos + n]
+                copy_into(self._maps[self._current], self._staged, view[pos:pos + n])
                 self._staged += n
                 pos += n
                 if self._staged == self.STAGE:

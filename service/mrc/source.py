@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .buffers import copy_into
+
 
 @runtime_checkable
 class ByteSource(Protocol):
@@ -87,7 +89,7 @@ class BytesSource:
 
     def readinto_at(self, buffer: np.ndarray, offset: int) -> int:
         chunk = self._data[offset:offset + buffer.nbytes]
-        memoryview(buffer).cast("B")[:len(chunk)] = chunk
+        copy_into(buffer, 0, chunk)
         return len(chunk)
 
     def close(self) -> None:
