@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_commit import Server  # noqa: E402
-from bench.bench_ingest import K3, poisson_frames, write_movie  # noqa: E402
+from bench.bench_ingest import K3, RssSampler, poisson_frames, write_movie  # noqa: E402
 
 GiB = 1 << 30
 MODES = {101: "4-bit", 1: "int16", 2: "float32"}
@@ -68,30 +68,6 @@ def frames_for(mode: int, gib: float) -> int:
     ny, nx = K3
     frame = ny * {101: (nx + 1) // 2, 1: 2 * nx, 2: 4 * nx}[mode]
     return max(1, round(gib * GiB / frame))
-
-
-class RssSampler:
-    """The largest RssAnon and RssFile of a process, sampled every 20 ms (VmHWM counts
-    both: a mapped file read back shows in it as much as the heap)."""
-
-    def __init__(self, pid: int):
-        self.pid, self.peak = pid, {"RssAnon": 0, "RssFile": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            try:
-                for field in self.peak:
-                    self.peak[field] = max(self.peak[field], status_kb(self.pid, field))
-            except (OSError, KeyError):
-                return
-
-    def stop(self) -> dict[str, float]:
-        self._stop.set()
-        self._thread.join()
-        return {k: v / 1024 for k, v in self.peak.items()}
 
 
 def proc_counts(pid: int) -> tuple[float, float, int]:

@@ -284,10 +284,11 @@ class RssSampler:
                 if field in self.peak:
                     self.peak[field] = max(self.peak[field], int(line.split()[1]))
 
-    def stop(self) -> dict:
+    def stop(self) -> dict[str, float]:
+        """The peaks in MiB, by field."""
         self.done.set()
         self.thread.join()
-        return {f"{k}_peak_mib": round(v / 1024) for k, v in self.peak.items()}
+        return {k: v / 1024 for k, v in self.peak.items()}
 
 
 def bench_ready(work: Path, mode: int, frames: int, repeat: int, paced_repeat: int = 0,
@@ -310,7 +311,7 @@ def bench_ready(work: Path, mode: int, frames: int, repeat: int, paced_repeat: i
                 ours.append(took)
                 refs.append(ref)
         peak = server.status_kb("VmHWM") / 1024  # through the repeat + 1 PUTs above
-        sampled = sampler.stop()
+        sampled = {f"{k}_peak_mib": round(v) for k, v in sampler.stop().items()}
         if paced_repeat:
             paced = bench_paced(server, work, movie, paced_repeat, rate)
             paced["peak_rss_mib_after_paced_puts"] = round(server.status_kb("VmHWM") / 1024)
