@@ -253,9 +253,8 @@ class AtomicFile:
     def write(self, data: bytes | memoryview) -> None:
         try:
             if self._direct is not None:
-                self._direct.append([memoryview(data).cast("B")],
-                                    self._reserve + self.written)
-                self.written += len(memoryview(data).cast("B"))
+                view = memoryview(data).cast("B")
+                self.written += self._direct.append([view], self._reserve + self.written)
             else:
                 self.written += write_all(self._temp.fd, data)
             self.body_crc32 = crc32(data, self.body_crc32)
