@@ -966,3 +966,38 @@ def test_rate_over_hours_of_movies(tmp_path, database_url):
              "max": max((40 + i) / (4 + i) for i in range(6))})
     finally:
         catalog.close()
+
+
+def test_a_put_whose_session_is_deleted_before_its_header_leaves_no_job_running(tmp_path):
+    """A real serve: the PUT's session exists when the request starts and is deleted
+    before the movie's header arrives. The upload's job goes in before its dataset row
+    (so no crash can leave a row no job cleans up); here the row is never made, so the
+    job ends at once, cancelled, and no dataset is left."""
+    raw = movie(tmp_path, "late.mrc", seed=5).read_bytes()
+    proc, base = start_server(tmp_path / "data")
+    try:
+        deleted = threading.Event()
+
+        def body():
+            # the request (and its session) exist by now: the server read the URL first
+            deadline = time.monotonic() + 30
+            while not (made := catalog_rows(tmp_path / "data", "SELECT id FROM sessions "
+                                            "WHERE project = 'lab' AND name = 'gone'")):
+                assert time.monotonic() < deadline, "the PUT's session never appeared"
+                time.sleep(0.05)
+            assert httpx.delete(f"{base}/v1/sessions/{made[0][0]}").status_code == 200
+            deleted.set()
+            yield raw
+
+        answer = httpx.put(f"{base}/v1/uploads/late.mrc", content=body(), timeout=60,
+                           params={"session": "gone", "project": "lab"},
+                           headers={"Content-Length": str(len(raw))})
+        assert deleted.is_set()
+        assert answer.status_code == 409, answer.text
+        assert "deleted" in answer.json()["detail"]
+        jobs = catalog_rows(tmp_path / "data", "SELECT kind, state FROM jobs")
+        assert jobs == [("upload", "cancelled")], jobs
+        assert httpx.get(f"{base}/v1/datasets").json()["items"] == []
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -85,8 +85,11 @@ class IngestPass:
         #: the commit transaction was sent and its outcome is not known (the connection
         #: broke): it may have landed, so nothing of this pass may be removed either
         self.commit_unknown = False
-        #: called (on the feeding thread) once the dataset row exists
+        #: called (on the feeding thread) just before the dataset row is made: the
+        #: upload's job goes in first, so no process can die leaving a ``receiving`` row
+        #: that no job will ever clean up (a job whose row never came drops nothing)
         self.on_row: Callable[[], None] | None = None
+        self.job_started = False
         #: merged into the dataset's info at the end (a registration's fingerprint)
         self.extra_info: dict[str, Any] = {}
         #: the job result the commit transaction records (set by finish)
@@ -130,6 +133,9 @@ class IngestPass:
             info["normalize"] = self.normalize
         layout = self.cutter.layout
         assert layout is not None
+        if self.on_row is not None:
+            self.on_row()
+            self.job_started = True
         made = self.deps.catalog.add_dataset(
             id=self.dataset_id, name=self.name, source=self.source, status="receiving",
             size_bytes=self.declared_size or 0, path=self.registered_path, info=info,
@@ -139,8 +145,6 @@ class IngestPass:
             raise Conflict("the session this movie was sent to was deleted while it "
                            "arrived; nothing was stored")
         self.row_created = True
-        if self.on_row is not None:
-            self.on_row()
 
     def _progress(self) -> dict[str, Any]:
         return {"phase": self.phase, "done": self.received, "total": self.declared_size,
@@ -373,6 +377,11 @@ class IngestPass:
             self._remove_objects()  # the archiver's writers too
             if self.row_created if delete_row is None else delete_row:
                 self.deps.catalog.delete_dataset(self.dataset_id)
+            elif self.job_started and self.fence is not None:
+                # its job went in but the row never did (its session was deleted):
+                # nothing is left for the job to clean up
+                self.deps.catalog.complete_job(self.fence.job_id, self.fence.owner,
+                                               state="cancelled", attempt=self.fence.attempt)
         except Exception:  # noqa: BLE001 - the request's own error is the one to report
             log.warning("upload cleanup deferred to its lapsed job", exc_info=True,
                         extra={"dataset_id": self.dataset_id})
