@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -45,7 +46,10 @@ def upload_and_wait(client, path: Path, name: str | None = None, **params) -> di
 
 
 def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+    """Every file below ``folder`` now. ``os.walk`` skips a directory that goes while it
+    looks (``rglob`` raises): the service may be deleting the very objects a test waits
+    on."""
+    return sorted(Path(top, name) for top, _, names in os.walk(folder) for name in names)
 
 
 def start_server(data_dir: Path, *args: str, timeout: float = 60.0, stderr=None,
