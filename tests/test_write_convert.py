@@ -282,6 +282,66 @@ def test_background_encoder_error_surfaces_and_leaves_nothing(tmp_path, monkeypa
     assert os.listdir(tmp_path) == []
 
 
+@pytest.fixture
+def blosc_threads():
+    """Let blosc take three threads per chunk for this test (the writer then compresses
+    three frames at once, one thread each), and put the setting back after."""
+    from service.mrc import codec
+
+    previous = codec.set_threads(3)
+    yield
+    codec.set_threads(previous)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_frames_compressed_at_once_are_written_in_order(tmp_path, blosc_threads, mode):
+    """Several encoders finish out of order; the file is the one a single encoder writes
+    (chunk for chunk), mrcz reads the frames in order, and the header's statistics are
+    every frame's."""
+    from service.mrc import codec
+
+    rng = np.random.default_rng(mode)
+    data = [(rng.poisson(1 + k, (64, 96)) * (k + 1)).astype(np.dtype(t))
+            for k, t in enumerate(["i1", "i2", "f4"][mode:mode + 1] * 7)]
+    movie = np.stack(data)
+    outputs = []
+    for threads in (3, 1):
+        codec.set_threads(threads)
+        out = tmp_path / f"t{threads}.mrcz"
+        with MrcWriter(out, nx=96, ny=64, nz=7, mode=mode, codec=Codec.ZSTD) as w:
+            assert w._encoders == threads
+            for frame in data:
+                w.write_frame(frame)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    image, _ = mrcz.readMRC(str(tmp_path / "t3.mrcz"))
+    np.testing.assert_array_equal(image, movie)
+    h = read_raw_header(outputs[0])
+    assert (h["dmin"], h["dmax"]) == (movie.min(), movie.max())
+    assert h["dmean"] == pytest.approx(movie.mean(dtype=np.float64), rel=1e-6)
+    assert h["rms"] == pytest.approx(movie.std(dtype=np.float64), rel=1e-5)
+
+
+def test_an_error_of_one_of_several_encoders_surfaces_and_leaves_nothing(
+        tmp_path, monkeypatch, blosc_threads):
+    from service.mrc import writer as writer_mod
+
+    real, calls = writer_mod.compress_frame, []
+
+    def fails_on_the_third(frame, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(frame, *args, **kwargs)
+
+    monkeypatch.setattr(writer_mod, "compress_frame", fails_on_the_third)
+    with pytest.raises(OSError, match="No space left"):
+        with MrcWriter(tmp_path / "o.mrcz", nx=8, ny=8, nz=6, mode=1, codec=Codec.ZSTD) as w:
+            for _ in range(6):
+                w.write_frame(np.ones((8, 8), np.int16))
+    assert os.listdir(tmp_path) == []
+
+
 def test_caller_may_reuse_its_buffer(tmp_path):
     out = tmp_path / "o.mrc"
     buf = np.zeros((8, 8), np.int16)

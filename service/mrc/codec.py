@@ -160,8 +160,10 @@ def index_chunks(read_at: Callable[[int, int], bytes], start: int, n_frames: int
     return FrameIndex(tuple(offsets), tuple(sizes)), findings
 
 
-def compress_frame(frame: np.ndarray, codec: Codec, clevel: int) -> bytes:
-    """One frame -> one blosc chunk, bitshuffled with the pixel size as typesize."""
+def compress_frame(frame: np.ndarray, codec: Codec, clevel: int,
+                   threads: int | None = None) -> bytes:
+    """One frame -> one blosc chunk, bitshuffled with the pixel size as typesize.
+    ``threads``: blosc threads for this chunk (default: :func:`set_threads`'s)."""
     frame = np.ascontiguousarray(frame)
     if frame.nbytes > BLOSC_MAX_CHUNK:
         raise ValueError(f"a frame of {frame.nbytes} bytes exceeds blosc's 2 GiB chunk limit")
@@ -171,7 +173,7 @@ def compress_frame(frame: np.ndarray, codec: Codec, clevel: int) -> bytes:
     # while the caller decodes and takes statistics of the next frame on another.
     blosc.set_blocksize(BLOCKSIZE)
     blosc.set_releasegil(True)
-    blosc.set_nthreads(_threads)
+    blosc.set_nthreads(threads or _threads)
     return blosc.compress_ptr(frame.ctypes.data, frame.size, frame.dtype.itemsize,
                               clevel=clevel, shuffle=blosc.BITSHUFFLE, cname=codec.cname)
 
@@ -212,6 +214,11 @@ def decompress_into(chunk: bytes | memoryview | np.ndarray, out: np.ndarray) -> 
 #: pipeline instead (one frame compressed while the next is measured). A program that
 #: only compresses (a converter run alone, a benchmark) may take more: set_threads.
 _threads = 1
+
+
+def thread_count() -> int:
+    """The blosc threads per chunk now (:func:`set_threads`)."""
+    return _threads
 
 
 def set_threads(n: int) -> int:
