@@ -221,6 +221,20 @@ def test_incompressible_data_keep_the_original(tmp_path):
     assert not archive.exists() and list(tmp_path.glob("*.part")) == []
 
 
+@pytest.mark.parametrize("nx", [64, 63])
+def test_a_decompression_that_writes_nothing_proves_nothing(tmp_path, monkeypatch, nx):
+    """4-bit frames decompress into the buffer their unpacked counts came from (one
+    frame-sized buffer less); a decompressor that silently wrote nothing would leave
+    exactly those counts there. The proof must still fail: the buffer's ends are spoiled
+    before each decompression."""
+    monkeypatch.setattr("service.mrc.archiver.decompress_into", lambda chunk, out: None)
+    path = write_raw_mrc(tmp_path / "m.mrc", counting_movie((3, 64, nx)), 101)
+    outcome, archive, _ = stream_through(path.read_bytes(), tmp_path)
+    assert outcome.form == FORM_ORIGINAL and not outcome.restorable
+    assert outcome.reason.startswith("restore not proven: frame 0")
+    assert not archive.exists()
+
+
 def test_an_unprovable_restore_keeps_the_original(tmp_path, monkeypatch):
     """If the bytes rebuilt from a chunk differ from those received, the archive is not
     the stored form: the proof compares them for every frame."""
