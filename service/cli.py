@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import httpx
 from sqlalchemy.exc import DBAPIError
 
+from . import memory
 from .client import ClientError
 from .mrc import Codec, MrcError, Target, convert, inspect
 
@@ -167,40 +168,6 @@ def _settings(args: argparse.Namespace):
         return None
 
 
-#: glibc mallopt parameters: allocations at least this large are mmapped; free memory
-#: above this much at the top of a heap goes back to the OS
-_M_MMAP_THRESHOLD = -3
-_M_TRIM_THRESHOLD = -1
-
-
-def return_big_buffers_to_the_os(threshold: int = 1 << 20, keep_free: int = 16 << 20) -> None:
-    """Serve every allocation of ``threshold`` bytes or more with its own mmap, so it
-    goes back to the OS when freed. glibc's default raises that threshold to 32 MiB as
-    big blocks are freed, after which every worker thread's arena keeps freed frames of
-    10-50 MB around: measured on a K3 movie, the server's peak RSS was 270-310 MiB that
-    way and 240-275 MiB with this (the ingest's hottest buffers are recycled by
-    :class:`service.mrc.buffers.BufferPool`); at 32 MiB it was 350-384 MiB.
-
-    Setting the threshold also fixes glibc's trim threshold at 128 KiB: every time the
-    request bodies' chunks (256 KiB socket reads, freed on the worker threads) left a
-    heap's top free, it went back to the OS and the next chunks faulted it in again, a
-    page at a time, on the event loop. Up to ``keep_free`` bytes now stay at the top of
-    each heap: bench/bench_cpu.py measured 310k -> 200k minor faults per GiB received,
-    the event loop's CPU 0.85 -> 0.57 s/GiB and the server's 7.6 -> 7.3 s/GiB, with the
-    same peak RSS. Not glibc: no-op."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(_M_MMAP_THRESHOLD, threshold)
-            libc.mallopt(_M_TRIM_THRESHOLD, keep_free)
-    except OSError:
-        pass
-
-
 def _worker(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -213,7 +180,7 @@ def _worker(args: argparse.Namespace) -> int:
     if settings.workers < 1:
         return _fail("a worker process needs MRC_INGEST_WORKERS (or --workers) >= 1", 2)
     configure(args.log_level, args.log_format)
-    return_big_buffers_to_the_os()
+    memory.tune_malloc()
     service = IngestService(settings)
     service.start()
     assert service.queue is not None
@@ -293,7 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
                      "and set MRC_INGEST_TOKENS, or listen on 127.0.0.1", 2)
     from .logs import configure
     configure(args.log_level, args.log_format)
-    return_big_buffers_to_the_os()
+    memory.tune_malloc()
     logging.getLogger("mrc_ingest").info(
         f"serving http://{settings.host}:{settings.port} (OpenAPI at /docs)",
         extra={"data_dir": str(settings.data_dir.resolve()),

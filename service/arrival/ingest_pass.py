@@ -28,6 +28,7 @@ from ..datastore import ObjectWriter
 from ..errors import Conflict
 from ..failpoints import hit
 from ..jobs import LeaseLost
+from ..memory import give_back_free_memory
 from ..mrc.archiver import FORM_ARCHIVE, ArchiveOutcome, ArchivePolicy, Archiver
 from ..mrc.preview import encode_sum
 from ..mrc.stream import StreamCutter
@@ -179,6 +180,7 @@ class IngestPass:
             return self._duplicate(existing)
         outcome = self.archiver.finish(self.received, sha256,
                                        self.cutter.header_findings + self.cutter.findings)
+        give_back_free_memory()  # the pass's frame buffers went in finish()
         try:
             hit("commit.before_store")
             stored = self._store(outcome, sha256)
@@ -390,4 +392,5 @@ class IngestPass:
         """This pass's own objects (its generation's keys, which no other pass writes
         and, uncommitted, no row names)."""
         self.archiver.abort()
+        give_back_free_memory()
         self.deps.store.delete_prefix(generation_prefix(self.dataset_id, self.generation))
