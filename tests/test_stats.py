@@ -114,6 +114,48 @@ def test_narrow_bytes_refuse_what_they_cannot_sum():
         NarrowBytes().moments(np.zeros(MIB, np.uint16), 0, 15)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("size", [MIB + 1000, 2 * MIB + 3, 5 * MIB - 1])
+def test_moments_and_range_block_by_block_equal_a_wide_sum(dtype, size):
+    """Blocks of every kind in one array: narrow ones at different offsets, one spanning
+    the whole type (summed the ordinary way), a short last block."""
+    rng = np.random.default_rng(size)
+    info = np.iinfo(dtype)
+    values = (rng.integers(0, NARROW_SPAN + 1, size) + info.min + 40).astype(dtype)
+    values[MIB:MIB + 1000] = rng.integers(info.min, info.max + 1, 1000)  # a wide block
+    values[:10] = info.max - 3                                            # a narrow one, high
+    lo, hi = int(values.min()), int(values.max())
+    assert NarrowBytes().moments_and_range(values) == (*wide_moments(values), lo, hi)
+
+
+def test_moments_and_range_refuse_what_they_cannot_sum():
+    with pytest.raises(ValueError):
+        NarrowBytes().moments_and_range(np.zeros(MIB, np.uint16))
+    with pytest.raises(ValueError):
+        NarrowBytes().moments_and_range(np.zeros(0, np.uint8))
+
+
+def test_the_accumulator_across_frames_of_one_byte_counts():
+    """Whole-movie and per-frame figures of one-byte frames (narrow, wide, negative) as
+    the float64 reference gives them."""
+    rng = np.random.default_rng(23)
+    frames = [np.minimum(rng.poisson(1.0, (1024, 1100)), 15).astype(np.int8),
+              rng.integers(-128, 128, (1024, 1100)).astype(np.int8),
+              (rng.integers(0, 10, (1024, 1100)) - 60).astype(np.int8)]
+    acc = StatsAccumulator()
+    for frame in frames:
+        got = acc.add(frame)
+        wide = frame.astype(np.float64)
+        assert (got.dmin, got.dmax) == (wide.min(), wide.max())
+        assert got.mean == pytest.approx(wide.mean(), rel=1e-14)
+        assert got.std == pytest.approx(wide.std(), rel=1e-12)
+    every = np.stack(frames).astype(np.float64)
+    total = acc.result()
+    assert (total.dmin, total.dmax) == (every.min(), every.max())
+    assert total.dmean == pytest.approx(every.mean(), rel=1e-14)
+    assert total.rms == pytest.approx(every.std(), rel=1e-12)
+
+
 def test_the_accumulator_takes_the_narrow_path_with_the_same_figures():
     """A K3-sized 4-bit frame and a frame spanning 16 values (the ordinary path) give
     the statistics the exact integer path gives."""

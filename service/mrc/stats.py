@@ -162,6 +162,28 @@ class NarrowBytes:
             s, q = s + rest_s, q + rest_q
         return s, q
 
+    def moments_and_range(self, flat: np.ndarray) -> tuple[int, int, int, int]:
+        """(sum, sum of squares, minimum, maximum) of the 1-D one-byte integer array
+        ``flat``, exact, in one sweep of blocks: each block's own minimum and maximum
+        first, which also brings it into the cache for its sums (a K3 frame of 4-bit
+        counts: 10.3 -> 7.8 ms against the frame's minimum and maximum, then its
+        sums). A block spanning at most :data:`NARROW_SPAN` takes the lane sums, any
+        other :func:`exact_int_moments`, so no frame is too wide for this."""
+        if flat.dtype.itemsize != 1 or flat.dtype.kind not in "iu" or flat.size == 0:
+            raise ValueError("moments_and_range takes a non-empty array of one-byte integers")
+        s = q = 0
+        lo, hi = 255, -128
+        for start in range(0, flat.size, _NARROW_BLOCK):
+            block = flat[start:start + _NARROW_BLOCK]
+            b_lo, b_hi = int(block.min()), int(block.max())
+            if b_hi - b_lo <= NARROW_SPAN and block.size == _NARROW_BLOCK:
+                b_s, b_q = self.moments(block, b_lo, b_hi)
+            else:
+                b_s, b_q = exact_int_moments(block, b_lo, b_hi)
+            s, q = s + b_s, q + b_q
+            lo, hi = min(lo, b_lo), max(hi, b_hi)
+        return s, q, lo, hi
+
 
 class _Moments:
     """Count, mean and sum of squared deviations, mergeable (Chan et al. 1979)."""
@@ -223,27 +245,28 @@ class StatsAccumulator:
         if frame.dtype == COMPLEX_INT16 or frame.dtype.kind == "c":
             return self._add_complex(frame)
         flat = np.ascontiguousarray(frame).reshape(-1)
-        lo, hi = flat.min(), flat.max()
-        f_lo, f_hi = float(lo), float(hi)
-        if math.isnan(f_lo) or math.isnan(f_hi):  # NaN anywhere makes both NaN, for good
-            f_lo = f_hi = float("nan")
-        self._min = f_lo if self._min is None else min(self._min, f_lo)
-        self._max = f_hi if self._max is None else max(self._max, f_hi)
         exact = flat.dtype.kind in "iu" and flat.dtype.itemsize <= 2
         if self._exact_ints is None:
             self._exact_ints = exact
         elif self._exact_ints != exact:
             raise TypeError("all frames of one accumulator must share a dtype")
+        if exact and flat.itemsize == 1 and flat.size >= _NARROW_BLOCK:
+            # one-byte counts (4-bit movies): range and sums in one sweep of blocks
+            if self._narrow is None:
+                self._narrow = NarrowBytes()
+            s, q, lo, hi = self._narrow.moments_and_range(flat)
+        else:
+            lo, hi = flat.min(), flat.max()
+            if exact:
+                s, q = exact_int_moments(flat, int(lo), int(hi))
+        f_lo, f_hi = float(lo), float(hi)
+        if math.isnan(f_lo) or math.isnan(f_hi):  # NaN anywhere makes both NaN, for good
+            f_lo = f_hi = float("nan")
+        self._min = f_lo if self._min is None else min(self._min, f_lo)
+        self._max = f_hi if self._max is None else max(self._max, f_hi)
         n = flat.size
         self.count += n
         if exact:
-            if flat.itemsize == 1 and int(hi) - int(lo) <= NARROW_SPAN and \
-                    flat.size >= _NARROW_BLOCK:
-                if self._narrow is None:
-                    self._narrow = NarrowBytes()
-                s, q = self._narrow.moments(flat, int(lo), int(hi))
-            else:
-                s, q = exact_int_moments(flat, int(lo), int(hi))
             self._int_sum += s
             self._int_sumsq += q
             mean, std = s / n, math.sqrt((q * n - s * s) / (n * n))
