@@ -5,9 +5,11 @@ call here does nothing."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
+import logging
 from typing import Any
+
+log = logging.getLogger("mrc_ingest.memory")
 
 #: glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
@@ -34,10 +36,13 @@ def tune_malloc(mmap_threshold: int = 32 << 20, keep_free: int = 16 << 20,
       KiB socket reads, freed on worker threads) faulted their pages in again on the
       event loop (its CPU 0.85 -> 0.57 s/GiB)."""
     libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_ARENA_MAX, arenas)
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-        libc.mallopt(_M_TRIM_THRESHOLD, keep_free)
+    if libc is None:
+        return
+    for name, parameter, value in (("arenas", _M_ARENA_MAX, arenas),
+                                   ("mmap_threshold", _M_MMAP_THRESHOLD, mmap_threshold),
+                                   ("keep_free", _M_TRIM_THRESHOLD, keep_free)):
+        if libc.mallopt(parameter, value) != 1:  # glibc: 1 on success
+            log.warning(f"malloc refused {name}={value}; its default stays")
 
 
 def give_back_free_memory() -> None:
@@ -53,11 +58,12 @@ def give_back_free_memory() -> None:
 
 @functools.cache
 def _glibc() -> Any:
-    name = ctypes.util.find_library("c")
+    """The C library this process runs on, if it has glibc's mallopt and malloc_trim
+    (the process's own symbols: no search for a library file)."""
     try:
-        libc = ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
-    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         return None
     return libc

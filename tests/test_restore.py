@@ -223,10 +223,11 @@ def test_incompressible_data_keep_the_original(tmp_path):
 
 @pytest.mark.parametrize("nx", [64, 63])
 def test_a_decompression_that_writes_nothing_proves_nothing(tmp_path, monkeypatch, nx):
-    """4-bit frames decompress into the buffer their unpacked counts came from (one
-    frame-sized buffer less); a decompressor that silently wrote nothing would leave
-    exactly those counts there. The proof must still fail: the buffer's ends are spoiled
-    before each decompression."""
+    """4-bit frames of even width decompress into the buffer their unpacked counts came
+    from (one frame-sized buffer less); a decompressor that silently wrote nothing would
+    leave exactly those counts there. The proof must still fail: the buffer's ends are
+    spoiled before each decompression. (Odd widths unpack into a trimmed copy and take
+    the proof's own buffer: the same outcome, by the same guard.)"""
     monkeypatch.setattr("service.mrc.archiver.decompress_into", lambda chunk, out: None)
     path = write_raw_mrc(tmp_path / "m.mrc", counting_movie((3, 64, nx)), 101)
     outcome, archive, _ = stream_through(path.read_bytes(), tmp_path)

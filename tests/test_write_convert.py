@@ -322,6 +322,69 @@ def test_frames_compressed_at_once_are_written_in_order(tmp_path, blosc_threads,
     assert h["rms"] == pytest.approx(movie.std(dtype=np.float64), rel=1e-5)
 
 
+def test_encoders_that_finish_out_of_order_still_write_in_order(tmp_path, monkeypatch,
+                                                                 blosc_threads):
+    """Even frames take longer to compress than the odd ones after them; the chunks
+    still go out in frame order."""
+    import time
+
+    from service.mrc import writer as writer_mod
+
+    real = writer_mod.compress_frame
+
+    def uneven(frame, *args, **kwargs):
+        time.sleep(0.05 if int(frame.flat[0]) % 2 == 0 else 0)
+        return real(frame, *args, **kwargs)
+
+    monkeypatch.setattr(writer_mod, "compress_frame", uneven)
+    movie = np.stack([np.full((16, 24), k, np.int16) + np.arange(24, dtype=np.int16)
+                      for k in range(9)])
+    out = tmp_path / "o.mrcz"
+    with MrcWriter(out, nx=24, ny=16, nz=9, mode=1, codec=Codec.ZSTD) as w:
+        for frame in movie:
+            w.write_frame(frame)
+    image, _ = mrcz.readMRC(str(out))
+    np.testing.assert_array_equal(image, movie)
+
+
+def test_encoders_are_capped(tmp_path):
+    from service.mrc import codec, writer as writer_mod
+
+    previous = codec.set_threads(64)
+    try:
+        w = MrcWriter(tmp_path / "o.mrcz", nx=4, ny=4, nz=1, mode=1, codec=Codec.ZSTD)
+        assert w._encoders == writer_mod.MAX_ENCODERS
+        w.abort()
+    finally:
+        codec.set_threads(previous)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_writer_whose_frame_failed_never_commits(tmp_path, monkeypatch, blosc_threads):
+    """A caller that catches a frame's error and commits anyway gets an error, and no
+    file with a frame missing."""
+    from service.mrc import writer as writer_mod
+
+    real, calls = writer_mod.compress_frame, []
+
+    def fails_once(frame, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(frame, *args, **kwargs)
+
+    monkeypatch.setattr(writer_mod, "compress_frame", fails_once)
+    w = MrcWriter(tmp_path / "o.mrcz", nx=8, ny=8, nz=6, mode=1, codec=Codec.ZSTD)
+    while w.frames_written < 6:
+        try:
+            w.write_frame(np.ones((8, 8), np.int16))
+        except OSError:
+            pass  # a careless caller goes on until six frames were taken
+    with pytest.raises((OSError, ValueError)):
+        w.commit()
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_error_of_one_of_several_encoders_surfaces_and_leaves_nothing(
         tmp_path, monkeypatch, blosc_threads):
     from service.mrc import writer as writer_mod

@@ -299,7 +299,8 @@ class Archiver:
         # frame (the target may still hold these very values): its ends are spoiled
         # first, so only a chunk that really gives them back can match.
         np.invert(target[:1], out=target[:1])
-        np.invert(target[-1:], out=target[-1:])
+        if target.size > 1:
+            np.invert(target[-1:], out=target[-1:])
         try:
             decompress_into(chunk, target)
         except ValueError as exc:

@@ -26,6 +26,9 @@ from .stats import Stats, StatsAccumulator
 #: written for it). The service's ingest proves its restore there, frame by frame.
 OnEncoded = Callable[[int, np.ndarray, bytes], None]
 
+#: Most frames one writer compresses at once (each in flight with its chunk: memory)
+MAX_ENCODERS = 4
+
 #: Label 0 of an MRCZ file (MRCZ spec: ``MRCZ<version>`` at byte 224). python-mrcz reads
 #: MZ as "slices" only from 0.5.0 on; we write the spec level we implement.
 MRCZ_LABEL = "MRCZ0.5.0"
@@ -61,8 +64,9 @@ class MrcWriter:
 
     A program that allows blosc more than one thread per chunk
     (:func:`~service.mrc.codec.set_threads`, e.g. a converter run alone) and has no
-    ``on_encoded`` gets that many frames compressed at once instead, one thread each,
-    written in order by the caller: blosc's threads within one chunk wait for each other
+    ``on_encoded`` gets that many frames (at most :data:`MAX_ENCODERS`) compressed at
+    once instead, one thread each, written in order by the caller, so that many frames
+    and their chunks are in flight: blosc's threads within one chunk wait for each other
     at every block, so a statistics pass on the caller's thread stalled both (40 K2
     frames with exact statistics: 0.73x python-mrcz's speed that way, bench_core.py).
     """
@@ -101,8 +105,10 @@ class MrcWriter:
         self.on_encoded = on_encoded
         #: frames compressed at once (one blosc thread each); 1: the encoder thread also
         #: writes, and on_encoded runs there
-        self._encoders = thread_count() if on_encoded is None and codec is not Codec.NONE \
-            else 1
+        self._encoders = min(thread_count(), MAX_ENCODERS) \
+            if on_encoded is None and codec is not Codec.NONE else 1
+        #: a frame failed to encode or write: nothing may be committed any more
+        self._failed = False
         #: frames handed to the encoders, oldest first
         self._pending: deque[Future] = deque()
         if isinstance(output, (str, os.PathLike)):
@@ -219,9 +225,13 @@ class MrcWriter:
         """Finish frames until at most ``in_flight`` remain; an error surfaces here."""
         while len(self._pending) > in_flight:
             pending = self._pending.popleft()
-            outcome = pending.result()
-            if outcome is not None:  # encoded only: this thread writes it, in order
-                self._write(self.frames_written - len(self._pending) - 1, *outcome)
+            try:
+                outcome = pending.result()
+                if outcome is not None:  # encoded only: this thread writes it, in order
+                    self._write(self.frames_written - len(self._pending) - 1, *outcome)
+            except BaseException:
+                self._failed = True  # a frame is missing: the output must never appear
+                raise
 
     # -- ending -------------------------------------------------------------------
 
@@ -237,6 +247,10 @@ class MrcWriter:
         except BaseException:
             self.abort()
             raise
+        if self._failed:
+            self.abort()
+            raise ValueError("a frame failed to encode or write earlier; nothing was "
+                             "committed")
         if self.frames_written != self.nz:
             self.abort()
             raise ValueError(f"only {self.frames_written} of {self.nz} frames were written")
