@@ -360,20 +360,25 @@ def test_encoders_are_capped(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_writer_whose_frame_failed_never_commits(tmp_path, monkeypatch, blosc_threads):
-    """A caller that catches a frame's error and commits anyway gets an error, and no
-    file with a frame missing."""
+def fail_compression_of_call(monkeypatch, n: int, error: Exception) -> None:
+    """The writer's ``n``-th frame compression raises ``error``; the others work."""
     from service.mrc import writer as writer_mod
 
     real, calls = writer_mod.compress_frame, []
 
-    def fails_once(frame, *args, **kwargs):
+    def failing(frame, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            raise OSError(5, "Input/output error")
+        if len(calls) == n:
+            raise error
         return real(frame, *args, **kwargs)
 
-    monkeypatch.setattr(writer_mod, "compress_frame", fails_once)
+    monkeypatch.setattr(writer_mod, "compress_frame", failing)
+
+
+def test_a_writer_whose_frame_failed_never_commits(tmp_path, monkeypatch, blosc_threads):
+    """A caller that catches a frame's error and commits anyway gets an error, and no
+    file with a frame missing."""
+    fail_compression_of_call(monkeypatch, 2, OSError(5, "Input/output error"))
     w = MrcWriter(tmp_path / "o.mrcz", nx=8, ny=8, nz=6, mode=1, codec=Codec.ZSTD)
     while w.frames_written < 6:
         try:
@@ -387,17 +392,7 @@ def test_a_writer_whose_frame_failed_never_commits(tmp_path, monkeypatch, blosc_
 
 def test_an_error_of_one_of_several_encoders_surfaces_and_leaves_nothing(
         tmp_path, monkeypatch, blosc_threads):
-    from service.mrc import writer as writer_mod
-
-    real, calls = writer_mod.compress_frame, []
-
-    def fails_on_the_third(frame, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        return real(frame, *args, **kwargs)
-
-    monkeypatch.setattr(writer_mod, "compress_frame", fails_on_the_third)
+    fail_compression_of_call(monkeypatch, 3, OSError(28, "No space left on device"))
     with pytest.raises(OSError, match="No space left"):
         with MrcWriter(tmp_path / "o.mrcz", nx=8, ny=8, nz=6, mode=1, codec=Codec.ZSTD) as w:
             for _ in range(6):
