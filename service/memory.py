@@ -26,9 +26,11 @@ def tune_malloc(mmap_threshold: int = 32 << 20, keep_free: int = 16 << 20,
       in again, frame after frame (200k minor faults per GiB -> 20k, 7.2 -> 6.6
       CPU-s/GiB). Larger frames (float32 K3: 94 MB) are still mapped and returned.
     - ``arenas``: one heap for every thread. With an arena per thread each kept its own
-      freed frames, and peak RSS rose from 287 to 350-384 MiB; with one, 296-305 MiB
-      (the ingest's frame buffers are recycled by :class:`service.mrc.buffers.BufferPool`
-      and the proof decompresses into the frame's own buffer). Threads contend for
+      freed frames, and peak RSS rose from 287 to 350-384 MiB; with one, 296-305 MiB,
+      and 275-292 MiB once a pass also hands its buffers back at its end
+      (:func:`give_back_free_memory`; the ingest's frame buffers are recycled by
+      :class:`service.mrc.buffers.BufferPool` and the proof decompresses into the
+      frame's own buffer). Threads contend for
       the arena's lock only when they allocate outside Python's small-object allocator,
       a few times per frame.
     - ``keep_free``: this much free memory may stay at the top of the heap instead of
@@ -49,8 +51,9 @@ def give_back_free_memory() -> None:
     """Return the heap's free pages to the OS (``malloc_trim``), wherever they lie: a
     movie's frame buffers, freed when its pass ends, would otherwise stay in RSS behind
     whatever was allocated above them, until the next movie reuses them. A movie of
-    another frame size (int16 after 4-bit) found them no use: peak RSS 344 -> 386 MiB
-    without this (bench_cpu.py). Costs a few milliseconds, once per movie."""
+    another frame size (int16 after 4-bit) found them no use: with one arena, peak RSS
+    through the int16 PUTs was 386 MiB without this and 350-353 MiB with it (344 with
+    an arena per thread; bench_cpu.py). Costs a few milliseconds, once per movie."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
