@@ -89,7 +89,8 @@ class DatasetSummary(BaseModel):
 class DatasetDetail(DatasetSummary):
     byte_order: str | None = None
     file: dict[str, Any] | None = Field(None, description="header and derived facts")
-    stats: dict[str, float] | None = Field(None, description="exact, over every frame")
+    stats: dict[str, float | None] | None = Field(None, description="exact, over every "
+                                                "frame; null where not finite (NaN data)")
     findings: list[dict[str, str]] = Field(default_factory=list)
     archive: dict[str, Any] | None = Field(None, description="the MRCZ archive: mode, codec, "
                                            "bytes; restorable (whether archive + restore "

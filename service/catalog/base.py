@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +27,27 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def json_text(value: Any) -> str:
+    """A JSON column's text, the same on both databases: NaN and infinities (a header's
+    cell of NaN, the statistics of data holding NaN) are written as null. JSON has no
+    such numbers: PostgreSQL refuses them, and SQLite would keep text no strict reader
+    takes."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:  # rare: only then is the value walked
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def make_engine(url: str, pool_size: int = 10) -> Engine:
     """SQLite (embedded, WAL) or PostgreSQL through psycopg 3 with a connection pool
     that checks a connection before handing it out, so a restarted database is
@@ -33,11 +56,12 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False,
-                                                     "timeout": 30})
+        engine = sa.create_engine(url, json_serializer=json_text,
+                                  connect_args={"check_same_thread": False, "timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size,
+    return sa.create_engine(url, json_serializer=json_text,
+                            pool_size=pool_size, max_overflow=2 * pool_size,
                             pool_pre_ping=True, pool_recycle=1800, pool_timeout=10,
                             connect_args={"connect_timeout": 5,
                                           "application_name": "mrc-ingest"})

@@ -38,8 +38,11 @@ class Stats:
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.dmin, self.dmax, self.dmean, self.rms)
 
-    def to_dict(self) -> dict[str, float]:
-        return dict(zip(("dmin", "dmax", "dmean", "rms"), self.as_tuple()))
+    def to_dict(self) -> dict[str, float | None]:
+        """As JSON holds them: None where a value is not finite (data holding NaN or
+        infinities; JSON has no such numbers, and PostgreSQL refuses them)."""
+        return {name: _finite_or_none(value) for name, value in
+                zip(("dmin", "dmax", "dmean", "rms"), self.as_tuple())}
 
 
 @dataclass(frozen=True)
