@@ -5,7 +5,8 @@ place (:mod:`service.api.errors`). Nothing below the routers raises HTTPExceptio
 from __future__ import annotations
 
 import errno
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from sqlalchemy import exc as sa_exc
 
@@ -136,6 +137,20 @@ def from_core(exc: MrcError) -> ServiceError:
         return InvalidMrc({"message": str(exc),
                            "findings": [f.to_dict() for f in exc.findings]})
     return InvalidMrc(str(exc))
+
+
+@contextmanager
+def disk_errors() -> Iterator[None]:
+    """An OS error a client should see with its reason (a full disk) leaves this block
+    as the typed error (:func:`to_service_error`), where it happened, rather than as a
+    plain ``OSError`` that only the last-resort handler would recognize."""
+    try:
+        yield
+    except OSError as exc:
+        mapped = to_service_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def to_service_error(exc: BaseException) -> ServiceError | None:
