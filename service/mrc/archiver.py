@@ -15,6 +15,15 @@ while frame k+1 is decoded and measured here, one frame in flight. If any frame 
 proof, or the archive would not be smaller than the file, or the file is invalid, the
 archive is dropped and the file as received is the stored form; nothing is decided
 before the last byte.
+
+Where the archiver is the only keeper of the bytes (``open_original``: a one-request
+upload, which nothing else holds while it streams), no byte it receives is ever without
+a stored place: the file as received goes to its own sink from the first byte when no
+archive will be made (an MRCZ upload, no archive codec, a header whose extended header
+never completes) or when the policy keeps the original as well; otherwise every frame
+from the first one whose proof failed, and every byte after the last frame, go to the
+tail, so the proven chunks and the tail always rebuild the file
+(:class:`~service.mrc.restore.Carrier`).
 """
 
 from __future__ import annotations
@@ -29,14 +38,14 @@ import numpy as np
 from . import extended as ext_mod
 from . import header as hdr
 from .buffers import BufferPool
-from .codec import Codec, decompress_into
+from .codec import Codec, FrameIndex, decompress_into
 from .convert import OutputPlan, Target, default_mode, plan_output
 from .findings import Finding, error, has_errors
 from .modes import mode_spec
 from .preview import BinnedSum
 from .reader import describe_source
-from .restore import (RestoreRecord, SourceLayout, decode_frame, padding_nibbles,
-                      restore_frame)
+from .restore import (Carrier, RestoreRecord, SourceLayout, decode_frame,
+                      padding_nibbles, restore_frame)
 from .sink import Sink
 from .stats import FrameStats, Stats, StatsAccumulator, frame_series
 from .stream import Piece
@@ -53,6 +62,7 @@ class ArchivePolicy:
     clevel: int = 1
     normalize: bool = True       # 4-bit -> mode 0 (and IMOD unsigned bytes -> mode 6)
     sum_side: int = 1024         # longest side of the frame sum kept for previews
+    keep_original: bool = False  # the file as received is kept beside the archive
 
 
 #: Modes python-mrcz cannot read inside MRCZ, and the mode that holds their values
@@ -106,8 +116,13 @@ class ArchiveOutcome:
     reason: str | None                         # why the original is the stored form
     archive: dict[str, Any] | None             # mode, codec, clevel, bytes, ...
     record: bytes | None                       # the serialized RestoreRecord
-    tail_bytes: int
+    tail_bytes: int                            # bytes after the last frame
     timings: dict[str, float] = field(default_factory=dict)
+    #: the archiver's own copy of the file as received was committed (``open_original``)
+    original: bool = False
+    #: what rebuilds the file as received when the archive is not the stored form and
+    #: the archiver kept the bytes (``open_original``) in its chunks and tail
+    carrier: Carrier | None = None
 
 
 #: bytes compared at a time: a frame-sized boolean temporary would cost as much memory
@@ -130,16 +145,26 @@ class Archiver:
     """Feed :meth:`add` the pieces of one file in order, then :meth:`finish` with the
     received size and SHA-256 (or :meth:`abort`). ``open_archive()`` gives the sink for
     the archive (opened with a 1024-byte reserved head) and ``open_tail()`` the sink for
-    bytes after the last frame; both are called only when needed."""
+    bytes after the archive's last frame; both are called only when needed.
+    ``open_original()``: the archiver is the bytes' only keeper, and this gives the sink
+    for the file as received whenever it must be kept whole (see the module's text)."""
 
     def __init__(self, policy: ArchivePolicy, open_archive: Callable[[], Sink] | None,
                  open_tail: Callable[[], Sink] | None = None,
-                 on_frame: Callable[[int, int], None] | None = None):
+                 on_frame: Callable[[int, int], None] | None = None,
+                 open_original: Callable[[], Sink] | None = None):
         self.policy = policy
         self._open_archive, self._open_tail = open_archive, open_tail
+        self._open_original = open_original
+        #: the file as received, from its first byte (opened by _start_original)
+        self._original: Sink | None = None
+        #: the first frame kept raw in the tail (its proof failed), when the archiver
+        #: keeps the bytes
+        self._raw_from: int | None = None
         self._on_frame = on_frame
         self.source: StreamSource | None = None
         self.header_raw = b""
+        self.ext_raw = b""
         self.findings: list[Finding] = []
         self.stats = StatsAccumulator()
         self.per_frame: list[FrameStats] = []
@@ -160,7 +185,8 @@ class Archiver:
         self._lock = threading.Lock()
         self._unproven: str | None = None
         self._tail: Sink | None = None
-        self.tail_bytes = 0
+        self.tail_bytes = 0       # the stream's bytes after its last frame
+        self._tail_size = 0       # bytes written to the tail object
         self._chunk_buffer: np.ndarray | None = None
         self._proof_buffer: np.ndarray | None = None
         self._started = time.perf_counter()
@@ -191,23 +217,40 @@ class Archiver:
         self.source = src = StreamSource(header, layout, decoded)
         self._source_layout = SourceLayout.of(layout)
         self.frame_sum = BinnedSum(layout.ny, layout.nx, self.policy.sum_side)
-        if layout.codec is not Codec.NONE:
-            if not layout.codec.available:
+        if layout.codec is not Codec.NONE:  # already compressed: kept as received,
+            if not layout.codec.available:   # its frames only measured
                 self._fail("mode", f"MRCZ codec {layout.codec.cname!r} is not available in "
                                    "this blosc build; cannot decompress")
             elif layout.packing:
                 self._fail("mode", "4-bit packed data inside MRCZ chunks is not supported "
                                    "(mrcz refuses to write it); store it as mode 0")
-            return  # already compressed: kept as received, frames only measured
-        if self.policy.codec is Codec.NONE or self._open_archive is None:
+        elif self.policy.codec is not Codec.NONE and self._open_archive is not None:
+            target = archive_target(src.mode, src.dtype, default_mode(src),
+                                    self.policy.codec, self.policy.clevel,
+                                    self.policy.normalize)
+            self._plan = plan_output(src, target)
+            if self._source_layout.odd_4bit:
+                self._padding = []
+            self._writer = self._plan.writer(self._open_archive(), layout,
+                                             collect_stats=False, on_encoded=self._prove)
+        if self._writer is None or self.policy.keep_original:
+            self._start_original()
+
+    def _start_original(self) -> None:
+        """The file as received goes to its own sink from here on, starting with the
+        bytes that came before (the header and extended header, held in memory)."""
+        if self._open_original is None or self._original is not None:
             return
-        target = archive_target(src.mode, src.dtype, default_mode(src), self.policy.codec,
-                                self.policy.clevel, self.policy.normalize)
-        self._plan = plan_output(src, target)
-        if self._source_layout.odd_4bit:
-            self._padding = []
-        self._writer = self._plan.writer(self._open_archive(), layout, collect_stats=False,
-                                         on_encoded=self._prove)
+        self._original = self._open_original()
+        self._original.write(self.header_raw)
+        self._original.write(self.ext_raw)
+
+    @property
+    def _keeps_raw(self) -> bool:
+        """Whether unproven frames and trailing bytes go to the tail: the archiver keeps
+        the bytes, and no sink has them whole."""
+        return self._open_original is not None and self._open_tail is not None \
+            and self._original is None and self._writer is not None
 
     def _byte_order(self) -> str:
         order, _ = hdr.detect_byte_order(self.header_raw)
@@ -216,6 +259,8 @@ class Archiver:
 
     def _frame(self, k: int, raw: np.ndarray) -> None:
         assert self.source is not None
+        if self._original is not None:
+            self._original.write(memoryview(raw))
         if self._broken:
             return
         layout = self.source.layout
@@ -245,8 +290,12 @@ class Archiver:
             with self._lock:
                 self._in_flight[k] = (raw, unpacked)
             self._writer.write_frame(self._plan.convert_frame(k, values), owned=True)
-        elif layout.codec is Codec.NONE:
-            self._recycle(raw, unpacked)
+        else:
+            if self._keeps_raw:  # a proof failed: from there on the frames go raw
+                self._writer.flush()  # after those still in flight (they go on proving)
+                self._keep_raw(k, raw)
+            if layout.codec is Codec.NONE:
+                self._recycle(raw, unpacked)
         self.frames_done += 1
         if self._on_frame is not None:
             self._on_frame(self.frames_done, layout.nz)
@@ -270,7 +319,10 @@ class Archiver:
         with self._lock:
             raw, unpacked = self._in_flight.pop(k)
         try:
-            self._compare(k, stored, chunk, raw, unpacked)
+            if self._unproven is None:
+                self._compare(k, stored, chunk, raw, unpacked)
+            if self._unproven is not None and self._keeps_raw:
+                self._keep_raw(k, raw)
         finally:
             # the encoder is done with the frame and nothing else holds it: its buffers
             # can carry a later frame
@@ -284,8 +336,6 @@ class Archiver:
 
     def _compare(self, k: int, stored: np.ndarray, chunk: bytes, raw: np.ndarray,
                  unpacked: np.ndarray | None) -> None:
-        if self._unproven is not None:
-            return
         if unpacked is not None and unpacked.nbytes >= stored.nbytes:
             # 4-bit: the frame's unpacked counts were measured, summed and compressed,
             # and nothing reads them again; the chunk decompresses into their buffer
@@ -316,13 +366,34 @@ class Archiver:
             self._unproven = (f"frame {k}: the bytes restored from the archive differ from "
                               f"those received at byte {first} of the frame")
 
+    def _keep_raw(self, k: int, raw: np.ndarray) -> None:
+        """Frame k as received goes to the tail (frames in order): the archive proves
+        frames before the first of these only."""
+        if self._raw_from is None:
+            self._raw_from = k
+        self._write_tail(raw)
+
     def _add_tail(self, data: np.ndarray) -> None:
         self.tail_bytes += data.size
-        if self._writer is None or self._open_tail is None:
+        if self.source is None:  # the extended header never completed: nor will frames
+            self._start_original()
+        if self._original is not None:
+            self._original.write(memoryview(data))
+        if self._writer is None:
             return
+        if self._open_tail is None:  # the archive could not give these bytes back
+            self._unproven = self._unproven or "the bytes after the last frame have no sink"
+            return
+        if self._keeps_raw:
+            self._writer.flush()  # raw frames still in flight go to the tail first
+        self._write_tail(data)
+
+    def _write_tail(self, data: np.ndarray) -> None:
         if self._tail is None:
+            assert self._open_tail is not None
             self._tail = self._open_tail()
         self._tail.write(memoryview(data))
+        self._tail_size += data.size
 
     def _fail(self, field_name: str, message: str) -> None:
         self.findings.append(error(field_name, message))
@@ -335,6 +406,8 @@ class Archiver:
         the cutter's (header checks, truncation, bad chunks, trailing bytes)."""
         findings = list(stream_findings) + self.findings
         src = self.source
+        if src is None:  # a header alone (its extended header never came) is kept too
+            self._start_original()
         stats = self.stats.result() if src is not None and self.frames_done == src.layout.nz \
             and not self._broken else None
         if stats is not None:
@@ -358,8 +431,16 @@ class Archiver:
             reason = "restore not proven: not every frame was measured"
         if reason is None:
             record, archive, reason = self._commit(size, sha256, stats)
-        else:
-            self._drop()
+        carrier = None
+        if archive is None:
+            if self._keeps_raw:
+                carrier = self._publish_carrier(size, sha256)
+            else:
+                self._drop()
+        original = self._original is not None
+        if original:
+            self._original.commit()
+            self._original = None
         form = FORM_ARCHIVE if archive is not None else FORM_ORIGINAL
         described = None
         if src is not None:
@@ -375,22 +456,17 @@ class Archiver:
             frame_stats=frame_series(self.per_frame) if stats is not None else None,
             frame_sum=self.frame_sum if stats is not None else None,
             restorable=archive is not None, reason=reason, archive=archive, record=record,
-            tail_bytes=self.tail_bytes, timings=self.timings)
+            tail_bytes=self.tail_bytes, timings=self.timings, original=original,
+            carrier=carrier)
 
     def _commit(self, size: int, sha256: str, stats: Stats | None
                 ) -> tuple[bytes | None, dict[str, Any] | None, str | None]:
         writer, plan = self._writer, self._plan
         assert writer is not None and plan is not None and stats is not None
-        record = RestoreRecord(
-            size=size, sha256=sha256, header=self.header_raw, extended=self.ext_raw,
-            source=self._source_layout, archive_mode=plan.mode,
-            frame_index=writer.frame_index(), archive_data_offset=writer.data_offset,
-            padding=np.stack(self._padding) if self._padding else None,
-            tail_size=self.tail_bytes).to_bytes()
+        record = self._record(size, sha256, writer.frames_written).to_bytes()
         archive_bytes = writer.data_offset + writer.packed_bytes
         kept = archive_bytes + len(record) + self.tail_bytes
         if kept >= size:
-            self._drop()
             return None, None, (f"the archive ({archive_bytes} bytes with its record and "
                                 f"tail: {kept}) would not be smaller than the file as "
                                 f"received ({size} bytes)")
@@ -403,6 +479,39 @@ class Archiver:
                         "clevel": plan.target.clevel, "bytes": archive_bytes,
                         "record_bytes": len(record), "tail_bytes": self.tail_bytes,
                         "notes": [plan.note] if plan.note else []}, None
+
+    def _record(self, size: int, sha256: str, frames: int) -> RestoreRecord:
+        """The restore record of the archive's first ``frames`` chunks and the tail."""
+        writer, plan = self._writer, self._plan
+        assert writer is not None and plan is not None
+        index = writer.frame_index()
+        record = RestoreRecord(
+            size=size, sha256=sha256, header=self.header_raw, extended=self.ext_raw,
+            source=self._source_layout, archive_mode=plan.mode,
+            frame_index=FrameIndex(index.offsets[:frames], index.sizes[:frames]),
+            archive_data_offset=writer.data_offset,
+            padding=np.stack(self._padding[:frames]) if self._padding and frames else None,
+            tail_size=self._tail_size)
+        if record.tail_offset + record.tail_size != size:  # every byte has one place
+            raise ValueError(f"the archive's {frames} frames and the tail's "
+                             f"{record.tail_size} bytes do not add up to the {size} bytes "
+                             "received")
+        return record
+
+    def _publish_carrier(self, size: int, sha256: str) -> Carrier:
+        """The archive is not the stored form, and the archiver holds the bytes: its
+        proven chunks and the tail are published as they are, for the caller to rebuild
+        the file as received from (then to drop them)."""
+        writer = self._writer
+        assert writer is not None
+        frames = self._raw_from if self._raw_from is not None else writer.frames_written
+        record = self._record(size, sha256, frames)
+        self._writer = None
+        writer.publish_written()
+        if self._tail is not None:
+            self._tail.commit()
+            self._tail = None
+        return Carrier(record, writer.file_dtype, (writer.ny, writer.nx))
 
     def _drop(self) -> None:
         writer, self._writer = self._writer, None
@@ -425,4 +534,7 @@ class Archiver:
     def abort(self) -> None:
         """Drop everything written (the upload failed)."""
         self._drop()
+        original, self._original = self._original, None
+        if original is not None:
+            original.abort()
         self._release_buffers()

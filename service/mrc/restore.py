@@ -10,8 +10,11 @@ every pixel value. What it cannot hold, the record keeps (ARCHITECTURE.md, "The 
   mode 0), sizes, where the data starts;
 - for 4-bit data with odd ``nx``, the value of the padding nibble that ends every row
   (IMOD ``mrc_format.txt``: rows are ``(nx + 1) // 2`` bytes; writers need not zero it);
-- the length of any bytes after the last frame (the bytes themselves are kept as their
-  own object, since they can be large).
+- the length of the bytes after the archive's last frame (the bytes themselves are kept
+  as their own object, the tail, since they can be large): what a writer left after the
+  last frame, or -- in a record that only carries a one-request upload's bytes to their
+  rebuild as the file received (:class:`Carrier`) -- every byte from the first frame the
+  archive could not prove.
 
 Float data are never converted on the way (the archive keeps the source's float mode and
 only the byte order changes, which moves bytes, not values), so NaN payloads and -0.0
@@ -33,7 +36,7 @@ import numpy as np
 from numpy.lib.format import descr_to_dtype, dtype_to_descr
 
 from . import header as hdr
-from .codec import FrameIndex
+from .codec import FrameIndex, decompress_into
 from .modes import cast_to, decode_stored, pack_4bit
 
 RECORD_VERSION = 1
@@ -70,10 +73,6 @@ class SourceLayout:
         return descr_to_dtype(descr)
 
     @property
-    def data_end(self) -> int:
-        return self.data_offset + self.nz * self.frame_nbytes
-
-    @property
     def row_nbytes(self) -> int:
         return self.frame_nbytes // self.ny
 
@@ -95,12 +94,18 @@ class RestoreRecord:
     frame_index: FrameIndex            # where each frame's chunk lies in the archive
     archive_data_offset: int           # 1024 + the archive's own NSYMBT
     padding: np.ndarray | None = None  # (nz, ny) uint8 nibble values, odd-nx 4-bit only
-    tail_size: int = 0                 # bytes after the last frame (a separate object)
+    tail_size: int = 0                 # bytes after the archive's frames (an object)
     notes: list[str] = field(default_factory=list)
 
     @property
+    def frames(self) -> int:
+        """Frames the archive gives back (``source.nz`` but in a :class:`Carrier`'s)."""
+        return len(self.frame_index.offsets)
+
+    @property
     def tail_offset(self) -> int:
-        return self.source.data_end
+        """Where the tail's bytes begin in the file as received."""
+        return self.source.data_offset + self.frames * self.source.frame_nbytes
 
     # -- serialization ------------------------------------------------------------
 
@@ -228,7 +233,7 @@ class AsReceived:
             if pos < source.data_offset:  # header + extended header (up to 64 MiB)
                 end = min(stop, source.data_offset, pos + block)
                 yield prefix[pos:end]
-            elif pos < source.data_end:
+            elif pos < record.tail_offset:
                 k = (pos - source.data_offset) // source.frame_nbytes
                 frame_start = source.data_offset + k * source.frame_nbytes
                 end = min(stop, frame_start + source.frame_nbytes)
@@ -241,3 +246,30 @@ class AsReceived:
                     raise ValueError("the record has a tail but no reader was given")
                 yield self._read_tail(pos - record.tail_offset, end - pos)
             pos = end
+
+
+@dataclass
+class Carrier:
+    """A one-request upload's bytes on their way to being stored as received, when the
+    archive is not their stored form (a proof failed, the file is invalid or truncated,
+    the archive would not be smaller): the archive's chunks of the frames it proved (a
+    published object, but never an MRC file: its header was not written) and the tail
+    with every byte after them. :meth:`as_received` rebuilds the file from the two, so
+    the upload needed no other copy of its bytes while it streamed (ARCHITECTURE.md)."""
+
+    record: RestoreRecord
+    values_dtype: np.dtype        # a chunk's values as the archive holds them
+    frame_shape: tuple[int, int]  # (ny, nx)
+
+    def as_received(self, read_archive: Callable[[int, int], bytes],
+                    read_tail: Callable[[int, int], bytes] | None) -> AsReceived:
+        """The file as received; ``read_archive(offset, n)`` and ``read_tail(offset, n)``
+        read the two objects."""
+        index, nbytes = self.record.frame_index, \
+            self.frame_shape[0] * self.frame_shape[1] * self.values_dtype.itemsize
+
+        def archive_frame(k: int, out: np.ndarray) -> np.ndarray:
+            chunk = read_archive(index.offsets[k], index.sizes[k])
+            decompress_into(chunk, out)
+            return out.view(self.values_dtype).reshape(self.frame_shape)
+        return AsReceived(self.record, archive_frame, read_tail, archive_frame_nbytes=nbytes)

@@ -242,15 +242,7 @@ class MrcWriter:
             raise ValueError("writer is closed")
         if stats is not None:
             self.known_stats = stats
-        try:
-            self._wait()
-        except BaseException:
-            self.abort()
-            raise
-        if self._failed:
-            self.abort()
-            raise ValueError("a frame failed to encode or write earlier; nothing was "
-                             "committed")
+        self._settle()
         if self.frames_written != self.nz:
             self.abort()
             raise ValueError(f"only {self.frames_written} of {self.nz} frames were written")
@@ -262,6 +254,32 @@ class MrcWriter:
         self._encoder.shutdown()
         self.size = sink.commit(h.tobytes())  # the sink cleans up after itself on error
         return self.size
+
+    def publish_written(self) -> int:
+        """Publish the chunks written so far as they are, the reserved head left as
+        zeros; their size in bytes. For a caller that reads frames back by their place
+        (:meth:`frame_index`) to rebuild something else from them
+        (:class:`~service.mrc.restore.Carrier`): never an MRC file to hand anyone."""
+        if self._sink is None:
+            raise ValueError("writer is closed")
+        self._settle()
+        sink, self._sink = self._sink, None
+        self._encoder.shutdown()
+        self.size = sink.commit()
+        return self.size
+
+    def _settle(self) -> None:
+        """Every frame in flight is written; the output is dropped (and the error raised)
+        if any frame failed."""
+        try:
+            self._wait()
+        except BaseException:
+            self.abort()
+            raise
+        if self._failed:
+            self.abort()
+            raise ValueError("a frame failed to encode or write earlier; nothing was "
+                             "committed")
 
     def frame_index(self) -> FrameIndex:
         """Where each frame's chunk lies in the output (MRCZ)."""
