@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     keep_original: bool = Field(False, description="keep the file as received beside its "
                                 "archive; by default the archive plus a small restore "
                                 "record is the stored form, proven to give back the exact "
-                                "bytes before the upload's scratch copy is dropped")
+                                "bytes before the received bytes are released")
     conversion_cache_bytes: int = Field(32 * GiB, ge=0, description="converted downloads "
                                         "kept for reuse; least recently used go first")
     preview_cache_items: int = Field(256, ge=0, description="PNG previews kept in memory")

@@ -24,7 +24,7 @@ from .metadata import Acquisition
 from .metrics import Metrics
 from .mrc.stream import HeaderOverLimit
 from .mrc.validate import FrameLimits, check_frame_limits, check_header_bytes
-from .receiver import Receiver, ScratchCopy, pump
+from .receiver import Receiver, pump
 from .auth import Scope
 from .roots import Roots
 from .sessions import Placement, place, project_for
@@ -103,7 +103,6 @@ class Intake:
                       expected_sha256: str | None, normalize: bool | None,
                       declared_size: int | None,
                       columns: dict[str, str]) -> dict[str, Any]:
-        scratch: ScratchCopy | None = None
         ingest: IngestPass | None = None
         dataset_id = new_id()
         # The upload's job, claimed by this process from the header's arrival until the
@@ -112,36 +111,35 @@ class Intake:
         job_id = fence.job_id
 
         def consume(batch: list[bytes]) -> None:
-            nonlocal scratch, ingest
+            nonlocal ingest
             if ingest is None:
                 name = filename if filename is not None else getattr(chunks, "filename")
-                scratch = ScratchCopy(self.storage.incoming, self.settings.max_upload_bytes)
                 ingest = IngestPass(
                     self.deps, dataset_id=dataset_id, name=name, source="upload",
                     normalize=normalize, declared_size=declared_size, create_row=True,
-                    arrived=ScratchBytes(scratch), fence=fence,  # lapsed: drop_upload
+                    arrived=PassBytes(), fence=fence,  # lapsed: drop_upload
                     placement=columns)
                 ingest.on_row = lambda: self._start_upload_job(fence, dataset_id)
-            scratch.receiver.write_beside(batch, ingest.feed)
+            receiver.write_beside(batch, ingest.feed)
 
-        # counts bytes against the limit on the loop, before the pass's own receiver
-        counter = Receiver(None, 0, self.settings.max_upload_bytes)
+        # counts bytes against the limit on the loop; hashes them beside the pass, which
+        # keeps them (no scratch copy: the pass's own objects hold every byte)
+        receiver = Receiver(None, 0, self.settings.max_upload_bytes)
         try:
-            await pump(chunks, counter, self.deps.work.wrap(consume),
+            await pump(chunks, receiver, self.deps.work.wrap(consume),
                        lambda first: refuse_non_mrc(first, self.settings.frame_limits))
             if ingest is None:  # under 1024 bytes: the header check refused it already
                 raise NotMrc({"message": "empty body", "findings": []})
-            sha256 = scratch.receiver.digest(expected_sha256)
+            sha256 = receiver.digest(expected_sha256)
             result = await anyio.to_thread.run_sync(ingest.finish, sha256)
         except BaseException:
+            receiver.close()
             if ingest is not None:
                 await anyio.to_thread.run_sync(ingest.abort)
-            elif scratch is not None:
-                scratch.discard()
             self.queue.release(fence)
             raise
         self.queue.release(fence)
-        scratch.receiver.close()
+        receiver.close()
         # the catalog may be slow (a busy SQLite, a PostgreSQL failing over): never on
         # the event loop, which answers every other request meanwhile
         return await anyio.to_thread.run_sync(self._answer, result, job_id, dataset_id,
@@ -281,16 +279,10 @@ def sidecar_text(filename: str, raw: bytes) -> str:
     return text
 
 
-class ScratchBytes(ReceivedBytes):
-    """A one-request upload's bytes, in this replica's scratch copy: kept by moving the
-    copy into the store (the client has no answer yet: should the commit fail, it is
-    told so and sends again), released by deleting it."""
+class PassBytes(ReceivedBytes):
+    """A one-request upload's bytes: held by nothing but the pass, which stores what its
+    archive does not prove as it arrives (:mod:`service.arrival.ingest_pass`). The
+    client has no answer until the commit: should it fail, it is told so and sends
+    again. Nothing is left to release."""
 
-    def __init__(self, scratch: ScratchCopy):
-        self.scratch = scratch
-
-    def keep(self, store, key: str) -> int | None:
-        return self.scratch.keep_as(store, key)
-
-    def release(self) -> None:
-        self.scratch.discard()
+    kept_by_pass = True

@@ -1,13 +1,13 @@
 """The one writer every upload's bytes go through (raw PUT, multipart, tus PATCH, .cs
-particle files): counted against the size limit, hashed (SHA-256) and appended to a
-file in the same pass, in arrival order.
+particle files): counted against the size limit, hashed (SHA-256) and, where they must
+wait somewhere, appended to a file in the same pass, in arrival order.
 
-For a PUT or multipart upload the file is this replica's scratch copy of the upload
-(``incoming/<random>.part``, flock-ed while alive): the fallback original, kept only if
-the archive cannot be proven; for tus it is the upload's own partial file, appended
-PATCH after PATCH with the hash carried across them in memory. The scratch copy is
-written with ``O_DIRECT`` where the filesystem allows it (it is rarely read again, so
-copying it into the page cache was pure cost); it holds every byte once
+A PUT or multipart upload's bytes are only counted and hashed here: its ingest pass
+keeps them in its own objects (:mod:`service.arrival.ingest_pass`), so they never touch
+a scratch file. For tus the file is the upload's own partial file, appended PATCH after
+PATCH with the hash carried across them in memory; for a particle file, this replica's
+scratch copy (``incoming/<random>.part``, flock-ed while alive), written with
+``O_DIRECT`` where the filesystem allows it. The file holds every byte once
 :meth:`Receiver.digest` has been taken.
 
 The event-loop side (:func:`pump`) gathers network chunks into lists of about 4 MiB (never
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 import anyio
 
-from .errors import DigestMismatch, TooLarge, to_service_error
+from .errors import DigestMismatch, TooLarge, disk_errors
 from .mrc.sink import DirectAppender, LockedTempFile
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ def scratch_appender(path: Path, fd: int) -> "DirectAppender | FileAppender":
 
 
 class Receiver:
-    """Hash and append bytes through ``out`` from ``offset`` on."""
+    """Hash and append bytes through ``out`` from ``offset`` on (``out=None``: count and
+    hash only)."""
 
     def __init__(self, out: Appender | None, offset: int = 0, max_bytes: int | None = None):
         self.out = out
@@ -82,13 +83,15 @@ class Receiver:
 
     def write(self, chunks: list[bytes]) -> None:
         """On a worker thread: hash (hashlib releases the GIL) and append."""
-        try:
+        with disk_errors():
             for chunk in chunks:
                 self._hash.update(chunk)
                 if self.side_digest is not None:
                     self.side_digest.update(chunk)
+            if self.out is None:
+                self.received += sum(len(c) for c in chunks)
+                return
             views = [memoryview(c).cast("B") for c in chunks if len(c)]
-            assert self.out is not None
             while views:
                 written = self.out.append(views, self.offset)
                 self.offset += written
@@ -98,13 +101,11 @@ class Receiver:
                     views.pop(0)
                 if written:
                     views[0] = views[0][written:]
-        except OSError as exc:
-            raise to_service_error(exc) or exc from None
 
     def write_beside(self, chunks: list[bytes], work: Callable[[list[bytes]], None]) -> None:
         """:meth:`write` on this receiver's own thread while ``work`` (the frame
-        processing of the same bytes) runs on the calling one: hashing and the scratch
-        copy then cost no time on the path of the frames."""
+        processing of the same bytes) runs on the calling one: hashing (and any copy)
+        then cost no time on the path of the frames."""
         if self._beside is None:
             self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrc-receive")
         pending = self._beside.submit(self.write, chunks)
@@ -123,10 +124,8 @@ class Receiver:
         them out)."""
         flush = getattr(self.out, "flush", None)
         if flush is not None:
-            try:
+            with disk_errors():
                 flush()
-            except OSError as exc:
-                raise to_service_error(exc) or exc from None
 
     def digest(self, expected: str | None = None) -> str:
         """The SHA-256 of everything written; a client's ``expected`` digest must match.
@@ -157,11 +156,10 @@ class ScratchCopy:
         stays locked (a sweep leaves it alone) until it has moved."""
         self.receiver.close()
         try:
-            self.receiver.flush()
-            os.fsync(self._temp.fd)
-            return store.put_file(key, self.path)
-        except OSError as exc:
-            raise to_service_error(exc) or exc from None
+            with disk_errors():
+                self.receiver.flush()
+                os.fsync(self._temp.fd)
+                return store.put_file(key, self.path)
         finally:
             self.discard()  # what is left of it, and its lock
 

@@ -92,6 +92,9 @@ def test_sigkill_mid_stream_leaves_nothing_half_visible(tmp_path):
                                                  ).json()["items"], what="receiving")
         assert receiving[0]["progress"]["phase"] == "receiving"
         assert receiving[0]["progress"]["total"] == len(raw)
+        # the pass's objects are being written (its archive is opened just after the
+        # row is made: a PUT has no scratch copy that would exist from the first byte)
+        wait_until(lambda: temp_files(data_dir), what="the archive being written")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         sock.close()

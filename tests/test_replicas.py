@@ -396,3 +396,26 @@ def test_object_store_unreachable_during_an_upload(tmp_path, postgres):
     finally:
         deployment.stop_all()
         s3.stop()
+
+
+def test_puts_the_archive_cannot_hold_are_kept_exactly_in_the_bucket(replicas, movie):
+    """A PUT has no scratch copy: when its archive is not the stored form, the pass
+    rebuilds the file as received from the chunks and tail it put in the bucket, then
+    removes those two. A truncated movie (rejected) and noise that does not compress
+    (ready) come back byte for byte, and the bucket holds nothing no row names."""
+    path, _ = movie
+    truncated = path.read_bytes()[:-5000]
+    noise = np.random.default_rng(3).integers(0, 2**32, size=(6, 128, 160), dtype=np.uint32)
+    noisy = write_raw_mrc(replicas.root / "noise.mrc", noise.view(np.float32), 2)
+    a = replicas.start("a")
+    told = []
+    for name, raw, status in [("truncated.mrc", truncated, "rejected"),
+                              ("noise.mrc", noisy.read_bytes(), "ready")]:
+        up = httpx.put(f"{a}/v1/uploads/{name}", content=raw, timeout=60)
+        assert up.status_code == 201, up.text
+        meta = httpx.get(f"{a}/v1/datasets/{up.json()['dataset']['id']}").json()
+        assert meta["status"] == status and meta["storage"]["form"] == "original"
+        got = httpx.get(f"{a}/v1/datasets/{meta['id']}/download", timeout=60)
+        assert got.content == raw
+        told.append(Sent(name, sha(raw), told_complete=True, valid=status == "ready"))
+    assert replicas.check(told, base_url=a) == []

@@ -13,24 +13,33 @@ when every frame was proven to restore to the bytes received and the archive is
 smaller; otherwise the file as received (a rejected file, an MRCZ upload, data that do
 not compress, a proof that failed). ``MRC_INGEST_KEEP_ORIGINAL`` keeps the file as
 received as well. A registered file stays where it is and is never touched.
+
+Where the file as received comes from, when it is kept: a tus upload's stored bytes; for
+a one-request upload (PUT, multipart), which no other copy holds, the pass itself -- its
+archiver writes the file whole as it streams when that is already decided (an MRCZ
+upload, no archive codec, ``KEEP_ORIGINAL``), else it is rebuilt at the end from the
+proven chunks and the tail, which then hold every byte (:class:`~service.mrc.restore.
+Carrier`), and those two objects go once the dataset is committed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any, Callable
 
 from sqlalchemy import exc as sa_exc
 
 from ..catalog import TOMBSTONE, Catalog, Fence
 from ..datastore import ObjectWriter
-from ..errors import Conflict
+from ..errors import Conflict, disk_errors
 from ..failpoints import hit
 from ..jobs import LeaseLost
 from ..memory import give_back_free_memory
 from ..mrc.archiver import FORM_ARCHIVE, ArchiveOutcome, ArchivePolicy, Archiver
 from ..mrc.preview import encode_sum
+from ..mrc.restore import Carrier
 from ..mrc.stream import StreamCutter
 from ..storage import (FORM_REGISTERED, Storage, archive_key, generation_prefix,
                        original_key, record_key, sum_key, tail_key)
@@ -43,6 +52,8 @@ log = logging.getLogger("mrc_ingest.ingest")
 LIVE_STATUSES = ("receiving", "queued", "processing", "ready")
 #: progress goes to the catalog at most this often (seconds)
 PROGRESS_INTERVAL = 0.25
+#: the pieces an original is rebuilt in (:meth:`IngestPass._rebuild_original`)
+REBUILD_BLOCK = 4 << 20
 
 
 def drop_receiving(catalog: Catalog, storage: Storage, dataset_id: str) -> bool:
@@ -100,12 +111,17 @@ class IngestPass:
         settings = deps.settings
         policy = ArchivePolicy(codec=settings.archive, clevel=settings.archive_clevel,
                                normalize=self.normalize,
-                               sum_side=settings.sum_preview_size)
+                               sum_side=settings.sum_preview_size,
+                               keep_original=settings.keep_original)
         self._writers: dict[str, ObjectWriter] = {}
+        #: objects published only to rebuild the original from (removed once committed)
+        self._carried: list[str] = []
         self.archiver = Archiver(
             policy, lambda: self._writer("archive", archive_key(dataset_id, self.generation),
                                          reserve_head=1024),
-            lambda: self._writer("tail", tail_key(dataset_id, self.generation)))
+            lambda: self._writer("tail", tail_key(dataset_id, self.generation)),
+            open_original=(lambda: self._writer("original", original_key(
+                dataset_id, name, self.generation))) if arrived.kept_by_pass else None)
         self.cutter = StreamCutter(pool=self.archiver.pool, limits=settings.frame_limits)
         self._last_progress = 0.0
         self.started = time.perf_counter()
@@ -118,7 +134,7 @@ class IngestPass:
     # -- bytes in -----------------------------------------------------------------
 
     def feed(self, chunks: list[bytes]) -> None:
-        with self.deps.frame_slots:
+        with disk_errors(), self.deps.frame_slots:
             for chunk in chunks:
                 self.received += len(chunk)
                 for piece in self.cutter.feed(chunk):
@@ -171,6 +187,10 @@ class IngestPass:
     def finish(self, sha256: str) -> dict[str, Any]:
         """All bytes are in and their digest checked: decide the stored form, then
         stored -> committed -> released. Returns ``{"dataset", "duplicate"}``."""
+        with disk_errors():
+            return self._finish(sha256)
+
+    def _finish(self, sha256: str) -> dict[str, Any]:
         deps, catalog = self.deps, self.deps.catalog
         for piece in self.cutter.finish():
             self.archiver.add(piece)
@@ -234,6 +254,7 @@ class IngestPass:
         self.committed = True
         hit("commit.after_commit")
         release(self.arrived, self.dataset_id)
+        self._drop_carried()
         # its session's figures: after the commit, outside the commit and acquisition
         # locks (a recompute reads the whole session)
         catalog.dataset_changed(self.dataset_id)
@@ -289,7 +310,12 @@ class IngestPass:
                                         encode_sum(outcome.frame_sum.total)))
         if outcome.form != FORM_ARCHIVE or deps.settings.keep_original:
             key = original_key(dataset_id, self.name, gen)
-            kept = self.arrived.keep(store, key)
+            if outcome.original:
+                kept = self._receipt("original").size
+            elif outcome.carrier is not None:
+                kept = self._rebuild_original(outcome.carrier, key)
+            else:
+                kept = self.arrived.keep(store, key)
             if kept is not None:
                 stored.keys["original"], stored.sizes["original"] = key, kept
                 stored.original_check = (key, sha256)
@@ -297,6 +323,33 @@ class IngestPass:
                 raise Conflict(f"dataset {dataset_id}: the bytes as received could not be "
                                "stored; nothing was committed")
         return stored
+
+    def _rebuild_original(self, carrier: Carrier, key: str) -> int:
+        """The file as received, written from the proven chunks and the tail the
+        archiver kept it in (its SHA-256 is checked when it is read back); its size."""
+        store = self.deps.store
+        chunks, tail = self._writers["archive"].key, self._writers.get("tail")
+        self._carried = [chunks] + ([tail.key] if tail is not None else [])
+        rebuilt = carrier.as_received(partial(store.read_range, chunks),
+                                      partial(store.read_range, tail.key) if tail else None)
+        writer = self._writer("original", key)
+        try:
+            for piece in rebuilt.iter_range(block=REBUILD_BLOCK):
+                writer.write(piece)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _drop_carried(self) -> None:
+        """The chunks and tail an original was rebuilt from: no row names them (should
+        this fail, the sweep removes them)."""
+        for key in self._carried:
+            try:
+                self.deps.store.delete(key)
+            except Exception:  # noqa: BLE001 - the dataset is committed; the sweep cleans
+                log.warning("%s not removed yet (the sweep will)", key, exc_info=True,
+                            extra={"dataset_id": self.dataset_id})
 
     def _receipt(self, role: str):
         receipt = self._writers[role].receipt

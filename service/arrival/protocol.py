@@ -11,7 +11,9 @@ bytes or stored objects of a pass::
     committed  one catalog transaction: the dataset ``ready``/``rejected`` with the keys
                of its objects, its job finished (fenced by owner and claim), a tus
                upload marked completed
-    released   only now do the received bytes go (scratch copy, tus file or parts)
+    released   only now do the received bytes go (a tus file or parts; a one-request
+               upload's are held by the pass's own objects, and any it rebuilt the
+               original from go now)
 
 Each step may run again (a replay, a takeover, recovery): a pass writes its objects
 under its own generation's keys, so removing what it wrote never touches a key that a
@@ -43,6 +45,9 @@ class ReceivedBytes:
 
     #: a tus upload the commit transaction marks completed
     tus_upload_id: str | None = None
+    #: nothing else holds the bytes: the pass keeps what its archive does not prove,
+    #: as it arrives (a one-request upload)
+    kept_by_pass: bool = False
 
     def keep(self, store: DataStore, key: str) -> int | None:
         """Store a copy of the bytes under ``key`` (they stay where they are until
