@@ -40,9 +40,10 @@ def target_from_dict(d: dict[str, Any]) -> mrc.Target:
 
 def known_stats(dataset: dict[str, Any]) -> Stats | None:
     """The dataset's exact statistics from ingest (a lossless conversion keeps every
-    value, so they are the output's too)."""
+    value, so they are the output's too). None when one of them is not finite (the
+    catalog holds null for NaN and infinities): the writer then takes its own."""
     stats = dataset["info"].get("stats")
-    if not stats or dataset["nz"] is None:
+    if not stats or dataset["nz"] is None or None in stats.values():
         return None
     count = int(dataset["nx"]) * int(dataset["ny"]) * int(dataset["nz"])
     return Stats(stats["dmin"], stats["dmax"], stats["dmean"], stats["rms"], count)

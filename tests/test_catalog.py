@@ -3,6 +3,7 @@ keyset pagination under combined filters, an index added to an older catalog."""
 
 import json
 
+import mrcfile
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -89,10 +90,18 @@ def test_a_movie_of_nan_with_a_nan_cell_is_committed_on_both_catalogs(tmp_path, 
         assert response.status_code == 201, response.text
         detail = c.get(f"/v1/datasets/{response.json()['dataset']['id']}").json()
         assert detail["status"] == "ready"
-        assert detail["stats"]["dmin"] == 1.0 and detail["stats"]["dmax"] is None  # inf
+        # NaN in any frame makes the movie's extremes NaN, whichever frame it is in
+        assert detail["stats"] == {"dmin": None, "dmax": None, "dmean": None, "rms": None}
         assert detail["file"]["header"]["cella"]["x"] is None
         assert c.get(f"/v1/datasets/{detail['id']}/download").content == raw
+        # a conversion of it takes its own statistics (the catalog's are null)
+        converted = c.get(f"/v1/datasets/{detail['id']}/download", params={"endian": "big"})
+        assert converted.status_code == 200, converted.text
+        (tmp_path / "big.mrc").write_bytes(converted.content)
+        with mrcfile.open(tmp_path / "big.mrc", permissive=True) as m:
+            assert np.array_equal(m.data, data, equal_nan=True)
+            assert np.isnan(m.header.dmin) and np.isnan(m.header.dmax)
     with sa.create_engine(url).connect() as conn:  # the stored text, read by plain SQL
         for (info,) in conn.execute(sa.text("SELECT CAST(info AS TEXT) FROM datasets")):
             parsed = json.loads(info, parse_constant=lambda name: pytest.fail(name))
-            assert parsed["stats"]["dmax"] is None
+            assert parsed["stats"]["dmin"] is None

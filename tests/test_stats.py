@@ -173,3 +173,18 @@ def test_the_accumulator_takes_the_narrow_path_with_the_same_figures():
     s, q = exact_int_moments(counts.reshape(-1), 0, 15)
     assert (s, q) == wide_moments(counts)
     assert NarrowBytes().moments(counts.reshape(-1), 0, 15) == (s, q)
+
+
+@pytest.mark.parametrize("nan_frame", [0, 1, 2])
+def test_a_nan_in_any_frame_makes_the_movies_extremes_nan(nan_frame):
+    """As numpy's min and max over the whole movie: NaN wherever it is. (Python's min()
+    and max() keep their first argument against a NaN, so a NaN in a later frame was
+    lost.)"""
+    movie = np.arange(3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16)
+    movie[nan_frame, 3, 3] = np.nan
+    acc = StatsAccumulator()
+    for frame in movie:
+        acc.add(frame)
+    result = acc.result()
+    assert np.isnan(movie.min()) and np.isnan(result.dmin) and np.isnan(result.dmax)
+    assert result.to_dict() == {"dmin": None, "dmax": None, "dmean": None, "rms": None}

@@ -265,8 +265,9 @@ class StatsAccumulator:
         f_lo, f_hi = float(lo), float(hi)
         if math.isnan(f_lo) or math.isnan(f_hi):  # NaN anywhere makes both NaN, for good
             f_lo = f_hi = float("nan")
-        self._min = f_lo if self._min is None else min(self._min, f_lo)
-        self._max = f_hi if self._max is None else max(self._max, f_hi)
+        # min()/max() keep their first argument against a NaN: a NaN frame replaces it
+        self._min = f_lo if self._min is None or math.isnan(f_lo) else min(self._min, f_lo)
+        self._max = f_hi if self._max is None or math.isnan(f_hi) else max(self._max, f_hi)
         n = flat.size
         self.count += n
         if exact:
