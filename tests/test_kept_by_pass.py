@@ -128,13 +128,15 @@ def test_keep_original_writes_the_file_whole_beside_the_archive(tmp_path):
     assert kept.tail.read_bytes() == raw[-120:]  # the archive still has its own tail
 
 
-@pytest.mark.parametrize("frame", [0, 2, 5])
+@pytest.mark.parametrize("frame", [0, 2, -1])
 @pytest.mark.parametrize("movie", ["odd_4bit", "int16_with_trailing_bytes"])
 def test_a_failed_proof_sends_the_frames_from_there_to_the_tail(tmp_path, monkeypatch,
                                                                  frame, movie):
+    """Frame 0, one in the middle, and the last (of a movie that ends there, and of one
+    with bytes after it)."""
     raw = {"odd_4bit": odd_4bit, "int16_with_trailing_bytes": int16_with_trailing_bytes}[
         movie](tmp_path)
-    frame = min(frame, 4)
+    frame = frame % {"odd_4bit": 6, "int16_with_trailing_bytes": 5}[movie]
     fail_proof_at(monkeypatch, frame)
     outcome, kept = keep_through(raw, tmp_path)
     assert outcome.form == FORM_ORIGINAL and not outcome.original
@@ -144,6 +146,40 @@ def test_a_failed_proof_sends_the_frames_from_there_to_the_tail(tmp_path, monkey
     assert kept.tail.stat().st_size == len(raw) - record.tail_offset
     assert kept.stored_bytes(outcome) == raw
     assert not kept.original.exists()
+
+
+def test_a_chunk_that_does_not_decompress_goes_raw_from_its_frame(tmp_path, monkeypatch):
+    from service.mrc import archiver as archiver_mod
+    real, calls = archiver_mod.decompress_into, {"n": 0}
+
+    def refuses_the_third(chunk, out):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ValueError("chunk refused")
+        real(chunk, out)
+    monkeypatch.setattr(archiver_mod, "decompress_into", refuses_the_third)
+    raw = odd_4bit(tmp_path)
+    outcome, kept = keep_through(raw, tmp_path)
+    assert outcome.reason.startswith("restore not proven: frame 2: the archive chunk does "
+                                     "not decompress")
+    assert outcome.carrier.record.frames == 2
+    monkeypatch.undo()  # the rebuild decompresses the two proven chunks for real
+    assert kept.stored_bytes(outcome) == raw
+
+
+def test_frames_over_the_size_limit_are_kept_whole_without_an_archive(tmp_path,
+                                                                       monkeypatch):
+    for module in ("service.mrc.stream", "service.mrc.archiver"):
+        monkeypatch.setattr(f"{module}.MAX_FRAME_BYTES", 1000)
+    raw = odd_4bit(tmp_path)
+    outcome, kept = keep_through(raw, tmp_path)
+    assert not outcome.valid and outcome.original
+    assert not kept.archive.exists() and kept.stored_bytes(outcome) == raw
+
+
+def test_a_keeper_without_a_tail_is_refused():
+    with pytest.raises(ValueError, match="needs a tail"):
+        Archiver(ArchivePolicy(), lambda: None, None, open_original=lambda: None)
 
 
 def test_a_truncated_movie_is_kept_from_its_complete_frames_and_the_rest(tmp_path):
@@ -260,7 +296,26 @@ def test_a_truncated_put_is_rejected_and_kept_exactly(tmp_path, monkeypatch):
     assert_consistent(data_dir)
 
 
-def test_a_proven_put_leaves_no_scratch_copy_behind_at_any_point(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["keep_original", "failed_proof"])
+def test_a_duplicate_put_leaves_nothing_of_its_own(tmp_path, monkeypatch, how):
+    """The second PUT of the same bytes is answered with the first dataset; what its
+    pass wrote (its archive, its own original written as it streamed, or its chunks and
+    tail) is gone."""
+    data_dir = tmp_path / "data"
+    raw = odd_4bit(tmp_path)
+    if how == "failed_proof":
+        fail_proof_at(monkeypatch, 2)
+    with make_client(data_dir, keep_original=how == "keep_original") as c:
+        first = c.put("/v1/uploads/d.mrc", content=raw).json()["dataset"]
+        before = sorted(files_under(data_dir / "datasets"))
+        again = c.put("/v1/uploads/d.mrc", content=raw).json()
+        assert again["duplicate"] is True and again["dataset"]["id"] == first["id"]
+        assert sorted(files_under(data_dir / "datasets")) == before
+        assert c.get(f"/v1/datasets/{first['id']}/download").content == raw
+    assert_consistent(data_dir)
+
+
+def test_a_proven_put_leaves_no_scratch_copy_behind(tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     seen = nothing_in_incoming_when_all_bytes_are_in(monkeypatch, data_dir)
     raw = odd_4bit(tmp_path, nz=12)

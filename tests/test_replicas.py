@@ -417,5 +417,12 @@ def test_puts_the_archive_cannot_hold_are_kept_exactly_in_the_bucket(replicas, m
         assert meta["status"] == status and meta["storage"]["form"] == "original"
         got = httpx.get(f"{a}/v1/datasets/{meta['id']}/download", timeout=60)
         assert got.content == raw
+        # the chunks and tail it was rebuilt from went with the commit, before any sweep
+        listed = replicas.s3.client().list_objects_v2(
+            Bucket=replicas.s3.bucket,
+            Prefix=f"{replicas.storage_url.split('/', 3)[3]}/datasets/{meta['id']}/")
+        names = sorted(o["Key"].split("/", 4)[4] for o in listed.get("Contents", []))
+        assert names == sorted([f"original/{name}"] + (["sum.bin"] if status == "ready"
+                                                       else [])), names
         told.append(Sent(name, sha(raw), told_complete=True, valid=status == "ready"))
     assert replicas.check(told, base_url=a) == []

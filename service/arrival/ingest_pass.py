@@ -5,7 +5,8 @@ PATCHes in order), a registered file read once, a tus upload replayed after a re
 a job taken over from a worker that died. The bytes are cut into frames as they come
 (:class:`~service.mrc.stream.StreamCutter`) and each frame goes once through decode ->
 statistics -> sum -> compress -> proof (:class:`~service.mrc.archiver.Archiver`), so the
-dataset is ready moments after the last byte; then :meth:`IngestPass.finish` runs the
+dataset is ready moments after the last byte (an original rebuilt at the end, below,
+takes longer); then :meth:`IngestPass.finish` runs the
 commit protocol (:mod:`service.arrival.protocol`): stored -> committed -> released.
 
 The stored form is decided at the end (ARCHITECTURE.md): the archive + restore record
@@ -32,7 +33,7 @@ from typing import Any, Callable
 from sqlalchemy import exc as sa_exc
 
 from ..catalog import TOMBSTONE, Catalog, Fence
-from ..datastore import ObjectWriter
+from ..datastore import ObjectCorrupt, ObjectWriter
 from ..errors import Conflict, disk_errors
 from ..failpoints import hit
 from ..jobs import LeaseLost
@@ -337,6 +338,10 @@ class IngestPass:
             for piece in rebuilt.iter_range(block=REBUILD_BLOCK):
                 writer.write(piece)
             return writer.commit()
+        except ValueError as exc:  # a chunk that does not decompress as it was written
+            writer.abort()
+            raise ObjectCorrupt(f"{chunks}: read back for the file as received, it does "
+                                f"not give the bytes written ({exc})") from None
         except BaseException:
             writer.abort()
             raise

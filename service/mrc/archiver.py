@@ -48,7 +48,7 @@ from .restore import (Carrier, RestoreRecord, SourceLayout, decode_frame,
                       padding_nibbles, restore_frame)
 from .sink import Sink
 from .stats import FrameStats, Stats, StatsAccumulator, frame_series
-from .stream import Piece
+from .stream import MAX_FRAME_BYTES, Piece
 from .validate import check_stats
 
 #: stored forms of a dataset
@@ -116,7 +116,7 @@ class ArchiveOutcome:
     reason: str | None                         # why the original is the stored form
     archive: dict[str, Any] | None             # mode, codec, clevel, bytes, ...
     record: bytes | None                       # the serialized RestoreRecord
-    tail_bytes: int                            # bytes after the last frame
+    tail_bytes: int                            # bytes after the last complete frame
     timings: dict[str, float] = field(default_factory=dict)
     #: the archiver's own copy of the file as received was committed (``open_original``)
     original: bool = False
@@ -153,6 +153,9 @@ class Archiver:
                  open_tail: Callable[[], Sink] | None = None,
                  on_frame: Callable[[int, int], None] | None = None,
                  open_original: Callable[[], Sink] | None = None):
+        if open_original is not None and open_archive is not None and open_tail is None:
+            raise ValueError("an archiver that keeps the bytes needs a tail for those the "
+                             "archive does not prove")
         self.policy = policy
         self._open_archive, self._open_tail = open_archive, open_tail
         self._open_original = open_original
@@ -224,7 +227,8 @@ class Archiver:
             elif layout.packing:
                 self._fail("mode", "4-bit packed data inside MRCZ chunks is not supported "
                                    "(mrcz refuses to write it); store it as mode 0")
-        elif self.policy.codec is not Codec.NONE and self._open_archive is not None:
+        elif self.policy.codec is not Codec.NONE and self._open_archive is not None and \
+                layout.frame_nbytes <= MAX_FRAME_BYTES:  # larger: all tail (the cutter)
             target = archive_target(src.mode, src.dtype, default_mode(src),
                                     self.policy.codec, self.policy.clevel,
                                     self.policy.normalize)
