@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("mrc-ingest-data"),
                            description="the embedded store (archives, records, conversions) "
                            "and SQLite catalog; with an object store, this replica's "
-                           "scratch space for uploads in flight")
+                           "scratch space (particle files while they arrive)")
     database_url: str | None = Field(None, description="SQLAlchemy URL of the catalog; "
                                      "default sqlite:///<data_dir>/catalog.sqlite3; "
                                      "postgresql+psycopg://user:pw@host/db for replicas")

@@ -54,10 +54,8 @@ class FileAppender:
 
 def scratch_appender(path: Path, fd: int) -> "DirectAppender | FileAppender":
     """A :class:`~service.mrc.sink.DirectAppender` where the filesystem takes
-    ``O_DIRECT`` (the scratch copy is read again only when the file as received is
-    stored, so its bytes need not pass through the page cache: on a 2-core VM that copy
-    was the largest single cost of a PUT, ~1.2 CPU-s per GiB, bench/bench_cpu.py), else
-    a :class:`FileAppender`."""
+    ``O_DIRECT`` (a scratch copy is read once, when it is stored, so its bytes need not
+    pass through the page cache), else a :class:`FileAppender`."""
     return DirectAppender.open(path, fd) or FileAppender(fd)
 
 

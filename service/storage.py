@@ -16,7 +16,9 @@ Keys (in the datastore: the data folder by default, an S3 bucket prefix with
 
 Scratch (this replica's own, under ``data_dir``; bounded by the uploads in flight)::
 
-    incoming/    the bytes of uploads while they stream (removed when proven or failed)
+    incoming/    a particle file (.cs) while it arrives (removed once stored or failed);
+                 a movie's PUT never lands here: its ingest pass keeps the bytes in its
+                 own objects (service.arrival.ingest_pass)
     tus/         resumable uploads in progress (local datastore)
 
 Datasets stored before archive-only storage keep an absolute ``path`` (the file as
