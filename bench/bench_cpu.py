@@ -6,7 +6,8 @@ measures the server process's user + system CPU seconds (``/proc/PID/stat``, all
 threads) per GiB received, and its peak RSS (VmHWM). Beside them, measured in the same
 run on the same file: ``cp`` + ``sync`` of it (CPU of ``cp`` and wall time) and the bare
 library kernels per GiB of packed 4-bit (SHA-256, unpack, frame sum, exact statistics,
-blosc1 zstd-1 bitshuffle compress, blosc1 and blosc2 decompress of those chunks).
+blosc1 zstd-1 and lz4 bitshuffle compress of the unpacked counts the archive holds, with
+their ratio to the packed bytes, blosc1 and blosc2 decompress of those chunks).
 
     python bench/bench_cpu.py                 # ~1 GiB movies, 3 measured PUTs each
     python bench/bench_cpu.py --quick         # ~0.25 GiB, a smoke run
@@ -14,6 +15,8 @@ blosc1 zstd-1 bitshuffle compress, blosc1 and blosc2 decompress of those chunks)
     python bench/bench_cpu.py --tree before=/tmp/base --tree now=.   # servers of two
         # source trees take turns on the same files (CPU-seconds on a shared machine
         # drift with its load: compare trees within one run, never across runs)
+    python bench/bench_cpu.py --modes 101 --tree zstd=. --tree lz4=.,archive_codec=lz4 \
+        --out bench/results/cpu_codec.json      # one tree, two archive codecs
     python bench/bench_cpu.py --modes none    # the kernels only
 
 Writes bench/results/cpu.json (cores, CPU model, python/numpy/blosc versions, figures).
@@ -283,17 +286,25 @@ def kernels(frames: int) -> dict:
             hist += np.bincount(flat[start:start + (1 << 16)], minlength=256)
 
     out["stats_packed_histogram"] = cpu(lambda: [histogram(p) for p in stack])
-    flat = [p.reshape(-1) for p in packed]
+    # what the archive holds of a 4-bit movie: its counts unpacked (mode 0), one byte
+    # per pixel, twice the packed bytes
+    flat = [unpack_4bit(p, nx).copy().reshape(-1) for p in packed]
     codec_mod.set_threads(os.cpu_count() or 1)
-    chunks: list[bytes] = []
-    out["blosc1_zstd1_compress"] = cpu(lambda: chunks.extend(
-        codec_mod.compress_frame(flat[k % len(flat)], codec_mod.Codec.ZSTD, 1)
-        for k in range(frames)))
     dst = np.empty(flat[0].size, np.uint8)
-    out["blosc1_decompress"] = cpu(lambda: [blosc.decompress_ptr(c, dst.ctypes.data)
-                                            for c in chunks])
     blosc2.set_nthreads(os.cpu_count() or 1)
-    out["blosc2_decompress"] = cpu(lambda: [blosc2.decompress(c, dst=dst) for c in chunks])
+    for name, codec in (("zstd1", codec_mod.Codec.ZSTD), ("lz4", codec_mod.Codec.LZ4)):
+        chunks: list[bytes] = []
+        out[f"blosc1_{name}_compress"] = cpu(lambda: chunks.extend(
+            codec_mod.compress_frame(flat[k % len(flat)], codec, 1) for k in range(frames)))
+        out[f"ratio_{name}_to_packed"] = nbytes / sum(len(c) for c in chunks)
+        if name == "zstd1":
+            out["blosc1_decompress"] = cpu(lambda: [blosc.decompress_ptr(c, dst.ctypes.data)
+                                                    for c in chunks])
+            out["blosc2_decompress"] = cpu(lambda: [blosc2.decompress(c, dst=dst)
+                                                    for c in chunks])
+        else:
+            out[f"blosc2_decompress_{name}"] = cpu(lambda: [blosc2.decompress(c, dst=dst)
+                                                            for c in chunks])
     out["compare"] = cpu(lambda: [np.array_equal(dst, flat[0]) for _ in stack])
     return {k: round(v, 3) for k, v in out.items()}
 
@@ -311,10 +322,11 @@ def main() -> None:
                         help="also record one PUT with `perf record` (CPU samples) into DIR")
     parser.add_argument("--mrcz", action="store_true",
                         help="also MRCZ write incl. exact stats vs mrcz.writeMRC (bench_core)")
-    parser.add_argument("--tree", action="append", default=None, metavar="[LABEL=]DIR",
-                        help="run the server of this source tree; given more than once, "
-                             "the servers take turns (e.g. --tree before=/tmp/base --tree "
-                             "now=.)")
+    parser.add_argument("--tree", action="append", default=None,
+                        metavar="[LABEL=]DIR[,SETTING=VALUE...]",
+                        help="run the server of this source tree (with these settings, "
+                             "e.g. archive_codec=lz4); given more than once, the servers "
+                             "take turns (e.g. --tree before=/tmp/base --tree now=.)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the JSON here (default: bench/results/cpu.json through "
                              "bench/results.py)")
@@ -324,15 +336,19 @@ def main() -> None:
     import blosc
     import blosc2
 
-    trees = {}
+    trees, tree_settings = {}, {}
     for spec in args.tree or [f"now={ROOT}"]:
-        label, _, folder = spec.rpartition("=")
-        trees[label or Path(folder).name] = Path(folder).resolve()
+        where, *settings = spec.split(",")
+        label, _, folder = where.rpartition("=")
+        label = label or Path(folder).name
+        trees[label] = Path(folder).resolve()
+        tree_settings[label] = dict(item.split("=", 1) for item in settings)
     meta = {"cores": os.cpu_count(), "cpu_model": cpu_model(),
             "python": platform.python_version(), "numpy": np.__version__,
             "blosc": blosc.__version__, "blosc2": blosc2.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gib": gib,
-            "repeat": repeat, "trees": {k: str(v) for k, v in trees.items()}}
+            "repeat": repeat, "trees": {k: str(v) for k, v in trees.items()},
+            "settings": tree_settings}
     print(" ".join(f"{k} {v}" for k, v in meta.items()))
     for folder in (args.profile, args.perf):
         if folder is not None:
@@ -343,7 +359,8 @@ def main() -> None:
     servers: dict[str, Server] = {}
     try:
         for label, tree in trees.items():
-            servers[label] = Server(work / f"data-{label}", tree=tree)
+            servers[label] = Server(work / f"data-{label}", tree=tree,
+                                    **tree_settings[label])
             results["server_idle_rss_mib"][label] = status_kb(servers[label].proc.pid,
                                                              "VmRSS") / 1024
         modes = [] if args.modes == "none" else [int(m) for m in args.modes.split(",")]
