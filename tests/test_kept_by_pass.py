@@ -13,7 +13,6 @@ an original was rebuilt from are gone once the dataset is committed.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import mrcz
@@ -29,6 +28,7 @@ from service.mrc.sink import AtomicFile
 from service.mrc.stream import StreamCutter
 from tests.api_helpers import assert_consistent, files_under, make_client
 from tests.reference import counting_movie, write_raw_mrc
+from tests.test_restore import feed_in_pieces
 
 
 class Kept:
@@ -69,17 +69,7 @@ def keep_through(raw: bytes, folder: Path, policy: ArchivePolicy = ArchivePolicy
     archiver = Archiver(policy, lambda: AtomicFile(kept.archive, reserve_head=1024),
                         lambda: AtomicFile(kept.tail),
                         open_original=lambda: AtomicFile(kept.original))
-    cutter = StreamCutter(pool=archiver.pool)
-    cuts = sorted(set(np.random.default_rng(seed).integers(1, max(2, len(raw)),
-                                                           size=pieces).tolist()))
-    for start, stop in zip([0] + cuts, cuts + [len(raw)]):
-        for piece in cutter.feed(raw[start:stop]):
-            archiver.add(piece)
-    for piece in cutter.finish():
-        archiver.add(piece)
-    outcome = archiver.finish(len(raw), hashlib.sha256(raw).hexdigest(),
-                              cutter.header_findings + cutter.findings)
-    return outcome, kept
+    return feed_in_pieces(raw, archiver, pieces, seed), kept
 
 
 def fail_proof_at(monkeypatch, frame: int) -> None:

@@ -38,7 +38,13 @@ def stream_through(raw: bytes, folder: Path, policy: ArchivePolicy = ArchivePoli
     archive, tail = folder / "archive.mrcz", folder / "tail.bin"
     archiver = Archiver(policy, lambda: AtomicFile(archive, reserve_head=1024),
                         lambda: AtomicFile(tail))
-    cutter = StreamCutter(pool=archiver.pool)  # as ingest does: frame buffers recycled
+    return feed_in_pieces(raw, archiver, pieces, seed), archive, tail
+
+
+def feed_in_pieces(raw: bytes, archiver: Archiver, pieces: int, seed: int):
+    """``raw`` through a cutter into ``archiver`` in uneven pieces, as a network
+    delivers them (frame buffers recycled, as ingest does); the archiver's outcome."""
+    cutter = StreamCutter(pool=archiver.pool)
     cuts = sorted(set(np.random.default_rng(seed).integers(1, max(2, len(raw)),
                                                            size=pieces).tolist()))
     for start, stop in zip([0] + cuts, cuts + [len(raw)]):
@@ -46,9 +52,8 @@ def stream_through(raw: bytes, folder: Path, policy: ArchivePolicy = ArchivePoli
             archiver.add(piece)
     for piece in cutter.finish():
         archiver.add(piece)
-    outcome = archiver.finish(len(raw), hashlib.sha256(raw).hexdigest(),
-                              cutter.header_findings + cutter.findings)
-    return outcome, archive, tail
+    return archiver.finish(len(raw), hashlib.sha256(raw).hexdigest(),
+                           cutter.header_findings + cutter.findings)
 
 
 def rebuilt(outcome, archive: Path, tail: Path) -> AsReceived:
