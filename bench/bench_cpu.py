@@ -16,7 +16,7 @@ their ratio to the packed bytes, blosc1 and blosc2 decompress of those chunks).
         # source trees take turns on the same files (CPU-seconds on a shared machine
         # drift with its load: compare trees within one run, never across runs)
     python bench/bench_cpu.py --modes 101 --tree zstd=. --tree lz4=.,archive_codec=lz4 \
-        --out bench/results/cpu_codec.json      # one tree, two archive codecs
+        --name cpu_codec                        # one tree, two archive codecs
     python bench/bench_cpu.py --modes none    # the kernels only
 
 Writes bench/results/cpu.json (cores, CPU model, python/numpy/blosc versions, figures).
@@ -306,6 +306,12 @@ def kernels(frames: int) -> dict:
             out[f"blosc2_decompress_{name}"] = cpu(lambda: [blosc2.decompress(c, dst=dst)
                                                             for c in chunks])
     out["compare"] = cpu(lambda: [np.array_equal(dst, flat[0]) for _ in stack])
+    # a sparser movie (0.1 counts per pixel per frame), for the storage side of the codec
+    sparse = poisson_frames(K3, lam=0.1)[:2]
+    for name, codec in (("zstd1", codec_mod.Codec.ZSTD), ("lz4", codec_mod.Codec.LZ4)):
+        chunks = [codec_mod.compress_frame(f.reshape(-1), codec, 1) for f in sparse]
+        out[f"ratio_{name}_to_packed_poisson0.1"] = \
+            sum(f.size // 2 for f in sparse) / sum(len(c) for c in chunks)
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -327,6 +333,8 @@ def main() -> None:
                         help="run the server of this source tree (with these settings, "
                              "e.g. archive_codec=lz4); given more than once, the servers "
                              "take turns (e.g. --tree before=/tmp/base --tree now=.)")
+    parser.add_argument("--name", default="cpu",
+                        help="results file bench/results/NAME.json (default: cpu)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the JSON here (default: bench/results/cpu.json through "
                              "bench/results.py)")
@@ -420,10 +428,10 @@ def main() -> None:
         except ImportError:
             save = None
         if save is not None:
-            save("cpu", results, args=vars(args), quick=args.quick,
+            save(args.name, results, args=vars(args), quick=args.quick,
                  extra_packages=("blosc2",))
             return
-        args.out = ROOT / "bench" / "results" / f"cpu{'.quick' if args.quick else ''}.json"
+        args.out = ROOT / "bench" / "results" / f"{args.name}{'.quick' if args.quick else ''}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
