@@ -16,7 +16,7 @@ import anyio
 from .catalog import Catalog
 from .config import Settings
 from .errors import BadRequest, Conflict, NotMrc, ServiceError, TooLarge
-from .arrival import IngestPass, PassDeps, ReceivedBytes
+from .arrival import IngestPass, PassBytes, PassDeps
 from .arrival.ingest_pass import LIVE_STATUSES
 from .catalog import Fence
 from .jobs import JobQueue
@@ -279,10 +279,4 @@ def sidecar_text(filename: str, raw: bytes) -> str:
     return text
 
 
-class PassBytes(ReceivedBytes):
-    """A one-request upload's bytes: held by nothing but the pass, which stores what its
-    archive does not prove as it arrives (:mod:`service.arrival.ingest_pass`). The
-    client has no answer until the commit: should it fail, it is told so and sends
-    again. Nothing is left to release."""
 
-    kept_by_pass = True

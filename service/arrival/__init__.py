@@ -5,6 +5,7 @@ the same protocol again from what the catalog says after a crash, an outage or a
 lease. Nothing outside this package deletes received bytes or a pass's objects."""
 
 from .ingest_pass import IngestPass, drop_receiving
-from .protocol import PassDeps, ReceivedBytes, frame_slots
+from .protocol import PassBytes, PassDeps, ReceivedBytes, frame_slots
 
-__all__ = ["IngestPass", "PassDeps", "ReceivedBytes", "drop_receiving", "frame_slots"]
+__all__ = ["IngestPass", "PassBytes", "PassDeps", "ReceivedBytes", "drop_receiving",
+           "frame_slots"]

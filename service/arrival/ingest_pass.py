@@ -44,8 +44,8 @@ from ..mrc.restore import Carrier
 from ..mrc.stream import StreamCutter
 from ..storage import (FORM_REGISTERED, Storage, archive_key, generation_prefix,
                        original_key, record_key, sum_key, tail_key)
-from .protocol import (PassDeps, ReceivedBytes, Stored, commit, new_generation, read_back,
-                       release)
+from .protocol import (PassBytes, PassDeps, ReceivedBytes, Stored, commit, new_generation,
+                       read_back, release)
 
 log = logging.getLogger("mrc_ingest.ingest")
 
@@ -115,8 +115,6 @@ class IngestPass:
                                sum_side=settings.sum_preview_size,
                                keep_original=settings.keep_original)
         self._writers: dict[str, ObjectWriter] = {}
-        #: objects published only to rebuild the original from (removed once committed)
-        self._carried: list[str] = []
         self.archiver = Archiver(
             policy, lambda: self._writer("archive", archive_key(dataset_id, self.generation),
                                          reserve_head=1024),
@@ -255,7 +253,6 @@ class IngestPass:
         self.committed = True
         hit("commit.after_commit")
         release(self.arrived, self.dataset_id)
-        self._drop_carried()
         # its session's figures: after the commit, outside the commit and acquisition
         # locks (a recompute reads the whole session)
         catalog.dataset_changed(self.dataset_id)
@@ -330,7 +327,8 @@ class IngestPass:
         archiver kept it in (its SHA-256 is checked when it is read back); its size."""
         store = self.deps.store
         chunks, tail = self._writers["archive"].key, self._writers.get("tail")
-        self._carried = [chunks] + ([tail.key] if tail is not None else [])
+        assert isinstance(self.arrived, PassBytes)  # only a keeping pass has a carrier
+        self.arrived.held_in(store, [chunks] + ([tail.key] if tail is not None else []))
         rebuilt = carrier.as_received(partial(store.read_range, chunks),
                                       partial(store.read_range, tail.key) if tail else None)
         writer = self._writer("original", key)
@@ -345,16 +343,6 @@ class IngestPass:
         except BaseException:
             writer.abort()
             raise
-
-    def _drop_carried(self) -> None:
-        """The chunks and tail an original was rebuilt from: no row names them (should
-        this fail, the sweep removes them)."""
-        for key in self._carried:
-            try:
-                self.deps.store.delete(key)
-            except Exception:  # noqa: BLE001 - the dataset is committed; the sweep cleans
-                log.warning("%s not removed yet (the sweep will)", key, exc_info=True,
-                            extra={"dataset_id": self.dataset_id})
 
     def _receipt(self, role: str):
         receipt = self._writers[role].receipt

@@ -58,6 +58,34 @@ class ReceivedBytes:
         """Drop the bytes: the dataset that holds them is committed."""
 
 
+class PassBytes(ReceivedBytes):
+    """A one-request upload's bytes (PUT, multipart): held by nothing but its pass, which
+    stores what its archive does not prove as it arrives
+    (:mod:`service.arrival.ingest_pass`). The client has no answer until the commit:
+    should it fail, it is told so and sends again. What there is to release are the
+    objects an original was rebuilt from (:meth:`held_in`)."""
+
+    kept_by_pass = True
+
+    def __init__(self) -> None:
+        self._store: DataStore | None = None
+        self._keys: list[str] = []
+
+    def held_in(self, store: DataStore, keys: list[str]) -> None:
+        """The pass rebuilt the original from these objects (the proven chunks and the
+        tail, which no row names): they hold the bytes until the release."""
+        self._store, self._keys = store, list(keys)
+
+    def release(self) -> None:
+        store, keys, self._keys = self._store, self._keys, []
+        for key in keys:
+            assert store is not None
+            try:
+                store.delete(key)
+            except Exception:  # noqa: BLE001 - no row names it: the sweep removes it
+                log.warning("%s not removed yet (the sweep will)", key, exc_info=True)
+
+
 #: how many passes may cut and measure frames at once: one per core but one, which
 #: stays for the event loop and the compressors. Eight uploads at once otherwise run
 #: eight such threads, and the event loop, which answers the dashboards, waits its turn
