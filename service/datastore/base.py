@@ -82,8 +82,10 @@ class ObjectWriter(Protocol):
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data`` (it may be reused by the caller once this returns)."""
 
-    def commit(self, head: bytes | None = None) -> int:
-        """Publish the object; ``head`` fills the reserved first bytes. Returns its size."""
+    def commit(self, head: bytes | None = None, *, durable: bool = True) -> int:
+        """Publish the object; ``head`` fills the reserved first bytes. Returns its size.
+        ``durable=False``: it need not survive a power loss (an intermediate read once,
+        then removed: a local store skips the fsyncs; S3 is as durable as it is)."""
 
     def abort(self) -> None:
         """Drop everything written; nothing appears under the key."""

@@ -38,8 +38,8 @@ class LocalWriter(AtomicFile):
         self.key = key
         self.receipt: Receipt | None = None
 
-    def commit(self, head: bytes | None = None) -> int:
-        size = super().commit(head)
+    def commit(self, head: bytes | None = None, *, durable: bool = True) -> int:
+        size = super().commit(head, durable=durable)
         self.receipt = Receipt(self.key, size, local_checksum(
             self._reserve, self.head_crc32 or 0, self.body_crc32))
         return size

@@ -540,8 +540,8 @@ class S3Writer:
             raise
         self.written += size
 
-    def commit(self, head: bytes | None = None) -> int:
-        self._check_open()
+    def commit(self, head: bytes | None = None, *, durable: bool = True) -> int:
+        self._check_open()  # durable or not: a completed upload is what the store keeps
         try:
             if head is not None and len(head) != self._reserve:
                 raise ValueError(f"head of {len(head)} bytes for a reserve of "

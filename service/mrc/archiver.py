@@ -513,7 +513,7 @@ class Archiver:
         self._writer = None
         writer.publish_written()
         if self._tail is not None:
-            self._tail.commit()
+            self._tail.commit(durable=False)  # read once for the rebuild, then removed
             self._tail = None
         return Carrier(record, writer.file_dtype, (writer.ny, writer.nx))
 

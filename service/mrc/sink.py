@@ -30,7 +30,7 @@ class Sink(Protocol):
 
     def write(self, data: bytes | memoryview) -> None: ...
 
-    def commit(self, head: bytes | None = None) -> int: ...
+    def commit(self, head: bytes | None = None, *, durable: bool = True) -> int: ...
 
     def abort(self) -> None: ...
 
@@ -196,11 +196,15 @@ class LockedTempFile:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
-    def publish(self) -> None:
-        """fsync, rename into place, fsync the folder; the lock goes with the close."""
-        os.fsync(self.fd)
+    def publish(self, durable: bool = True) -> None:
+        """fsync, rename into place, fsync the folder; the lock goes with the close.
+        ``durable=False``: no fsync (a file that is read once and removed before
+        anything depends on its surviving a power loss)."""
+        if durable:
+            os.fsync(self.fd)
         os.replace(self.path, self.final)
-        fsync_directory(self.final.parent)
+        if durable:
+            fsync_directory(self.final.parent)
         self.close()
 
     def discard(self) -> None:
@@ -262,7 +266,7 @@ class AtomicFile:
             self.abort()
             raise
 
-    def commit(self, head: bytes | None = None) -> int:
+    def commit(self, head: bytes | None = None, *, durable: bool = True) -> int:
         try:
             if self._direct is not None:
                 self._direct.flush()  # the last partial block, through the page cache
@@ -272,7 +276,7 @@ class AtomicFile:
                                      f"{self._reserve}")
                 os.pwrite(self._temp.fd, head, 0)
             self.head_crc32 = crc32(head if head is not None else bytes(self._reserve))
-            self._temp.publish()
+            self._temp.publish(durable)
         except BaseException:
             self.abort()
             raise

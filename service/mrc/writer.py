@@ -259,13 +259,14 @@ class MrcWriter:
         """Publish the chunks written so far as they are, the reserved head left as
         zeros; their size in bytes. For a caller that reads frames back by their place
         (:meth:`frame_index`) to rebuild something else from them
-        (:class:`~service.mrc.restore.Carrier`): never an MRC file to hand anyone."""
+        (:class:`~service.mrc.restore.Carrier`): never an MRC file to hand anyone, and
+        never needed after a power loss (not made durable)."""
         if self._sink is None:
             raise ValueError("writer is closed")
         self._settle()
         sink, self._sink = self._sink, None
         self._encoder.shutdown()
-        self.size = sink.commit()
+        self.size = sink.commit(durable=False)
         return self.size
 
     def _settle(self) -> None:
