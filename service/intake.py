@@ -277,6 +277,3 @@ def sidecar_text(filename: str, raw: bytes) -> str:
     if "\x00" in text:
         raise BadRequest(f"{filename}: a sidecar is text; this body holds NUL bytes")
     return text
-
-
-

@@ -170,8 +170,9 @@ class NarrowBytes:
         ``flat``, exact, in one sweep of blocks: each block's own minimum and maximum
         first, which also brings it into the cache for its sums (a K3 frame of 4-bit
         counts through :meth:`StatsAccumulator.add`: 10.3 -> 6.1 ms against the
-        frame's minimum and maximum, then its sums). A block spanning at most :data:`NARROW_SPAN` takes the lane sums, any
-        other :func:`exact_int_moments`, so no frame is too wide for this."""
+        frame's minimum and maximum, then its sums). A block spanning at most
+        :data:`NARROW_SPAN` takes the lane sums, any other :func:`exact_int_moments`,
+        so no frame is too wide for this."""
         if flat.dtype.itemsize != 1 or flat.dtype.kind not in "iu" or flat.size == 0:
             raise ValueError("moments_and_range takes a non-empty array of one-byte integers")
         s = q = 0
