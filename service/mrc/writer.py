@@ -250,10 +250,7 @@ class MrcWriter:
         h["dmin"], h["dmax"], h["dmean"], h["rms"] = self.final_stats.as_tuple()
         if self.codec is not Codec.NONE:
             h["mrcz_packed_bytes"] = self.packed_bytes
-        sink, self._sink = self._sink, None
-        self._encoder.shutdown()
-        self.size = sink.commit(h.tobytes())  # the sink cleans up after itself on error
-        return self.size
+        return self._publish(h.tobytes())
 
     def publish_written(self) -> int:
         """Publish the chunks written so far as they are, the reserved head left as
@@ -264,9 +261,14 @@ class MrcWriter:
         if self._sink is None:
             raise ValueError("writer is closed")
         self._settle()
+        return self._publish(None, durable=False)
+
+    def _publish(self, head: bytes | None, durable: bool = True) -> int:
+        """The output goes out under its name (every frame is written); its size."""
+        assert self._sink is not None
         sink, self._sink = self._sink, None
         self._encoder.shutdown()
-        self.size = sink.commit(durable=False)
+        self.size = sink.commit(head, durable=durable)  # the sink cleans up on error
         return self.size
 
     def _settle(self) -> None:
