@@ -405,8 +405,11 @@ def test_puts_the_archive_cannot_hold_are_kept_exactly_in_the_bucket(replicas, m
     (ready) come back byte for byte, and the bucket holds nothing no row names."""
     path, _ = movie
     truncated = path.read_bytes()[:-5000]
-    noise = np.random.default_rng(3).integers(0, 2**32, size=(6, 128, 160), dtype=np.uint32)
+    # 12 MiB: its chunks, and the original rebuilt from them, are multipart uploads of
+    # three 5 MiB parts (MRC_INGEST_S3_PART_BYTES), read back by ranges across parts
+    noise = np.random.default_rng(3).integers(0, 2**32, size=(3, 1024, 1024), dtype=np.uint32)
     noisy = write_raw_mrc(replicas.root / "noise.mrc", noise.view(np.float32), 2)
+    assert noisy.stat().st_size > 2 * int(replicas.env["MRC_INGEST_S3_PART_BYTES"])
     a = replicas.start("a")
     told = []
     for name, raw, status in [("truncated.mrc", truncated, "rejected"),
